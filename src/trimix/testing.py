@@ -1,0 +1,116 @@
+"""Tiny random-initialised models and a tokenizer trained in memory, for tests and benchmarks.
+
+Everything here is offline: a BPE tokenizer (about 200 tokens) is trained on a few English and
+Uyghur sentences, and Qwen2 / Llama / Gemma3 models are built from configs. A ``large`` model can get
+extra, padded output rows, as Qwen2.5-7B has 152,064 rows for the 151,665-token tokenizer that
+Qwen2.5-1.5B pads to 151,936.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a small test of fused decoding.",
+    "Topic: science, travel, politics, sports, health, entertainment, geography.",
+    "Translate the sentence into English. Answer:",
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
+    "بۈگۈن ھاۋا ناھايىتى ياخشى، بىز باغچىغا باردۇق.",
+    "مەكتەپتە ئوقۇغۇچىلار كىتاب ئوقۇدى.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and letters A B C D.",
+]
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def build_tokenizer(vocab_size: int = 200, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer (Metaspace pre-tokenizer, ``<bos>`` prepended) trained in memory."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator((corpus or CORPUS) * 3, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_model(
+    arch: str,
+    vocab_rows: int,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    sliding_window: int = 6,
+    init_std: float = 0.3,
+) -> PreTrainedModel:
+    """A random causal LM of family ``arch`` (qwen2, llama or gemma3) with ``vocab_rows`` output rows."""
+    common = dict(
+        vocab_size=vocab_rows,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if arch == "qwen2":
+        cls, config = Qwen2ForCausalLM, Qwen2Config(**common)
+    elif arch == "llama":
+        cls, config = LlamaForCausalLM, LlamaConfig(**common)
+    elif arch == "gemma3":
+        # A short sliding window so that prompts overflow it and the sliding-window cache layers work.
+        layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (
+            num_layers % 2
+        )
+        config = Gemma3TextConfig(
+            **common, head_dim=hidden_size // 4, sliding_window=sliding_window, layer_types=layer_types
+        )
+        cls = Gemma3ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use qwen2, llama or gemma3")
+    torch.manual_seed(seed)
+    model = cls(config)
+    # Larger-than-default random weights make the logits peaked enough that sources disagree.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, init_std)
+    return model.eval()
+
+
+def save_tiny_model(
+    folder: Path, arch: str, tokenizer: PreTrainedTokenizerFast, seed: int, extra_rows: int = 0, **kwargs
+) -> Path:
+    """Build and save a tiny model with ``len(tokenizer) + extra_rows`` output rows, plus the tokenizer."""
+    model = build_model(arch, len(tokenizer) + extra_rows, seed=seed, **kwargs)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_trio(root: Path, arch: str = "qwen2", **kwargs) -> dict[str, Path]:
+    """large (8 padded rows), small_cpt and small_base tiny models sharing one tokenizer, under ``root``."""
+    tokenizer = build_tokenizer()
+    plan = {"large": (1, 8), "small_cpt": (2, 0), "small_base": (3, 0)}
+    return {
+        role: save_tiny_model(root / role, arch, tokenizer, seed=seed, extra_rows=extra, **kwargs)
+        for role, (seed, extra) in plan.items()
+    }

@@ -1,0 +1,132 @@
+"""`trimix generate` end to end on tiny models, in-process and through the installed entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import trio_config
+from trimix.cli.main import main
+
+
+@pytest.fixture
+def config_file(trio, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(trio_config(trio)))
+    return path
+
+
+def test_generate_writes_jsonl_and_resolved_config(config_file, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "generate",
+            "-c",
+            str(config_file),
+            "-p",
+            "Hello",
+            "-p",
+            "ئۇيغۇر",
+            "--max-new-tokens",
+            "4",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["id"] for x in lines] == [0, 1] and all(len(x["token_ids"]) <= 4 for x in lines)
+    saved = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert saved == lines
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert [m["weight"] for m in resolved["models"]] == [1.0, 1.0, -1.0]
+    assert json.loads((out / "run.json").read_text())["seed"] == 0
+
+
+def test_generate_from_jsonl_with_weights_override(config_file, tmp_path, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b", "prompt": "The"}\n')
+    code = main(
+        [
+            "generate",
+            "-c",
+            str(config_file),
+            "-f",
+            str(prompts),
+            "--weights",
+            "large=0.1,small_cpt=0.9,small_base=0",
+            "--max-new-tokens",
+            "3",
+            "--inspect",
+            "2",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["id"] for x in lines] == ["a", "b"]
+    assert set(lines[0]["inspection"][0]["sources"]) == {"large", "small_cpt"}  # small_base has weight 0
+
+
+def test_generate_reads_stdin_through_entry_point(config_file) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trimix.cli.main",
+            "-q",
+            "generate",
+            "-c",
+            str(config_file),
+            "--max-new-tokens",
+            "2",
+        ],
+        input="Hello\nThe quick\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"fusion": {"method": "proxy_tuning", "plausibility": {"role": "none"}}},
+            "plausibility.role` must be one of",
+        ),
+        ({"fusion": {"method": "weighted"}}, "needs a `weight` on every source"),
+    ],
+)
+def test_bad_config_exits_2_with_message(trio, tmp_path, capsys, change, message) -> None:
+    raw = {**trio_config(trio), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["generate", "-c", str(path), "-p", "x"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2(config_file, tmp_path, capsys) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    assert main(["generate", "-c", str(config_file), "-f", str(bad)]) == 2
+    assert "p.jsonl:2" in capsys.readouterr().err
+    assert main(["generate", "-c", str(config_file), "-p", "x", "--weights", "large=abc"]) == 2
+    assert main(["generate", "-c", str(tmp_path / "missing.yaml"), "-p", "x"]) == 2
+    nan = tmp_path / "nan.yaml"
+    nan.write_text(config_file.read_text().replace("method: proxy_tuning", "method: weighted"))
+    assert (
+        main(["generate", "-c", str(nan), "-p", "x", "--weights", "large=nan,small_cpt=1,small_base=0"]) == 2
+    )
+    assert "finite" in capsys.readouterr().err
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    assert main(["generate", "-c", str(config_file), "-p", "x", "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "x").read_text() == "keep me"

@@ -1,0 +1,183 @@
+"""Equivalence tests for fused decoding on tiny Qwen2, Llama and Gemma3 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import trio_config
+from trimix import FusedLM, GenerationConfig, load_config
+from trimix.decoding.reference import generate_without_cache
+
+PROMPTS = [
+    "Hello world, this is",
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ. بۈگۈن ھاۋا",
+    "The",
+    "Translate the sentence into English. Answer: The quick brown fox",
+]
+
+
+def _load(config: dict) -> FusedLM:
+    return FusedLM.from_config(load_config(config))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
+def test_single_source_reproduces_generate(make_model, arch: str) -> None:
+    folder = make_model(arch, seed=7)
+    lm = _load(
+        {"models": [{"model": str(folder), "role": "only"}], "fusion": {"method": "single", "role": "only"}}
+    )
+    ours = lm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    model, tok = lm.sources[0].model, lm.sources[0].tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    reference = out[:, enc["input_ids"].shape[1] :].tolist()
+    assert [g.token_ids for g in ours] == reference
+
+
+def test_single_source_stops_at_eos_like_generate(make_model) -> None:
+    folder = make_model("qwen2", seed=7)
+    lm = _load(
+        {"models": [{"model": str(folder), "role": "only"}], "fusion": {"method": "single", "role": "only"}}
+    )
+    # Make a frequent token the EOS so that rows end at different steps.
+    first = lm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    eos = first[0].token_ids[3]
+    ours = lm.generate(PROMPTS, max_new_tokens=16, eos_token_ids=[eos])
+    model, tok = lm.sources[0].model, lm.sources[0].tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(
+        **enc, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id
+    )
+    for gen, row in zip(ours, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
+        expected = row[: row.index(eos) + 1] if eos in row else row
+        assert gen.token_ids == expected
+        assert gen.finish_reason == ("eos" if eos in row else "length")
+    free = first[0].token_ids
+    assert ours[0].finish_reason == "eos" and ours[0].token_ids == free[: free.index(eos) + 1]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize(
+    "fusion",
+    [
+        {"method": "proxy_tuning"},
+        {"method": "trimix", "weights": (0.1, 0.9)},
+        {"method": "trimix", "weights": (0.3, 1.0), "plausibility": {"role": "small_cpt", "alpha": 0.1}},
+        {"method": "proxy_tuning", "plausibility": {"role": "large", "alpha": 0.3}},
+    ],
+)
+def test_cached_batched_matches_naive_recompute(make_model, arch: str, fusion: dict) -> None:
+    trio = {
+        "large": make_model(arch, seed=1, extra_rows=8),
+        "small_cpt": make_model(arch, seed=2),
+        "small_base": make_model(arch, seed=3),
+    }
+    fusion = dict(fusion)
+    weights = fusion.pop("weights", None)
+    raw = trio_config(trio, **fusion)
+    if weights:
+        raw["models"][0]["weight"], raw["models"][1]["weight"] = weights
+    lm = _load(raw)
+    gen = GenerationConfig(max_new_tokens=14, ignore_eos=True)
+    cached = [g.token_ids for g in lm.generate(PROMPTS, gen)]
+    assert cached == generate_without_cache(lm, PROMPTS, gen)
+    # Batch composition does not change what a prompt decodes to.
+    one_by_one = [lm.generate([p], gen)[0].token_ids for p in PROMPTS]
+    assert cached == one_by_one
+
+
+def test_rows_finishing_early_are_dropped_and_rest_unchanged(trio) -> None:
+    lm = _load(trio_config(trio))
+    free = lm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    eos = free[1].token_ids[2]
+    gen = GenerationConfig(max_new_tokens=12, eos_token_ids=[eos])
+    stopped = lm.generate(PROMPTS, gen)
+    assert [g.token_ids for g in stopped] == generate_without_cache(lm, PROMPTS, gen)
+    for a, b in zip(free, stopped, strict=True):
+        cut = a.token_ids.index(eos) + 1 if eos in a.token_ids else len(a.token_ids)
+        assert b.token_ids == a.token_ids[:cut]
+
+
+def test_padded_rows_are_never_generated(make_model) -> None:
+    folder = make_model("qwen2", seed=5, extra_rows=8)
+    lm = _load(
+        {"models": [{"model": str(folder), "role": "large"}], "fusion": {"method": "single", "role": "large"}}
+    )
+    # Make the padded rows the most likely tokens: fusion must still pick a real token.
+    with torch.no_grad():
+        lm.sources[0].model.lm_head.weight[lm.spec.vocab_size :] *= 100
+    outs = lm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
+    assert all(t < lm.spec.vocab_size for g in outs for t in g.token_ids)
+
+
+def test_sampling_is_seeded_and_varies_with_seed(trio) -> None:
+    lm = _load(trio_config(trio))
+    gen = dict(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, ignore_eos=True)
+    a = lm.generate(PROMPTS, seed=1, **gen)
+    b = lm.generate(PROMPTS, seed=1, **gen)
+    c = lm.generate(PROMPTS, seed=2, **gen)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+
+
+def test_sampling_matches_naive_recompute(trio) -> None:
+    lm = _load(trio_config(trio))
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, top_p=0.9, seed=3, ignore_eos=True)
+    assert [g.token_ids for g in lm.generate(PROMPTS, gen)] == generate_without_cache(lm, PROMPTS, gen)
+
+
+def test_stop_strings_truncate_text(trio) -> None:
+    lm = _load(trio_config(trio))
+    free = lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True)
+    stop = free[0].text[3:5]
+    assert stop.strip()
+    out = lm.generate(PROMPTS[:2], max_new_tokens=12, ignore_eos=True, stop=[stop])
+    assert out[0].finish_reason == "stop"
+    assert out[0].text == free[0].text[: free[0].text.find(stop)]
+    assert stop not in out[0].text
+
+
+def test_stream_yields_the_same_tokens_and_text(trio) -> None:
+    lm = _load(trio_config(trio))
+    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True, batch_size=3)
+    full = lm.generate(PROMPTS, gen)
+    tokens: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+    for event in lm.stream(PROMPTS, gen):
+        tokens.setdefault(event.index, []).append(event.token_id)
+        texts[event.index] = texts.get(event.index, "") + event.text
+    assert [tokens[i] for i in range(len(PROMPTS))] == [g.token_ids for g in full]
+    assert [texts[i] for i in range(len(PROMPTS))] == [g.text for g in full]
+
+
+def test_inspection_reports_each_source(trio) -> None:
+    lm = _load(trio_config(trio))
+    out = lm.generate(PROMPTS[:1], max_new_tokens=3, ignore_eos=True, inspect_top_k=3)[0]
+    assert out.inspection is not None and len(out.inspection) == 3
+    step = out.inspection[0]
+    assert set(step.sources) == {"large", "small_cpt", "small_base"}
+    assert step.token_id == out.token_ids[0]
+    assert step.fused_top[0][0] == step.token  # greedy picks the fused argmax
+    for cand in step.sources.values():
+        assert len(cand.top) == 3 and 0.0 <= cand.prob_of_chosen <= 1.0
+
+
+def test_weight_zero_sources_are_not_loaded(trio) -> None:
+    raw = trio_config(trio, method="single", role="small_cpt")
+    lm = _load(raw)
+    assert [s.role for s in lm.sources] == ["small_cpt"]
+
+
+def test_chat_prompt_format_for_one_source(trio, tokenizer) -> None:
+    raw = trio_config(trio)
+    raw["models"][0]["prompt_format"] = "chat"
+    lm = _load(raw)
+    lm.sources[
+        0
+    ].tokenizer.chat_template = "<bos>{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}A:"
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    cached = [g.token_ids for g in lm.generate(PROMPTS[:3], gen)]
+    assert cached == generate_without_cache(lm, PROMPTS[:3], gen)
+    plain = [g.token_ids for g in _load(trio_config(trio)).generate(PROMPTS[:3], gen)]
+    assert cached != plain

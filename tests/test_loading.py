@@ -1,0 +1,146 @@
+"""Source loading (local folders, PEFT adapters, hub ids offline) and vocabulary checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CORPUS, build_tokenizer
+from trimix import FusedLM, load_config
+from trimix.backends import load_source
+from trimix.backends.loading import SOURCE_CARD
+from trimix.backends.vocab import check_vocabularies
+from trimix.config import SourceConfig
+from trimix.errors import SourceLoadError, VocabularyMismatchError
+
+
+def _source(model: str, role: str = "x", **kw) -> SourceConfig:
+    return SourceConfig(model=model, role=role, weight=1.0, **kw)
+
+
+def test_hub_id_offline_fails_with_clear_message() -> None:
+    with pytest.raises(SourceLoadError, match=r"'no-such-org/no-such-model'.*--local-dir DIR.*model: DIR"):
+        load_source(_source("no-such-org/no-such-model"))
+
+
+def test_missing_local_path_fails_with_clear_message(tmp_path) -> None:
+    with pytest.raises(SourceLoadError, match="does not exist"):
+        load_source(_source(str(tmp_path / "nope")))
+    with pytest.raises(SourceLoadError, match="GGUF file"):
+        load_source(_source(str(tmp_path / "model.gguf")))
+
+
+def test_unknown_embedded_model() -> None:
+    with pytest.raises(SourceLoadError, match=r"unknown embedded model 'nope'.*gemma-3-270m"):
+        load_source(_source("embedded:nope"))
+
+
+def test_dtype_is_per_source(make_model) -> None:
+    source = load_source(_source(str(make_model("qwen2", seed=2)), dtype="bfloat16"))
+    assert next(source.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(make_model, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = make_model("llama", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    (folder / SOURCE_CARD).write_text(json.dumps({"base": {"model": str(base_dir)}}))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    return base_dir, folder, ids, expected
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_peft_adapter_on_a_base(adapter_dir, merge: bool) -> None:
+    base_dir, folder, ids, expected = adapter_dir
+    source = load_source(_source(str(base_dir), adapter=str(folder), merge_adapter=merge))
+    with torch.no_grad():
+        torch.testing.assert_close(source.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_folder_is_a_source_by_itself(adapter_dir) -> None:
+    _, folder, ids, expected = adapter_dir
+    source = load_source(_source(str(folder)))
+    with torch.no_grad():
+        torch.testing.assert_close(source.model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_adapter_path(make_model, tmp_path) -> None:
+    with pytest.raises(SourceLoadError, match="not a PEFT adapter folder"):
+        load_source(_source(str(make_model("llama", seed=4)), adapter=str(tmp_path)))
+
+
+def test_vocab_row_mismatch_trio_fuses_over_tokenizer_vocab(trio, tokenizer) -> None:
+    lm = FusedLM.from_config(
+        load_config(
+            {
+                "models": [{"model": str(p), "role": r} for r, p in trio.items()],
+                "fusion": {"method": "proxy_tuning"},
+            }
+        )
+    )
+    rows = {s.role: s.logit_rows for s in lm.sources}
+    assert rows["large"] == len(tokenizer) + 8 and rows["small_cpt"] == len(tokenizer)
+    assert lm.spec.vocab_size == len(tokenizer)
+
+
+def test_tokenizers_of_different_size_fail_clearly(tokenizer) -> None:
+    other = build_tokenizer(vocab_size=150)
+    with pytest.raises(VocabularyMismatchError, match=r"sizes differ.*shared_prefix"):
+        check_vocabularies({"a": tokenizer, "b": other}, {"a": 200, "b": 150})
+
+
+def test_shared_prefix_mode_checks_the_shared_ids(tokenizer) -> None:
+    smaller = build_tokenizer(vocab_size=150)
+    # BPE merges are learned in order, so the 150-token tokenizer is a prefix of the 200-token one.
+    assert (
+        check_vocabularies({"a": tokenizer, "b": smaller}, {"a": 208, "b": 150}, mode="shared_prefix") == 150
+    )
+
+
+def test_disagreeing_tokenizers_name_the_first_difference(tokenizer) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"], show_progress=False
+    )
+    tok.train_from_iterator([s[::-1] for s in CORPUS] * 3, trainer=trainer)
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    if len(other) != len(tokenizer):
+        pytest.skip("reversed corpus gave a different vocab size")
+    with pytest.raises(VocabularyMismatchError, match=r"disagree: id \d+ is .* for a but .* for b"):
+        check_vocabularies({"a": tokenizer, "b": other}, {"a": 200, "b": 200})
+
+
+def test_model_with_fewer_rows_than_tokenizer(tokenizer) -> None:
+    with pytest.raises(VocabularyMismatchError, match="fewer logits"):
+        check_vocabularies({"a": tokenizer}, {"a": 100})
+
+
+def test_prompt_longer_than_context(trio) -> None:
+    lm = FusedLM.from_config(
+        load_config(
+            {
+                "models": [{"model": str(trio["large"]), "role": "large"}],
+                "fusion": {"method": "single", "role": "large"},
+            }
+        )
+    )
+    with pytest.raises(ValueError, match=r"tokens for source 'large', \d+ more than its context of 256"):
+        lm.generate(["hello " * 400], max_new_tokens=2)
