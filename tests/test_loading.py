@@ -142,5 +142,5 @@ def test_prompt_longer_than_context(trio) -> None:
             }
         )
     )
-    with pytest.raises(ValueError, match=r"tokens for source 'large', \d+ more than its context of 256"):
-        lm.generate(["hello " * 400], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"tokens for source 'large', \d+ more than its context of 1024"):
+        lm.generate(["hello " * 1200], max_new_tokens=2)

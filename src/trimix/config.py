@@ -113,13 +113,60 @@ class GenerationConfig(_Strict):
         return value
 
 
+PAPER_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+class GridRange(_Strict):
+    """An evenly spaced axis ``start, start + step, ..., <= stop``."""
+
+    start: float
+    stop: float
+    step: float = Field(gt=0.0)
+
+    def values(self) -> list[float]:
+        count = math.floor((self.stop - self.start) / self.step + 1e-9) + 1
+        return [round(self.start + i * self.step, 10) for i in range(max(count, 0))]
+
+
+class SearchConfig(_Strict):
+    """Label-free weight selection by fused perplexity (``trimix select``).
+
+    ``grid`` gives the candidate weights of the free roles; ``derived`` (if set) receives
+    ``1 - sum`` of the others, as small_base does in TriMix; ``fixed`` pins any further role.
+    """
+
+    grid: dict[str, list[float] | GridRange] = Field(
+        default_factory=lambda: {LARGE: list(PAPER_GRID), SMALL_CPT: list(PAPER_GRID)}
+    )
+    derived: str | None = SMALL_BASE
+    fixed: dict[str, float] = Field(default_factory=dict)
+    task: str | None = "sib200_topic"
+    lang: str | None = None
+    split: Literal["train", "dev", "test"] = "dev"
+    shots: int | None = Field(None, ge=0)
+    prompt_lang: Literal["en", "zh"] = "en"
+    text_file: str | None = None
+    n_prompts: int = Field(50, ge=1)
+    seed: int = 0
+    score: Literal["prompt", "input"] = "prompt"
+    refine_rounds: int = Field(2, ge=0)
+    chunk_mb: int = Field(256, ge=1)
+
+    def axes(self) -> dict[str, list[float]]:
+        axes = {role: (v.values() if isinstance(v, GridRange) else list(v)) for role, v in self.grid.items()}
+        for role, values in axes.items():
+            if not values or not all(math.isfinite(x) for x in values):
+                raise ValueError(f"search.grid.{role} must hold at least one finite value; got {values}")
+        return axes
+
+
 class TrimixConfig(_Strict):
     """A whole run: sources, fusion and the per-command sections."""
 
     models: list[SourceConfig] = Field(min_length=1)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    search: dict[str, Any] | None = None
+    search: SearchConfig = Field(default_factory=SearchConfig)
     cpt: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     dtype: DType = "float32"

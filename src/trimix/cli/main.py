@@ -16,7 +16,7 @@ logger = logging.getLogger("trimix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trimix.cli import generate
+    from trimix.cli import generate, select
 
     parser = argparse.ArgumentParser(
         prog="trimix",
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate,):
+    for module in (generate, select):
         module.register(subparsers)
     return parser
 

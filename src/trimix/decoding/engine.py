@@ -164,10 +164,10 @@ class FusedLM:
         logger.info("fusion of %s with weights %s over %d tokens", roles, self.spec.weights, vocab)
 
     @classmethod
-    def from_config(cls, config: TrimixConfig) -> FusedLM:
-        """Load the sources a config uses (those with a non-zero weight or the plausibility role)."""
+    def from_config(cls, config: TrimixConfig, load_all: bool = False) -> FusedLM:
+        """Load the sources a config uses (non-zero weight or the plausibility role), or all with ``load_all``."""
         plaus_role = config.fusion.plausibility.role if config.fusion.plausibility else None
-        used = [m for m in config.models if m.weight or m.role == plaus_role]
+        used = [m for m in config.models if load_all or m.weight or m.role == plaus_role]
         skipped = [m.role for m in config.models if m not in used]
         if skipped:
             logger.info("not loading source(s) %s: weight 0", skipped)

@@ -1,0 +1,82 @@
+"""Shared set-up for the benchmark scripts: the sources to measure, prompts, timing helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from trimix import FusedLM, load_config
+from trimix.backends.loading import Source
+from trimix.data import read_sib200
+
+logger = logging.getLogger("bench")
+
+
+def machine() -> str:
+    """One line describing where the numbers were measured."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"{platform.node()} · {platform.processor() or platform.machine()} · {device} · torch {torch.__version__}"
+
+
+def load_trio(kind: str, device: str = "cpu") -> list[Source]:
+    """The three sources to benchmark, each loaded separately (no shared weights).
+
+    ``tiny``: Qwen2 models (hidden 64, 4 layers) whose ``large`` has 8 padded output rows, as
+    Qwen2.5-7B vs 1.5B. ``gemma``: three loads of the embedded Gemma 3 270M (the only real model
+    offline), which costs what three different 270M models would.
+    """
+    if kind == "tiny":
+        from trimix.testing import save_tiny_trio
+
+        root = Path(tempfile.mkdtemp(prefix="trimix-bench-"))
+        paths = save_tiny_trio(root, "qwen2", hidden_size=64, num_layers=4)
+        models = [{"model": str(p), "role": r} for r, p in paths.items()]
+    elif kind == "gemma":
+        models = [{"model": "embedded:gemma-3-270m", "role": r} for r in ("large", "small_cpt", "small_base")]
+    else:
+        raise SystemExit(f"unknown model kind {kind!r}; use tiny or gemma")
+    sources = []
+    for m in models:
+        config = load_config({"models": [m], "fusion": {"method": "single", "role": m["role"]}, "device": device})
+        sources.extend(FusedLM.from_config(config).sources)
+    return sources
+
+
+def fused(sources: list[Source], weights: tuple[float, ...]) -> FusedLM:
+    return FusedLM([replace(s, weight=w) for s, w in zip(sources, weights, strict=True)])
+
+
+def prompts(n: int, lang: str = "uig_Arab", max_chars: int = 160) -> list[str]:
+    """Real Uyghur sentences (SIB-200 dev), cut to a length budget so prompt lengths stay comparable."""
+    rows = read_sib200(lang, "dev")
+    return [r.text[:max_chars] for r in rows[:n]]
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def save(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        logger.info("wrote %s", path)

@@ -1,0 +1,83 @@
+"""``trimix select``: choose fusion weights without labels, by fused perplexity on task prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from trimix.cli.common import add_config_args, config_from_args
+from trimix.decoding import FusedLM
+from trimix.runinfo import prepare_output_dir, write_run_info
+from trimix.search import FusedPerplexityScorer, build_candidates, search_weights, selection_texts
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """example:
+  trimix select -c configs/qwen25_uyghur.yaml --task sib200_topic --lang uig_Arab -o runs/select-uig
+  trimix generate -c configs/qwen25_uyghur.yaml --weights-from runs/select-uig/selection.json -p "..."
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "select",
+        help="choose fusion weights by fused perplexity on unlabeled prompts",
+        description="Score a grid of weights (plus single sources and Proxy Tuning) by the fused model's "
+        "perplexity on a task's prompts, refine around the best, and write selection.json + heatmap.png.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--task", help="task whose prompts are scored (default: search.task)")
+    p.add_argument("--lang", help="language code, e.g. uig_Arab")
+    p.add_argument(
+        "--split", choices=["train", "dev", "test"], help="split to draw prompts from (default dev)"
+    )
+    p.add_argument("--text-file", help="score lines of a plain text file instead of task prompts")
+    p.add_argument("--n-prompts", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--score", choices=["prompt", "input"], help="count the whole prompt or only the input part"
+    )
+    p.add_argument("--refine-rounds", type=int)
+    p.add_argument("--output-dir", "-o", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = ("task", "lang", "split", "text_file", "n_prompts", "seed", "score", "refine_rounds")
+    extra = {f"search.{f}": getattr(args, f) for f in fields if getattr(args, f) is not None}
+    config = config_from_args(args, extra)
+    search = config.search
+    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
+    build_candidates(search, [m.role for m in config.models])  # fail on a bad search space before loading
+    texts, origin = selection_texts(search)
+    write_run_info(out_dir, config, search.seed)
+    lm = FusedLM.from_config(config, load_all=True)
+    scorer = FusedPerplexityScorer(
+        lm.sources, lm.spec.vocab_size, texts, chunk_bytes=search.chunk_mb * 2**20, progress=not args.quiet
+    )
+    result = search_weights(scorer, search, origin)
+    (out_dir / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    axes = list(search.axes())
+    result.plot(out_dir / "heatmap.png", axes)
+    _print_summary(result)
+    print(f"selection.json and heatmap.png in {out_dir}; use: --weights-from {out_dir / 'selection.json'}")
+    return 0
+
+
+def _print_summary(result) -> None:
+    def fmt(weights: dict[str, float]) -> str:
+        return ", ".join(f"{r}={w:g}" for r, w in weights.items())
+
+    print(
+        f"fused perplexity on {result.n_tokens} tokens of {len(result.prompt_ids)} prompts ({result.prompts})"
+    )
+    for role, ppl in result.singles.items():
+        print(f"  {role + ' alone':<28} {ppl:10.3f}")
+    if result.proxy_tuning is not None:
+        print(f"  {'proxy tuning (1, 1, -1)':<28} {result.proxy_tuning:10.3f}")
+    print(f"  {'best grid point':<28} {result.grid_best.perplexity:10.3f}  {fmt(result.grid_best.weights)}")
+    print(f"  {'selected':<28} {result.selected.perplexity:10.3f}  {fmt(result.selected.weights)}")

@@ -1,0 +1,67 @@
+"""The data shipped with trimix (SIB-200 for 10 languages, a Uyghur corpus) and their readers.
+
+See README.md in this folder for sources and licenses (CC BY-SA 4.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trimix.errors import DataError
+
+DATA_DIR = Path(__file__).parent
+SIB200_DIR = DATA_DIR / "sib200"
+UYGHUR_CORPUS = DATA_DIR / "corpora" / "uig_udt.txt"
+SIB200_SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class SibRow:
+    """One SIB-200 example: a FLORES sentence and its topic."""
+
+    index_id: str
+    category: str
+    text: str
+
+
+def sib200_languages(root: Path | None = None) -> list[str]:
+    """Language codes (FLORES style, e.g. ``uig_Arab``) available under ``root``."""
+    root = root or SIB200_DIR
+    return sorted(p.name for p in root.iterdir() if (p / "test.tsv").is_file())
+
+
+def sib200_labels(root: Path | None = None) -> list[str]:
+    """The 7 topic labels, in file order."""
+    path = (root or SIB200_DIR) / "labels.txt"
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_sib200(lang: str, split: str, root: Path | None = None) -> list[SibRow]:
+    """Read one SIB-200 split (tab-separated, no quoting: texts contain quote characters).
+
+    Raises:
+        DataError: unknown language or split, or a malformed row (file, line and field named).
+    """
+    root = root or SIB200_DIR
+    if split not in SIB200_SPLITS:
+        raise DataError(f"SIB-200 split must be one of {', '.join(SIB200_SPLITS)}; got {split!r}")
+    path = root / lang / f"{split}.tsv"
+    if not path.is_file():
+        raise DataError(
+            f"no SIB-200 data for language {lang!r} at {path}; available: {', '.join(sib200_languages(root))}"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0].split("\t") != ["index_id", "category", "text"]:
+        raise DataError(f"{path}:1: expected the header 'index_id<TAB>category<TAB>text'")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise DataError(f"{path}:{number}: expected 3 tab-separated fields, found {len(parts)}")
+        index_id, category, text = (p.strip() for p in parts)
+        for field, value in (("index_id", index_id), ("category", category), ("text", text)):
+            if not value:
+                raise DataError(f"{path}:{number}: field '{field}' is empty")
+        rows.append(SibRow(index_id, category, text))
+    return rows

@@ -1,0 +1,16 @@
+"""Label-free weight selection: fused perplexity of many weight combinations, grid plus refinement."""
+
+from trimix.search.scoring import FusedPerplexityScorer, ScoringText, combination_nll, head_logits
+from trimix.search.select import Candidate, SelectionResult, build_candidates, search_weights, selection_texts
+
+__all__ = [
+    "Candidate",
+    "FusedPerplexityScorer",
+    "ScoringText",
+    "SelectionResult",
+    "build_candidates",
+    "combination_nll",
+    "head_logits",
+    "search_weights",
+    "selection_texts",
+]

@@ -1,0 +1,30 @@
+"""Tasks by name: ``get_task("sib200_topic", lang="uig_Arab")``."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from trimix.errors import ConfigError
+from trimix.tasks.base import Task
+from trimix.tasks.sib200 import Sib200Topic
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Sib200Topic,)}
+
+
+def get_task(name: str, lang: str, **options: Any) -> Task:
+    """Instantiate a registered task for a language.
+
+    Raises:
+        ConfigError: unknown task name (with the closest match) or option.
+    """
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown task {name!r}.{hint} Available: {', '.join(sorted(TASKS))} (see `trimix ls tasks`)"
+        )
+    try:
+        return TASKS[name](lang=lang, **options)
+    except TypeError as exc:
+        raise ConfigError(f"task {name!r}: {exc}") from exc

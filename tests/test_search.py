@@ -1,0 +1,185 @@
+"""Weight selection: vectorised fused perplexity against a direct computation, and the search's guarantees."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import trio_config
+from trimix import FusedLM, load_config
+from trimix.cli.main import main
+from trimix.config import SearchConfig
+from trimix.errors import ConfigError, DataError
+from trimix.fusion import fuse_logits
+from trimix.search import (
+    FusedPerplexityScorer,
+    ScoringText,
+    build_candidates,
+    search_weights,
+    selection_texts,
+)
+
+TEXTS = [
+    ScoringText("a", "Hello world, this is a small test of fused decoding.", 0),
+    ScoringText("b", "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ. بۈگۈن ھاۋا ناھايىتى ياخشى", 12),
+    ScoringText("c", "Topic: science, travel, politics, sports. Answer: The quick brown fox", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(trio) -> FusedLM:
+    return FusedLM.from_config(load_config(trio_config(trio)), load_all=True)
+
+
+def direct_nll(lm: FusedLM, item: ScoringText, weights: list[float]) -> tuple[float, int]:
+    """Fuse and score one combination with full forwards: the definition, computed the slow way."""
+    enc = lm.tokenizer(item.text, return_offsets_mapping=True)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        logits = [s.model(input_ids=ids).logits[0, :-1, : lm.spec.vocab_size] for s in lm.sources]
+    logp = torch.log_softmax(fuse_logits(logits, weights), dim=-1)
+    starts = [start for start, _ in enc["offset_mapping"]][1:]
+    total, count = 0.0, 0
+    for position, start in enumerate(starts):
+        if start >= item.score_from:
+            total -= float(logp[position, ids[0, position + 1]])
+            count += 1
+    return total, count
+
+
+def test_vectorised_perplexity_equals_direct_computation(lm) -> None:
+    combos = [[0.1, 0.9, 0.0], [0.5, 0.3, 0.2], [1.0, 1.0, -1.0], [0.3, 1.0, -0.3], [0.0, 0.0, 1.0]]
+    # A tiny chunk budget forces many position and combination chunks.
+    for chunk_bytes in (4096, 256 * 2**20):
+        scorer = FusedPerplexityScorer(
+            lm.sources, lm.spec.vocab_size, TEXTS, chunk_bytes=chunk_bytes, progress=False
+        )
+        totals = scorer.score(torch.tensor(combos))
+        for c, weights in enumerate(combos):
+            pieces = [direct_nll(lm, t, weights) for t in TEXTS]
+            assert totals.n_tokens == sum(n for _, n in pieces)
+            assert totals.nll[c].item() == pytest.approx(sum(x for x, _ in pieces), rel=1e-5)
+
+
+def test_one_hot_combination_is_the_source_perplexity(lm) -> None:
+    whole = [ScoringText(t.id, t.text) for t in TEXTS]
+    scorer = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, whole, progress=False)
+    ppl = scorer.score(torch.eye(3)).perplexity
+    for i, source in enumerate(lm.sources):
+        nll, count = 0.0, 0
+        for t in whole:
+            ids = lm.tokenizer(t.text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                logits = source.model(input_ids=ids).logits[0, :-1]
+            if source.logit_rows == lm.spec.vocab_size:  # the model's own loss, where no rows are padded
+                loss = source.model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            else:  # padded rows are excluded from the softmax by design
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, : lm.spec.vocab_size], ids[0, 1:], reduction="sum"
+                )
+            nll += float(loss)
+            count += ids.shape[1] - 1
+        assert ppl[i].item() == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_grid_matches_the_paper_and_derives_small_base() -> None:
+    points, axes = build_candidates(SearchConfig(), ["large", "small_cpt", "small_base"])
+    assert axes == ["large", "small_cpt"] and len(points) == 36
+    assert {"large": 0.1, "small_cpt": 0.9, "small_base": 0.0} in points
+    assert all(p["small_base"] == pytest.approx(1 - p["large"] - p["small_cpt"]) for p in points)
+    ranged = SearchConfig(grid={"large": {"start": 0.0, "stop": 1.0, "step": 0.05}, "small_cpt": [0.5, 1.0]})
+    assert len(build_candidates(ranged, ["large", "small_cpt", "small_base"])[0]) == 42
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        (SearchConfig(grid={"large": [], "small_cpt": [0.5]}), "at least one finite value"),
+        (SearchConfig(grid={"lrage": [0.1], "small_cpt": [0.5]}), "no source has"),
+        (SearchConfig(grid={"large": [0.1]}), r"no weight to source\(s\) \['small_cpt'\]"),
+    ],
+)
+def test_bad_search_spaces(search: SearchConfig, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_candidates(search, ["large", "small_cpt", "small_base"])
+
+
+def test_refinement_never_worse_and_selection_is_seeded(lm) -> None:
+    search = SearchConfig(task="sib200_topic", lang="uig_Arab", n_prompts=3, shots=1, seed=5, refine_rounds=2)
+    texts, origin = selection_texts(search)
+    scorer = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
+    result = search_weights(scorer, search, origin)
+    assert result.selected.perplexity <= result.grid_best.perplexity
+    assert result.grid_best.perplexity == min(c.perplexity for c in result.candidates if c.kind == "grid")
+    assert any(c.kind == "refine" for c in result.candidates)
+    no_refine = search.model_copy(update={"refine_rounds": 0})
+    assert search_weights(scorer, no_refine, origin).selected == result.grid_best
+    again, _ = selection_texts(search)
+    assert [t.id for t in again] == [t.id for t in texts]
+    other, _ = selection_texts(search.model_copy(update={"seed": 6}))
+    assert [t.id for t in other] != [t.id for t in texts]
+    assert set(result.singles) == {"large", "small_cpt", "small_base"} and result.proxy_tuning is not None
+
+
+def test_prompts_never_contain_the_answer_and_input_scoring_counts_less(lm) -> None:
+    search = SearchConfig(task="sib200_topic", lang="uig_Arab", n_prompts=4, shots=2)
+    texts, _ = selection_texts(search)
+    assert all(t.text.endswith("Topic:") for t in texts)
+    inputs, _ = selection_texts(search.model_copy(update={"score": "input"}))
+    whole = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
+    part = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, inputs, progress=False)
+    assert 0 < part.n_tokens < whole.n_tokens
+
+
+def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:
+    with pytest.raises(
+        DataError, match=r"has \d+ tokens, \d+ more than the context of source 'large' \(1024\)"
+    ):
+        FusedPerplexityScorer(
+            lm.sources, lm.spec.vocab_size, [ScoringText("x", "hello " * 1200)], progress=False
+        )
+    with pytest.raises(DataError, match="no token to score"):
+        FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, [ScoringText("x", "hi", 99)], progress=False)
+    short = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, [ScoringText("x", "hello")], progress=False)
+    with pytest.raises(DataError, match="tokens to score"):
+        search_weights(short, SearchConfig(), {})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no text"):
+        selection_texts(SearchConfig(text_file=str(empty)))
+
+
+def test_select_cli_writes_selection_usable_by_generate(trio, tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**trio_config(trio), "search": {"lang": "uig_Arab", "shots": 1}}))
+    out = tmp_path / "sel"
+    assert (
+        main(["select", "-c", str(config), "--n-prompts", "3", "--refine-rounds", "1", "-o", str(out)]) == 0
+    )
+    payload = json.loads((out / "selection.json").read_text())
+    assert len([c for c in payload["candidates"] if c["kind"] == "grid"]) == 36
+    assert payload["prompts"]["seed"] == 0 and len(payload["prompt_ids"]) == 3
+    assert (out / "heatmap.png").stat().st_size > 10_000
+    assert "selected" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "generate",
+                "-c",
+                str(config),
+                "--weights-from",
+                str(out / "selection.json"),
+                "-p",
+                "Hello",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["token_ids"]) <= 2
