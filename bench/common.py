@@ -23,7 +23,11 @@ logger = logging.getLogger("bench")
 
 def machine() -> str:
     """One line describing where the numbers were measured."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     return f"{platform.node()} · {platform.processor() or platform.machine()} · {device} · torch {torch.__version__}"
 
 
@@ -46,7 +50,9 @@ def load_trio(kind: str, device: str = "cpu") -> list[Source]:
         raise SystemExit(f"unknown model kind {kind!r}; use tiny or gemma")
     sources = []
     for m in models:
-        config = load_config({"models": [m], "fusion": {"method": "single", "role": m["role"]}, "device": device})
+        config = load_config(
+            {"models": [m], "fusion": {"method": "single", "role": m["role"]}, "device": device}
+        )
         sources.extend(FusedLM.from_config(config).sources)
     return sources
 

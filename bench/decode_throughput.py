@@ -39,7 +39,9 @@ def hf_generate_time(source, batch: list[str], new_tokens: int, repeats: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -66,9 +68,11 @@ def main() -> None:
         alone, alone_hf = {}, {}
         for source in sources:
             single = fused([source], (1.0,))
-            alone[source.role] = n_tokens / best_time(lambda s=single: s.generate(batch, gen), args.repeats)
+            alone[source.role] = n_tokens / best_time(
+                lambda s=single, b=batch, g=gen: s.generate(b, g), args.repeats
+            )
             alone_hf[source.role] = n_tokens / hf_generate_time(source, batch, args.new_tokens, args.repeats)
-        fused_tps = n_tokens / best_time(lambda: mix.generate(batch, gen), args.repeats)
+        fused_tps = n_tokens / best_time(lambda b=batch, g=gen: mix.generate(b, g), args.repeats)
         ideal = 1.0 / sum(1.0 / t for t in alone.values())
         ideal_hf = 1.0 / sum(1.0 / t for t in alone_hf.values())
         for role in alone:
@@ -88,7 +92,9 @@ def main() -> None:
                 "ratio_vs_hf_generate": fused_tps / ideal_hf,
             }
         )
-    print(f"weights {weights}; ratio = fused / ideal over trimix-alone runs; vs HF = over model.generate runs")
+    print(
+        f"weights {weights}; ratio = fused / ideal over trimix-alone runs; vs HF = over model.generate runs"
+    )
     save(args.json, {"model": args.model, "new_tokens": args.new_tokens, "machine": machine(), "rows": rows})
 
 

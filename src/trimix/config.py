@@ -160,6 +160,58 @@ class SearchConfig(_Strict):
         return axes
 
 
+class LoraSettings(_Strict):
+    """LoRA hyper-parameters; ``target_modules: null`` picks the family default (see training.cpt)."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class CptConfig(_Strict):
+    """Continual pretraining of the small model on raw text (``trimix cpt``)."""
+
+    base_role: str = SMALL_BASE
+    corpus: list[str] = Field(default_factory=list)
+    text_field: str = "text"
+    dedup: bool = True
+    seed: int = 0
+    validation_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    max_validation_lines: int = Field(200, ge=1)
+    forgetting_text: str | None = "sib200:eng_Latn:dev"
+    block_size: int = Field(128, ge=8)
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    learning_rate: float | None = Field(None, gt=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    save_every: int = Field(50, ge=1)
+    gradient_checkpointing: bool = False
+    merge: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self) -> CptConfig:
+        if self.max_steps is None and self.max_tokens is None:
+            self.max_steps = 100
+        return self
+
+    def steps(self) -> int:
+        """Optimizer steps: ``max_steps``, or enough to see ``max_tokens`` tokens."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.batch_size * self.grad_accum * self.block_size
+        return max(1, math.ceil((self.max_tokens or 0) / per_step))
+
+    def lr(self) -> float:
+        return self.learning_rate or (2e-4 if self.method == "lora" else 2e-5)
+
+
 class TrimixConfig(_Strict):
     """A whole run: sources, fusion and the per-command sections."""
 
@@ -167,7 +219,7 @@ class TrimixConfig(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    cpt: dict[str, Any] | None = None
+    cpt: CptConfig = Field(default_factory=CptConfig)
     eval: dict[str, Any] | None = None
     dtype: DType = "float32"
     device: str = "cpu"

@@ -16,7 +16,7 @@ logger = logging.getLogger("trimix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trimix.cli import generate, select
+    from trimix.cli import cpt, generate, select
 
     parser = argparse.ArgumentParser(
         prog="trimix",
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, select):
+    for module in (generate, select, cpt):
         module.register(subparsers)
     return parser
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:  # a config built in code rather than read from a file
         print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
         print(f"trimix {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -35,39 +35,146 @@ class ScoringText:
 
 
 def combination_nll(
-    source_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, combos_per_chunk: int
+    source_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, combos_per_chunk: int = 8
 ) -> torch.Tensor:
     """Summed negative log-likelihood of ``targets`` under each fused combination.
+
+    ``nll = logsumexp_v(f) - f[target]`` with ``f = fuse_logits(source_logits, w)``. The target term is
+    linear and comes straight from :func:`fuse_logits`. The log-sum-exp is factorised instead of
+    fusing each combination over the whole vocabulary: when every weight vector sums to 1 (the
+    TriMix grid, single sources and Proxy Tuning all do), ``f = L_r + sum_k w_k (L_k - L_r)``, so
+    ``exp(f)`` is a product of one table per source and distinct weight value; with two free sources
+    all pairs are one batched matmul. That needs ``1 + sum_k distinct_k`` exponentials per vocabulary
+    entry rather than C, and never materialises a ``C x V`` tensor. Factors are shifted by their
+    maxima; a combination whose sum could underflow (a shift gap of more than ~80 nats) is recomputed
+    directly.
 
     Args:
         source_logits: ``(N, T, V)`` raw logits of N sources at T positions.
         targets: ``(T,)`` the token ids that follow each position.
         weights: ``(C, N)`` one weight vector per combination.
-        combos_per_chunk: how many combinations are fused at once (bounds memory to
-            ``combos_per_chunk x T x V`` floats).
+        combos_per_chunk: combinations handled at once on the direct (fallback) path.
 
     Returns:
         ``(C,)`` float64 NLL sums (natural log).
     """
-    total = torch.zeros(weights.shape[0], dtype=torch.float64)
-    index = targets.view(1, -1, 1)
-    for c0 in range(0, weights.shape[0], combos_per_chunk):
-        fused = fuse_logits(source_logits, weights[c0 : c0 + combos_per_chunk])  # (c, T, V)
-        chosen = fused.gather(-1, index.expand(fused.shape[0], -1, 1)).squeeze(-1)  # (c, T)
-        total[c0 : c0 + fused.shape[0]] = (torch.logsumexp(fused, dim=-1) - chosen).double().sum(-1).cpu()
-    return total
+    logits = source_logits.float()
+    weights = weights.to(device=logits.device, dtype=torch.float32)
+    chosen = fuse_logits(
+        logits.gather(-1, targets.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1), weights
+    )
+    step = max(1, 2**16 // logits.shape[-1])  # about 64k vocabulary entries per piece: stays in cache
+    log_z = torch.cat(
+        [
+            _factorised_log_partition(logits[:, p0 : p0 + step], weights)
+            for p0 in range(0, logits.shape[1], step)
+        ],
+        dim=1,
+    )  # (C, T), NaN where the underflow guard fired
+    redo = torch.isnan(log_z).any(dim=-1).nonzero().squeeze(-1).tolist()
+    for c0 in range(0, len(redo), combos_per_chunk):
+        rows = redo[c0 : c0 + combos_per_chunk]
+        log_z[rows] = torch.logsumexp(fuse_logits(logits, weights[rows]), dim=-1).double()
+    return (log_z - chosen.double()).sum(-1).cpu()
 
 
-def head_logits(source: Source, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits from its final hidden states: output projection plus any soft-capping.
+def _factorised_log_partition(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``logsumexp_v(sum_n w_cn L_n)`` for every combination c and position t, as ``(C, T)`` float64."""
+    # In-place operations throughout: at V = 262k, allocating fresh tensors (page faults) costs more
+    # than the arithmetic.
+    n_sources = logits.shape[0]
+    ones = torch.ones(weights.shape[0], device=weights.device)
+    affine = bool(torch.allclose(weights.sum(-1), ones, atol=1e-6))
+    if affine:  # f = L_ref + sum_k w_k (L_k - L_ref): one source drops out of the product
+        ref = n_sources - 1
+        base_max = logits[ref].amax(-1, keepdim=True)  # (T, 1)
+        base_exp = (logits[ref] - base_max).exp_()  # (T, V)
+        factors = logits[:ref] - logits[ref]
+        coeff = weights[:, :ref]
+    else:
+        base_max = base_exp = None
+        factors = logits
+        coeff = weights
+    tables, shifts, index = [], [], []
+    for k in range(coeff.shape[1]):
+        values, inverse = torch.unique(coeff[:, k], return_inverse=True)
+        # The peak of u * D over the vocabulary is u * max(D) for u >= 0 and u * min(D) otherwise.
+        top, bottom = factors[k].amax(-1, keepdim=True), factors[k].amin(-1, keepdim=True)  # (T, 1)
+        peak = torch.where(values >= 0, values * top, values * bottom).unsqueeze(-1)  # (T, U, 1)
+        table = factors[k].unsqueeze(1) * values.view(1, -1, 1)  # (T, U, V)
+        tables.append(table.sub_(peak).exp_())
+        shifts.append(peak.squeeze(-1).T)  # (U, T)
+        index.append(inverse)
+    n_combos, n_pos = weights.shape[0], logits.shape[1]
+    if not tables:
+        total = base_exp.double().sum(-1).expand(n_combos, n_pos)
+    elif len(tables) == 2 and base_exp is not None:
+        left = tables[0].mul_(base_exp.unsqueeze(1))  # (T, U1, V)
+        pair_sums = _pairwise_sums(left, tables[1])  # (T, U1, U2)
+        total = pair_sums[:, index[0], index[1]].T.double()  # (C, T)
+    else:
+        total = torch.empty(n_combos, n_pos, dtype=torch.float64, device=logits.device)
+        for c in range(n_combos):
+            product = base_exp.clone() if base_exp is not None else torch.ones_like(tables[0][:, 0])
+            for table, idx in zip(tables, index, strict=True):
+                product.mul_(table[:, idx[c]])
+            total[c] = product.double().sum(-1)
+    log_z = torch.log(total)
+    for shift, idx in zip(shifts, index, strict=True):
+        log_z += shift[idx].double()
+    if base_max is not None:
+        log_z += base_max.squeeze(-1).double()
+    # Below ~e-80 the float32 factors may have lost the terms that matter: recompute those exactly.
+    return log_z.masked_fill(total < 1e-30, float("nan"))
+
+
+def _pairwise_sums(left: torch.Tensor, right: torch.Tensor, blocks: int = 64) -> torch.Tensor:
+    """``out[t, i, j] = sum_v left[t, i, v] * right[t, j, v]``.
+
+    A product with a tiny output and a 262k-long inner dimension runs poorly as one matmul on CPU;
+    as a batch of ``blocks`` shorter products it is several times faster.
+    """
+    n_pos, u1, vocab = left.shape
+    u2 = right.shape[1]
+    main = vocab - vocab % blocks
+    out = left.new_empty(n_pos, u1, u2)
+    for t in range(n_pos):  # per position the block split is a view; across positions it would copy
+        a = left[t, :, :main].view(u1, blocks, -1).transpose(0, 1)  # (blocks, U1, K)
+        b = right[t, :, :main].view(u2, blocks, -1).permute(1, 2, 0)  # (blocks, K, U2)
+        out[t] = torch.bmm(a, b).sum(0)
+        if main < vocab:
+            out[t] += left[t, :, main:] @ right[t, :, main:].T
+    return out
+
+
+def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's logits over the first ``V`` ids from its final hidden states: projection plus soft-capping.
 
     Family quirks are data: ``final_logit_softcapping`` (Gemma 2) is read from the config, and
     :class:`FusedPerplexityScorer` checks this function against a real forward before trusting it.
+
+    Args:
+        source: the model.
+        hidden: ``(P, H)`` final hidden states.
+        out: optional float32 ``(P, V)`` buffer to write into (V may be below the head's row count,
+            which drops the padded rows).
     """
-    logits = source.model.get_output_embeddings()(hidden)
+    head = source.model.get_output_embeddings()
+    vocab = out.shape[-1] if out is not None else None
+    if (
+        out is not None
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and hidden.dtype == torch.float32
+    ):
+        logits = torch.matmul(hidden, head.weight[:vocab].T, out=out)
+    else:
+        logits = head(hidden)[..., :vocab].float()
+        if out is not None:
+            logits = out.copy_(logits)
     cap = getattr(source.model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
-        logits = torch.tanh(logits / cap) * cap
+        logits.div_(cap).tanh_().mul_(cap)
     return logits
 
 
@@ -182,22 +289,21 @@ class FusedPerplexityScorer:
         """Summed NLL of each row of ``weights`` ``(C, N)`` over all scored tokens."""
         weights = torch.as_tensor(weights, dtype=torch.float32)
         n_sources, n_combos = len(self.sources), weights.shape[0]
-        combos_per_chunk = min(n_combos, 8)
-        positions_per_chunk = max(
-            1, self.chunk_elements // (self.vocab_size * (n_sources + combos_per_chunk))
-        )
+        # The output projection runs on blocks of positions sized by the memory budget (a GEMM; one
+        # position at a time would re-read the whole head); the log-partition then walks each block in
+        # cache-sized pieces (see combination_nll). Neither size depends on the number of combinations.
+        positions_per_chunk = max(1, self.chunk_elements // (self.vocab_size * n_sources))
+        combos_per_chunk = 8
+        longest = max(e.targets.numel() for e in self.encoded)
+        block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
         total = torch.zeros(n_combos, dtype=torch.float64)
         for item in tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False):
             for p0 in range(0, item.targets.numel(), positions_per_chunk):
                 p1 = p0 + positions_per_chunk
-                logits = torch.stack(
-                    [
-                        head_logits(s, item.features[s.role][p0:p1])[..., : self.vocab_size]
-                        .float()
-                        .to(self.device)
-                        for s in self.sources
-                    ]
-                )  # (N, P, V)
+                count = min(p1, item.targets.numel()) - p0
+                logits = block[:, :count]  # (N, P, V), reused across blocks: no fresh allocation
+                for n, source in enumerate(self.sources):
+                    head_logits(source, item.features[source.role][p0:p1], out=logits[n])
                 targets = item.targets[p0:p1].to(self.device)
                 total += combination_nll(logits, targets, weights.to(self.device), combos_per_chunk)
         return ScoreTotals(total, self.n_tokens)

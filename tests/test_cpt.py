@@ -1,0 +1,185 @@
+"""Continual pretraining on tiny models: learning, exact resume, reload, and corpus errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trimix import FusedLM, load_config
+from trimix.backends import load_source
+from trimix.cli.main import main
+from trimix.config import CptConfig, SourceConfig
+from trimix.errors import ConfigError, DataError
+from trimix.testing import CORPUS
+from trimix.training import CptInterrupted, pack_blocks, read_documents, run_cpt, split_corpus
+from trimix.training.cpt import _StopOnSignal
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus") / "uig.txt"
+    # A small repeated corpus (with exact duplicates to drop) so that the loss must fall.
+    lines = [CORPUS[4], CORPUS[5], CORPUS[6], CORPUS[0], CORPUS[1]] * 8 + [
+        f"{CORPUS[4]} {i}" for i in range(30)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(make_model) -> SourceConfig:
+    return SourceConfig(model=str(make_model("llama", seed=11)), role="small_base")
+
+
+def _cpt(corpus: str, **kw) -> CptConfig:
+    settings = dict(
+        corpus=[corpus],
+        block_size=32,
+        batch_size=4,
+        max_steps=6,
+        save_every=3,
+        learning_rate=5e-3,
+        forgetting_text="sib200:eng_Latn:dev",
+        warmup_ratio=0.0,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+    )
+    settings.update(kw)
+    return CptConfig(**settings)
+
+
+def test_loss_and_heldout_perplexity_fall(base, corpus, tmp_path) -> None:
+    report = run_cpt(base, _cpt(corpus, max_steps=20, save_every=100), tmp_path, progress=False)
+    assert report.train_loss[-1] < report.train_loss[0]
+    assert report.perplexity_after["heldout_lrl"] < report.perplexity_before["heldout_lrl"]
+    assert "heldout_hrl" in report.perplexity_after and report.corpus["duplicates_removed"] > 0
+    assert report.tokens_seen == 20 * 4 * 32
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "held-out perplexity" in card and "forgetting check" in card
+
+
+def test_interrupt_then_resume_equals_uninterrupted(base, corpus, tmp_path) -> None:
+    straight = tmp_path / "straight"
+    run_cpt(base, _cpt(corpus), straight, progress=False)
+
+    class StopAtTwo(_StopOnSignal):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.request()  # what Ctrl-C does
+            return super().on_step_end(args, state, control, **kwargs)
+
+    broken = tmp_path / "broken"
+    with pytest.raises(CptInterrupted, match=r"interrupted at step 2/6.*--resume"):
+        run_cpt(base, _cpt(corpus), broken, progress=False, stopper=StopAtTwo())
+    assert (broken / "checkpoints" / "checkpoint-2").is_dir()
+    report = run_cpt(base, _cpt(corpus), broken, progress=False, resume=True)
+    assert report.resumed_from.endswith("checkpoint-2") and report.steps == 6
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(broken / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_adapter_reloads_as_a_source_with_the_same_logits(base, corpus, tmp_path) -> None:
+    run_cpt(base, _cpt(corpus, max_steps=3), tmp_path, progress=False)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base.model), tmp_path / "adapter"
+    )
+    ids = torch.tensor([[1, 17, 33, 9, 70]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        loaded = load_source(SourceConfig(model=str(tmp_path / "adapter"), role="small_cpt", weight=1.0))
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    sources = [
+        {"model": str(tmp_path / "adapter"), "role": "small_cpt"},
+        {"model": base.model, "role": "small_base"},
+    ]
+    lm = FusedLM.from_config(
+        load_config({"models": sources, "fusion": {"method": "single", "role": "small_cpt"}})
+    )
+    assert len(lm.generate(["Hello"], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+
+
+def test_full_finetuning_and_merge(base, corpus, tmp_path) -> None:
+    report = run_cpt(
+        base, _cpt(corpus, method="full", max_steps=2, learning_rate=1e-3), tmp_path / "full", progress=False
+    )
+    assert (tmp_path / "full" / "model" / "config.json").is_file() and report.method == "full"
+    run_cpt(base, _cpt(corpus, max_steps=2, merge=True), tmp_path / "merged", progress=False)
+    assert (tmp_path / "merged" / "merged" / "config.json").is_file()
+
+
+def test_packing_puts_eos_between_documents_and_bos_first(tokenizer) -> None:
+    blocks = pack_blocks(["Hello world", "The quick brown fox"] * 10, tokenizer, 16)
+    assert blocks.shape[1] == 16 and (blocks[:, 0] == tokenizer.bos_token_id).all()
+    assert (blocks == tokenizer.eos_token_id).sum() > 0
+    with pytest.raises(DataError, match="fewer than one block"):
+        pack_blocks(["Hi"], tokenizer, 64)
+
+
+def test_split_is_seeded_and_deduplicated(corpus) -> None:
+    a = split_corpus([corpus], "text", True, 3, 0.1, 200)
+    b = split_corpus([corpus], "text", True, 3, 0.1, 200)
+    assert a == b and len(set(a.train + a.validation)) == len(a.train + a.validation)
+    assert not set(a.train) & set(a.validation)
+
+
+def test_bad_corpora_fail_clearly(tmp_path, base) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no text"):
+        split_corpus([str(empty)], "text", True, 0, 0.1, 10)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(DataError, match="not a text file"):
+        read_documents(binary)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_documents(latin1)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "ok"}\n{"content": "no text field"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: no string field 'text'"):
+        read_documents(jsonl)
+    with pytest.raises(DataError, match="does not exist"):
+        read_documents(tmp_path / "missing.txt")
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(CORPUS * 3))
+    with pytest.raises(ConfigError, match="larger than the model's context"):
+        run_cpt(base, _cpt(str(good), block_size=4096), tmp_path / "ctx", progress=False)
+
+
+def test_cpt_cli_runs_and_refuses_to_clobber(base, corpus, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = [
+        "cpt",
+        "--model",
+        base.model,
+        "--corpus",
+        corpus,
+        "--max-steps",
+        "2",
+        "--block-size",
+        "32",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["perplexity_after"]["heldout_lrl"] > 0
+    assert (out / "config.yaml").is_file() and (out / "cpt_report.json").is_file()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (
+        main(
+            ["cpt", "--model", base.model, "--corpus", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
