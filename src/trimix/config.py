@@ -212,6 +212,58 @@ class CptConfig(_Strict):
         return self.learning_rate or (2e-4 if self.method == "lora" else 2e-5)
 
 
+class MethodSpec(_Strict):
+    """One row of an evaluation: a single source, Proxy Tuning, or TriMix with fixed or selected weights."""
+
+    name: str
+    method: FusionMethod = "trimix"
+    role: str | None = None
+    alpha: float = 1.0
+    weights: dict[str, float] | None = None
+    select: bool = False
+    plausibility: PlausibilityConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodSpec:
+        if self.select and self.weights:
+            raise ValueError(f"method {self.name!r}: give `weights` or `select: true`, not both")
+        return self
+
+    def fusion(self) -> FusionConfig:
+        return FusionConfig(
+            method=self.method, role=self.role, alpha=self.alpha, plausibility=self.plausibility
+        )
+
+
+class TaskSpec(_Strict):
+    """One task family over some languages; ``options`` go to the task (root, path, pivot, direction...)."""
+
+    task: str
+    langs: list[str] = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    split: Literal["train", "dev", "test"] = "test"
+    limit: int | None = Field(None, ge=1)
+    scoring: Literal["generate", "loglikelihood"] = "generate"
+    shots: int | None = Field(None, ge=0)
+    prompt_lang: Literal["en", "zh"] = "en"
+
+
+class EvalConfig(_Strict):
+    """The evaluation matrix (``trimix eval``): methods x tasks x languages."""
+
+    methods: list[MethodSpec] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvalConfig:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval method names must be unique; got {names}")
+        return self
+
+
 class TrimixConfig(_Strict):
     """A whole run: sources, fusion and the per-command sections."""
 
@@ -220,7 +272,7 @@ class TrimixConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     cpt: CptConfig = Field(default_factory=CptConfig)
-    eval: dict[str, Any] | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     dtype: DType = "float32"
     device: str = "cpu"
     cache_dir: str | None = None

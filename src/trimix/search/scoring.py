@@ -193,6 +193,8 @@ class ScoreTotals:
 
     nll: torch.Tensor  # (C,) float64
     n_tokens: int
+    per_text: torch.Tensor | None = None  # (texts, C) float64
+    tokens_per_text: list[int] | None = None
 
     @property
     def perplexity(self) -> torch.Tensor:
@@ -297,7 +299,10 @@ class FusedPerplexityScorer:
         longest = max(e.targets.numel() for e in self.encoded)
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
         total = torch.zeros(n_combos, dtype=torch.float64)
-        for item in tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False):
+        per_text = torch.zeros(len(self.encoded), n_combos, dtype=torch.float64)
+        for text_index, item in enumerate(
+            tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False)
+        ):
             for p0 in range(0, item.targets.numel(), positions_per_chunk):
                 p1 = p0 + positions_per_chunk
                 count = min(p1, item.targets.numel()) - p0
@@ -305,8 +310,10 @@ class FusedPerplexityScorer:
                 for n, source in enumerate(self.sources):
                     head_logits(source, item.features[source.role][p0:p1], out=logits[n])
                 targets = item.targets[p0:p1].to(self.device)
-                total += combination_nll(logits, targets, weights.to(self.device), combos_per_chunk)
-        return ScoreTotals(total, self.n_tokens)
+                nll = combination_nll(logits, targets, weights.to(self.device), combos_per_chunk)
+                per_text[text_index] += nll
+                total += nll
+        return ScoreTotals(total, self.n_tokens, per_text, [int(e.targets.numel()) for e in self.encoded])
 
     @property
     def text_ids(self) -> list[str]:

@@ -26,6 +26,12 @@ LANGUAGE_NAMES = {
         "tam_Taml": "Tamil",
         "tel_Telu": "Telugu",
         "ory_Orya": "Odia",
+        "bo": "Tibetan",
+        "ug": "Uyghur",
+        "kk": "Kazakh",
+        "mn": "Mongolian",
+        "zh": "Chinese",
+        "en": "English",
     },
     "zh": {
         "eng_Latn": "英语",
@@ -40,6 +46,12 @@ LANGUAGE_NAMES = {
         "tam_Taml": "泰米尔语",
         "tel_Telu": "泰卢固语",
         "ory_Orya": "奥里亚语",
+        "bo": "藏语",
+        "ug": "维吾尔语",
+        "kk": "哈萨克语",
+        "mn": "蒙古语",
+        "zh": "中文",
+        "en": "英语",
     },
 }
 PromptLang = Literal["en", "zh"]
@@ -86,9 +98,10 @@ class Task(ABC):
     shot_seed: int = 0
     max_chars: int = 512
     name: ClassVar[str] = "task"
-    kind: ClassVar[Literal["generate", "choice"]] = "generate"
+    kind: ClassVar[Literal["generate", "choice", "perplexity"]] = "generate"
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy",)
     max_new_tokens: ClassVar[int] = 16
+    description: ClassVar[str] = ""
     _shot_cache: list[Example] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -135,9 +148,14 @@ class Task(ABC):
         lines = generated.strip().splitlines()
         return lines[0].strip() if lines else ""
 
-    @abstractmethod
-    def score(self, prediction: str, example: Example) -> dict[str, float]:
-        """Per-item metric values (0-100 scale)."""
+    def is_correct(self, prediction: str, example: Example) -> bool:
+        """Accuracy tasks: whether an extracted prediction matches the gold answer (case-insensitive)."""
+        return prediction.strip().lower() == example.target.strip().lower()
+
+    @property
+    def target_lang(self) -> str:
+        """Language of the references (BLEU picks its tokenizer by it)."""
+        return self.lang
 
     def clip(self, text: str) -> str:
         return text if len(text) <= self.max_chars else text[: self.max_chars]

@@ -7,9 +7,33 @@ from typing import Any
 
 from trimix.errors import ConfigError
 from trimix.tasks.base import Task
-from trimix.tasks.sib200 import Sib200Topic
+from trimix.tasks.milic import (
+    Belebele,
+    MilicMath,
+    MilicReadingComprehension,
+    MilicResponseSelection,
+    MilicTextClassification,
+    MilicTitleGeneration,
+    MilicTranslation,
+)
+from trimix.tasks.sib200 import Sib200Topic, Sib200Translation
+from trimix.tasks.textppl import TextPerplexity
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Sib200Topic,)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls
+    for cls in (
+        Sib200Topic,
+        Sib200Translation,
+        MilicReadingComprehension,
+        MilicResponseSelection,
+        MilicTextClassification,
+        MilicTitleGeneration,
+        MilicMath,
+        MilicTranslation,
+        Belebele,
+        TextPerplexity,
+    )
+}
 
 
 def get_task(name: str, lang: str, **options: Any) -> Task:
@@ -26,5 +50,5 @@ def get_task(name: str, lang: str, **options: Any) -> Task:
         )
     try:
         return TASKS[name](lang=lang, **options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"task {name!r}: {exc}") from exc

@@ -29,6 +29,7 @@ class Sib200Topic(Task):
     name: ClassVar[str] = "sib200_topic"
     kind: ClassVar[str] = "choice"
     max_new_tokens: ClassVar[int] = 8
+    description: ClassVar[str] = "SIB-200 topic classification, 7 labels (accuracy)"
 
     def label(self, category: str) -> str:
         return _ZH_LABELS.get(category, category) if self.prompt_lang == "zh" else category
@@ -69,5 +70,61 @@ class Sib200Topic(Task):
         text = self.clip(example.fields["text"])
         return f"文本：{text}\n主题：" if self.prompt_lang == "zh" else f"Text: {text}\nTopic:"
 
-    def score(self, prediction: str, example: Example) -> dict[str, float]:
-        return {"accuracy": 100.0 * (prediction.strip().lower() == example.target.lower())}
+
+@dataclass
+class Sib200Translation(Task):
+    """Sentence translation between two SIB-200 languages (parallel FLORES rows), scored with chrF++ and BLEU.
+
+    ``lang`` is the low-resource side; ``direction`` says whether it is the source (``to``) or the
+    target (``from``) of ``pivot`` (``eng_Latn`` or ``zho_Hans``).
+    """
+
+    pivot: str = "eng_Latn"
+    direction: str = "to"
+    root: Path | None = None
+    name: ClassVar[str] = "sib200_mt"
+    metric_names: ClassVar[tuple[str, ...]] = ("chrf_pp", "bleu")
+    max_new_tokens: ClassVar[int] = 128
+    description: ClassVar[str] = (
+        "FLORES sentence translation LRL<->pivot from SIB-200's parallel rows (chrF++, BLEU)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.direction not in {"to", "from"}:
+            raise ValueError(
+                f"direction must be 'to' (LRL -> pivot) or 'from' (pivot -> LRL); got {self.direction!r}"
+            )
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.lang, self.pivot) if self.direction == "to" else (self.pivot, self.lang)
+
+    @property
+    def full_name(self) -> str:
+        src, tgt = self.pair
+        return f"{self.name}_{src}-{tgt}"
+
+    @property
+    def target_lang(self) -> str:
+        return self.pair[1]
+
+    def examples(self, split: str) -> list[Example]:
+        src, tgt = self.pair
+        source_rows, target_rows = read_sib200(src, split, self.root), read_sib200(tgt, split, self.root)
+        if [r.index_id for r in source_rows] != [r.index_id for r in target_rows]:
+            raise ValueError(f"SIB-200 {src} and {tgt} {split} rows are not parallel (index_id differs)")
+        return [
+            Example(f"{s.index_id}", {"source": s.text}, t.text)
+            for s, t in zip(source_rows, target_rows, strict=True)
+        ]
+
+    def instruction(self) -> str:
+        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
+        if self.prompt_lang == "zh":
+            return f"将以下{src}句子翻译成{tgt}。"
+        return f"Translate the following {src} sentence into {tgt}."
+
+    def block(self, example: Example) -> str:
+        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
+        sep = "：" if self.prompt_lang == "zh" else ":"
+        return f"{src}{sep} {self.clip(example.fields['source'])}\n{tgt}{sep}"

@@ -1,0 +1,66 @@
+"""``trimix eval`` and ``trimix report``: run the evaluation matrix; rebuild its tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from trimix.cli.common import add_config_args, config_from_args
+from trimix.evaluation import Evaluator, write_report
+from trimix.runinfo import prepare_output_dir, write_run_info
+
+logger = logging.getLogger(__name__)
+
+EVAL_EXAMPLE = """example:
+  trimix eval -c configs/qwen25_uyghur.yaml -o runs/eval-uig
+  trimix eval -c configs/qwen25_uyghur.yaml -o runs/eval-uig --resume     # after a kill: nothing lost
+  trimix report runs/eval-uig
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate methods x tasks x languages (the config's `eval` section)",
+        description="Evaluate each method (single sources, Proxy Tuning, TriMix fixed or selected) on each task "
+        "and language, appending every prediction to predictions.jsonl, then write report.md/json/png.",
+        epilog=EVAL_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--output-dir", "-o", required=True)
+    p.add_argument(
+        "--resume", action="store_true", help="continue a run in --output-dir, skipping finished items"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--limit", type=int, help="evaluate at most N items per task and language")
+    p.set_defaults(func=run_eval)
+
+    r = subparsers.add_parser(
+        "report",
+        help="rebuild report.md/json/png of an eval run from its predictions.jsonl",
+        epilog="example:\n  trimix report runs/eval-uig",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("run_dir")
+    r.set_defaults(func=run_report)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.limit is not None:
+        for spec in config.eval.tasks:
+            spec.limit = args.limit
+    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume)
+    write_run_info(out_dir, config, config.eval.seed)
+    Evaluator(config, out_dir, progress=not args.quiet).run()
+    table, _ = write_report(out_dir)
+    print(table)
+    print(f"report.md, report.json, report.png and predictions.jsonl in {out_dir}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    table, _ = write_report(args.run_dir)
+    print(table)
+    return 0

@@ -1,0 +1,273 @@
+"""Run a methods x tasks x languages evaluation, appending every prediction to a JSONL as it completes.
+
+A run folder holds ``predictions.jsonl`` (one line per method, task, language and item), the
+weights selected for each cell under ``selections/``, ``config.yaml`` and ``run.json``. Started
+again on the same folder, a run skips every item already in the JSONL (a line cut short by a kill
+is dropped first), so it finishes with nothing lost or duplicated and, decoding being greedy and
+seeded, with the same scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
+from trimix.decoding import FusedLM
+from trimix.errors import ConfigError
+from trimix.search import FusedPerplexityScorer, ScoringText, search_weights
+from trimix.tasks import Example, Task, get_task
+
+logger = logging.getLogger(__name__)
+PREDICTIONS = "predictions.jsonl"
+
+
+def build_task(spec: TaskSpec, lang: str) -> Task:
+    return get_task(spec.task, lang, n_shots=spec.shots, prompt_lang=spec.prompt_lang, **spec.options)
+
+
+def sample_items(task: Task, spec: TaskSpec, seed: int) -> list[Example]:
+    """The evaluated items: the split, or a seeded sample of ``limit`` items kept in file order."""
+    items = task.examples(spec.split)
+    if spec.limit is None or spec.limit >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), spec.limit))
+    return [e for i, e in enumerate(items) if i in keep]
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a predictions file; a last line cut short by a kill is removed from the file."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines, good_bytes = [], 0
+    for chunk in raw.splitlines(keepends=True):
+        if not chunk.endswith(b"\n"):
+            break
+        try:
+            lines.append(json.loads(chunk))
+        except json.JSONDecodeError:
+            break
+        good_bytes += len(chunk)
+    if good_bytes < len(raw):
+        logger.warning("dropping an incomplete last line of %s (the previous run was interrupted)", path)
+        with path.open("r+b") as handle:
+            handle.truncate(good_bytes)
+    return lines
+
+
+def _key(method: str, task: str, item_id: str) -> tuple[str, str, str]:
+    return (method, task, str(item_id))
+
+
+class _Sink:
+    """Appends JSON lines and makes each durable before the next item starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = path.open("a", encoding="utf-8")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class Evaluator:
+    """Evaluates each method on each task and language, with the sources loaded once."""
+
+    def __init__(self, config: TrimixConfig, out_dir: Path, progress: bool = True) -> None:
+        if not config.eval.methods or not config.eval.tasks:
+            raise ConfigError("the `eval` section needs at least one entry in `methods` and one in `tasks`")
+        self.config = config
+        self.out_dir = out_dir
+        self.progress = progress
+        roles = [m.role for m in config.models]
+        for method in config.eval.methods:
+            self.method_weights(method, probe=True, roles=roles)
+        self.lm = FusedLM.from_config(config, load_all=True)
+        self.sources = self.lm.sources
+
+    # ---------------------------------------------------------------- weights per method and cell
+    def method_weights(
+        self,
+        method: MethodSpec,
+        probe: bool = False,
+        roles: list[str] | None = None,
+        task: Task | None = None,
+    ) -> dict[str, float]:
+        roles = roles or [s.role for s in self.sources]
+        if method.select and probe:
+            return {}
+        if method.select:
+            return self._selected_weights(task)
+        given: dict[str, float | None] = dict.fromkeys(roles)
+        given.update(method.weights or {})
+        unknown = sorted(set(method.weights or {}) - set(roles))
+        if unknown:
+            raise ConfigError(
+                f"eval method {method.name!r} weights name unknown role(s) {unknown}; roles: {roles}"
+            )
+        try:
+            return resolve_weights(method.fusion(), given)
+        except ValueError as exc:
+            raise ConfigError(f"eval method {method.name!r}: {exc}") from exc
+
+    def _selected_weights(self, task: Task) -> dict[str, float]:
+        """TriMix weights chosen by fused perplexity on the task's dev prompts, cached beside the results."""
+        path = self.out_dir / "selections" / f"{task.full_name}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["selected"]["weights"]
+        search = self.config.search
+        dev = task.examples("dev")
+        rng = random.Random(search.seed)
+        picked = rng.sample(dev, min(search.n_prompts, len(dev)))
+        texts = []
+        for example in picked:
+            prompt = task.render(example)
+            texts.append(
+                ScoringText(example.id, prompt.text, prompt.input_start if search.score == "input" else 0)
+            )
+        scorer = FusedPerplexityScorer(self.sources, self.lm.spec.vocab_size, texts, progress=self.progress)
+        origin = {
+            "task": task.full_name,
+            "lang": task.lang,
+            "split": "dev",
+            "n": len(texts),
+            "seed": search.seed,
+            "score": search.score,
+            "shot_seed": task.shot_seed,
+        }
+        result = search_weights(scorer, search, origin)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        result.plot(path.with_suffix(".png"), list(search.axes()))
+        logger.info("selected %s for %s", result.selected.weights, task.full_name)
+        return result.selected.weights
+
+    def fused(self, weights: dict[str, float], method: MethodSpec) -> FusedLM:
+        plaus = method.plausibility.role if method.plausibility else None
+        used = [
+            replace(s, weight=weights.get(s.role, 0.0))
+            for s in self.sources
+            if weights.get(s.role, 0.0) != 0.0 or s.role == plaus
+        ]
+        return FusedLM(used, method.plausibility, self.config.fusion.vocab)
+
+    # ---------------------------------------------------------------- the run
+    def cells(self) -> Iterator[tuple[TaskSpec, Task, list[Example]]]:
+        for spec in self.config.eval.tasks:
+            for lang in spec.langs:
+                task = build_task(spec, lang)
+                yield spec, task, sample_items(task, spec, self.config.eval.seed)
+
+    def run(self) -> Path:
+        path = self.out_dir / PREDICTIONS
+        done = {_key(r["method"], r["task"], r["id"]) for r in read_predictions(path)}
+        cells = list(self.cells())
+        total = sum(len(items) for _, _, items in cells) * len(self.config.eval.methods)
+        bar = tqdm(
+            total=total, initial=min(len(done), total), desc="eval", unit="item", disable=not self.progress
+        )
+        sink = _Sink(path)
+        try:
+            for spec, task, items in cells:
+                for method in self.config.eval.methods:
+                    todo = [e for e in items if _key(method.name, task.full_name, e.id) not in done]
+                    if not todo:
+                        continue
+                    bar.set_description(f"eval {method.name} | {task.full_name}")
+                    weights = self.method_weights(method, task=task)
+                    lm = self.fused(weights, method)
+                    for rows in self._evaluate(lm, task, spec, todo):
+                        base = {
+                            "method": method.name,
+                            "task": task.full_name,
+                            "task_name": task.name,
+                            "lang": task.lang,
+                            "metrics": list(task.metric_names),
+                            "target_lang": task.target_lang,
+                            "weights": weights,
+                        }
+                        sink.write([{**base, **row} for row in rows])
+                        bar.update(len(rows))
+        finally:
+            sink.close()
+            bar.close()
+        return path
+
+    def _evaluate(
+        self, lm: FusedLM, task: Task, spec: TaskSpec, items: list[Example]
+    ) -> Iterator[list[dict]]:
+        if task.kind == "perplexity":
+            yield from self._perplexity(lm, task, items)
+        elif spec.scoring == "loglikelihood":
+            if task.kind != "choice":
+                raise ConfigError(
+                    f"{task.name}: loglikelihood scoring needs a classification or multiple-choice task"
+                )
+            yield from self._choose(lm, task, items)
+        else:
+            yield from self._generate(lm, task, items)
+
+    def _generate(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
+        size = self.config.eval.batch_size
+        for start in range(0, len(items), size):
+            batch = items[start : start + size]
+            prompts = [task.render(e).text for e in batch]
+            outputs = lm.generate(prompts, max_new_tokens=task.max_new_tokens, stop=["\n"], batch_size=size)
+            rows = []
+            for example, output in zip(batch, outputs, strict=True):
+                prediction = task.extract(output.text)
+                row = {
+                    "id": example.id,
+                    "output": output.text,
+                    "prediction": prediction,
+                    "reference": example.target,
+                }
+                if "accuracy" in task.metric_names:
+                    row["correct"] = task.is_correct(prediction, example)
+                rows.append(row)
+            yield rows
+
+    def _choose(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
+        weights = torch.tensor([[s.weight for s in lm.sources]])
+        for example in items:
+            prompt = task.render(example).text
+            texts = [ScoringText(c, f"{prompt} {c}", len(prompt)) for c in example.choices]
+            totals = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False).score(
+                weights
+            )
+            nll = totals.per_text[:, 0].tolist()
+            best = example.choices[min(range(len(nll)), key=nll.__getitem__)]
+            yield [
+                {
+                    "id": example.id,
+                    "output": "",
+                    "prediction": best,
+                    "reference": example.target,
+                    "correct": task.is_correct(best, example),
+                    "choice_nll": dict(zip(example.choices, nll, strict=True)),
+                }
+            ]
+
+    def _perplexity(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
+        weights = torch.tensor([[s.weight for s in lm.sources]])
+        texts = [ScoringText(e.id, e.fields["text"]) for e in items]
+        totals = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False).score(weights)
+        yield [
+            {"id": e.id, "nll": float(totals.per_text[i, 0]), "n_tokens": totals.tokens_per_text[i]}
+            for i, e in enumerate(items)
+        ]

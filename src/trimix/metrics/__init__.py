@@ -1,0 +1,134 @@
+"""Metrics by name, all on a 0-100 scale (perplexity excepted): accuracy, chrf, chrf_pp, bleu, rouge_l_f.
+
+Corpus-level metrics (chrF, chrF++, BLEU) are computed by sacrebleu over all items of a cell;
+ROUGE-L F1 is averaged over items with a tokenizer that keeps non-Latin scripts (the stock
+``rouge-score`` tokenizer keeps only ``[a-z0-9]`` and scores Uyghur or Tibetan titles 0).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+
+from sacrebleu.metrics import BLEU, CHRF
+
+from trimix.errors import ConfigError
+
+
+def accuracy(correct: Sequence[bool]) -> float:
+    """Percentage of correct items (0-100)."""
+    return 100.0 * sum(bool(c) for c in correct) / len(correct) if correct else 0.0
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (character n-grams up to 6, no word n-grams), 0-100, via sacrebleu."""
+    return CHRF(word_order=0).corpus_score(list(predictions), [list(references)]).score
+
+
+def chrf_pp(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF++ (character order 6, word order 2), 0-100, via sacrebleu; the paper's MT metric."""
+    return CHRF(word_order=2).corpus_score(list(predictions), [list(references)]).score
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str], target_lang: str | None = None) -> float:
+    """Corpus BLEU, 0-100, via sacrebleu; the Chinese tokenizer when the target is Chinese."""
+    tokenize = "zh" if target_lang in {"zh", "zho_Hans", "zho_Hant"} else "13a"
+    return BLEU(tokenize=tokenize).corpus_score(list(predictions), [list(references)]).score
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+
+
+def unicode_tokens(text: str) -> list[str]:
+    """Lower-cased tokens split at whitespace, punctuation and symbols, whatever the script.
+
+    Combining marks stay with their letters (Tibetan vowel signs, Arabic harakat), the Tibetan tsheg
+    and Arabic punctuation separate tokens, and CJK characters are one token each.
+    """
+    tokens: list[str] = []
+    current: list[str] = []
+    for char in unicodedata.normalize("NFC", text.lower()):
+        category = unicodedata.category(char)
+        if _CJK.match(char):
+            if current:
+                tokens.append("".join(current))
+                current = []
+            tokens.append(char)
+        elif category[0] in "LMN" or char == "_":
+            current.append(char)
+        elif current:
+            tokens.append("".join(current))
+            current = []
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b, start=1):
+            row.append(previous[j - 1] + 1 if x == y else max(previous[j], row[j - 1]))
+        previous = row
+    return previous[-1]
+
+
+def rouge_l_f(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (0-100) of one pair, on :func:`unicode_tokens`."""
+    pred, ref = unicode_tokens(prediction), unicode_tokens(reference)
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 100.0 * 2 * precision * recall / (precision + recall)
+
+
+def mean_rouge_l_f(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (0-100) over pairs."""
+    scores = [rouge_l_f(p, r) for p, r in zip(predictions, references, strict=True)]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def last_number(text: str) -> float | None:
+    """The last number in a text (thousands separators and a trailing period removed), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "").rstrip(".")
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+CorpusMetric = Callable[..., float]
+CORPUS_METRICS: dict[str, CorpusMetric] = {
+    "chrf": chrf,
+    "chrf_pp": chrf_pp,
+    "bleu": bleu,
+    "rouge_l_f": mean_rouge_l_f,
+}
+HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "chrf": True,
+    "chrf_pp": True,
+    "bleu": True,
+    "rouge_l_f": True,
+    "perplexity": False,
+}
+
+
+def corpus_metric(name: str) -> CorpusMetric:
+    """Look a corpus-level metric up by name."""
+    if name not in CORPUS_METRICS:
+        raise ConfigError(
+            f"unknown metric {name!r}; available: {', '.join(sorted(CORPUS_METRICS))}, accuracy"
+        )
+    return CORPUS_METRICS[name]

@@ -1,0 +1,373 @@
+"""MiLiC-Eval tasks, read from the released JSON lists, and Belebele-format multiple choice.
+
+Layout: ``ROOT/<task>/<lang>/{test,dev}.json`` and exemplar files ``train_1.json`` ... ``train_3.json``,
+each a JSON list of objects with a string ``id``. Languages: ``bo`` (Tibetan), ``ug`` (Uyghur),
+``kk`` (Kazakh, Arabic script), ``mn`` (Mongolian, traditional script). Every malformed item is
+rejected with its file, item number and field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from trimix.errors import DataError
+from trimix.metrics import last_number
+from trimix.tasks.base import Example, Task, language_name
+
+LETTERS = string.ascii_uppercase[:5]
+
+
+def read_json_items(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of objects each with a non-empty string ``id`` (JSONL accepted too)."""
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        items = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {number} is not a JSON object")
+    return items
+
+
+def require(item: dict[str, Any], field: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """A field of an item, checked for presence, type and non-emptiness."""
+    if field not in item:
+        raise DataError(f"{where}: missing field '{field}'")
+    value = item[field]
+    if not isinstance(value, kind) or (isinstance(value, (str, list, dict)) and not value):
+        raise DataError(
+            f"{where}: field '{field}' must be a non-empty {getattr(kind, '__name__', kind)}; got {value!r}"
+        )
+    return value
+
+
+def lettered(options: list[str]) -> str:
+    return "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=False))
+
+
+@dataclass
+class MilicTask(Task):
+    """Shared reading and prompting of MiLiC-Eval items; subclasses parse one task's fields."""
+
+    root: str | None = None
+    exemplar_file: int = 1
+    folder: ClassVar[str] = ""
+
+    def _path(self, split: str) -> Path:
+        if not self.root:
+            raise DataError(
+                f"task {self.name!r} needs the MiLiC-Eval data folder: pass root: PATH (holding {self.folder}/<lang>/)"
+            )
+        name = f"train_{self.exemplar_file}.json" if split == "train" else f"{split}.json"
+        return Path(self.root) / self.folder / self.lang / name
+
+    def examples(self, split: str) -> list[Example]:
+        path = self._path(split)
+        parsed = []
+        for number, item in enumerate(read_json_items(path), start=1):
+            where = f"{path}: item {number}"
+            item_id = require(item, "id", (str, int), where)
+            parsed.append(self.parse(item, f"{where} (id {item_id})", str(item_id)))
+        if not parsed:
+            raise DataError(f"{path} holds no items")
+        return parsed
+
+    def parse(self, item: dict[str, Any], where: str, item_id: str) -> Example:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parse_choice(self, item: dict[str, Any], where: str) -> tuple[list[str], str]:
+        options = require(item, "options", list, where)
+        if not 2 <= len(options) <= len(LETTERS) or not all(isinstance(o, str) and o for o in options):
+            raise DataError(f"{where}: field 'options' must list 2-5 non-empty strings; got {options!r}")
+        answer = require(item, "answer", str, where).strip().upper()
+        if answer not in LETTERS[: len(options)]:
+            raise DataError(
+                f"{where}: field 'answer' must be a letter A-{LETTERS[len(options) - 1]}; got {answer!r}"
+            )
+        return options, answer
+
+    def extract(self, generated: str) -> str:
+        if self.kind != "choice" or not getattr(self, "letter_answers", False):
+            return super().extract(generated)
+        first = super().extract(generated)[:1].upper()
+        return first if first in LETTERS else ""
+
+
+@dataclass
+class MilicReadingComprehension(MilicTask):
+    name: ClassVar[str] = "milic_reading_comprehension"
+    folder: ClassVar[str] = "reading_comprehension"
+    kind: ClassVar[str] = "choice"
+    letter_answers: ClassVar[bool] = True
+    max_new_tokens: ClassVar[int] = 2
+    description: ClassVar[str] = "MiLiC-Eval reading comprehension, options A-D (accuracy)"
+
+    def parse(self, item, where, item_id):
+        context = require(item, "context", list, where)
+        question = require(item, "question", str, where)
+        options, answer = self.parse_choice(item, where)
+        fields = {"context": "\n".join(map(str, context)), "question": question, "options": options}
+        return Example(item_id, fields, answer, tuple(LETTERS[: len(options)]))
+
+    def instruction(self):
+        name = language_name(self.lang, self.prompt_lang)
+        if self.prompt_lang == "zh":
+            return f"阅读以下{name}材料，回答选择题。只输出选项字母。"
+        return f"Read the {name} passage and answer the multiple-choice question with the option letter."
+
+    def block(self, example):
+        f = example.fields
+        if self.prompt_lang == "zh":
+            return f"材料：\n{self.clip(f['context'])}\n问题：{f['question']}\n选项：\n{lettered(f['options'])}\n答案："
+        return f"Context:\n{self.clip(f['context'])}\nQuestion: {f['question']}\nOptions:\n{lettered(f['options'])}\nAnswer:"
+
+
+@dataclass
+class MilicResponseSelection(MilicReadingComprehension):
+    name: ClassVar[str] = "milic_response_selection"
+    folder: ClassVar[str] = "response_selection"
+    description: ClassVar[str] = "MiLiC-Eval response selection, options A-D (accuracy)"
+
+    def parse(self, item, where, item_id):
+        context = require(item, "context", list, where)
+        options, answer = self.parse_choice(item, where)
+        return Example(
+            item_id,
+            {"context": "\n".join(map(str, context)), "options": options},
+            answer,
+            tuple(LETTERS[: len(options)]),
+        )
+
+    def instruction(self):
+        name = language_name(self.lang, self.prompt_lang)
+        if self.prompt_lang == "zh":
+            return f"选择最适合接在以下{name}对话之后的回复。只输出选项字母。"
+        return f"Choose the best response to continue the {name} dialogue; answer with the option letter."
+
+    def block(self, example):
+        f = example.fields
+        if self.prompt_lang == "zh":
+            return f"对话：\n{self.clip(f['context'])}\n选项：\n{lettered(f['options'])}\n答案："
+        return f"Context:\n{self.clip(f['context'])}\nOptions:\n{lettered(f['options'])}\nAnswer:"
+
+
+@dataclass
+class MilicTextClassification(MilicTask):
+    name: ClassVar[str] = "milic_text_classification"
+    folder: ClassVar[str] = "text_classification"
+    kind: ClassVar[str] = "choice"
+    max_new_tokens: ClassVar[int] = 8
+    description: ClassVar[str] = "MiLiC-Eval topic classification; labels in the prompt language (accuracy)"
+
+    def parse(self, item, where, item_id):
+        text = require(item, "text", str, where)
+        label = require(item, "label", dict, where)
+        if not isinstance(label.get(self.prompt_lang), str) or not label[self.prompt_lang]:
+            raise DataError(f"{where}: field 'label' has no '{self.prompt_lang}' entry; got {label!r}")
+        return Example(item_id, {"text": text}, label[self.prompt_lang])
+
+    def examples(self, split):
+        items = super().examples(split)
+        # The candidate label set is every distinct label in the test file (as the paper defines it).
+        labels = tuple(sorted({e.target for e in super().examples("test")}))
+        unknown = [e for e in items if e.target not in labels]
+        if unknown:
+            raise DataError(
+                f"{self._path(split)}: item id {unknown[0].id} has label {unknown[0].target!r}, "
+                f"not in the test file's label set {list(labels)}"
+            )
+        return [Example(e.id, e.fields, e.target, labels) for e in items]
+
+    def shots(self):
+        if self._shot_cache is None:
+            pool = self.examples("train")
+            rng = random.Random(self.shot_seed)
+            by_label: dict[str, list[Example]] = {}
+            for e in pool:
+                by_label.setdefault(e.target, []).append(e)
+            picked = [rng.choice(v) for _, v in sorted(by_label.items())]
+            rng.shuffle(picked)
+            self._shot_cache = picked[: self.n_shots] if self.n_shots is not None else picked
+        return self._shot_cache
+
+    def instruction(self):
+        name = language_name(self.lang, self.prompt_lang)
+        labels = self.examples("test")[0].choices
+        if self.prompt_lang == "zh":
+            return f"判断以下{name}文本的类别。候选标签：{'、'.join(labels)}。"
+        return f"Classify the following {name} text. Candidate labels: {', '.join(labels)}."
+
+    def block(self, example):
+        text = self.clip(example.fields["text"])
+        return f"文本：{text}\n类别：" if self.prompt_lang == "zh" else f"Text: {text}\nLabel:"
+
+
+@dataclass
+class MilicTitleGeneration(MilicTask):
+    name: ClassVar[str] = "milic_title_generation"
+    folder: ClassVar[str] = "title_generation_200"
+    metric_names: ClassVar[tuple[str, ...]] = ("rouge_l_f",)
+    max_new_tokens: ClassVar[int] = 64
+    description: ClassVar[str] = "MiLiC-Eval title generation for LRL articles (ROUGE-L F1, Unicode-aware)"
+    max_chars: int = 256
+
+    def parse(self, item, where, item_id):
+        return Example(
+            item_id, {"content": require(item, "content", str, where)}, require(item, "title", str, where)
+        )
+
+    def instruction(self):
+        name = language_name(self.lang, self.prompt_lang)
+        if self.prompt_lang == "zh":
+            return f"为以下{name}文章写一个{name}标题。"
+        return f"Write a title in {name} for the following {name} article."
+
+    def block(self, example):
+        content = self.clip(example.fields["content"])
+        return f"文章：{content}\n标题：" if self.prompt_lang == "zh" else f"Article: {content}\nTitle:"
+
+
+@dataclass
+class MilicMath(MilicTask):
+    name: ClassVar[str] = "milic_math"
+    folder: ClassVar[str] = "math"
+    max_new_tokens: ClassVar[int] = 256
+    description: ClassVar[str] = "MiLiC-Eval math word problems; the last number of the output (accuracy)"
+
+    def parse(self, item, where, item_id):
+        question = require(item, "question", str, where)
+        answer = require(item, "answer", (str, int, float), where)
+        if last_number(str(answer)) is None:
+            raise DataError(f"{where}: field 'answer' must be a number; got {answer!r}")
+        cot = item.get("cot") or {}
+        return Example(item_id, {"question": question, "cot": cot}, str(answer))
+
+    def answer_text(self, example):
+        cot = example.fields["cot"].get(self.prompt_lang) if isinstance(example.fields["cot"], dict) else None
+        return cot or example.target
+
+    def instruction(self):
+        name = language_name(self.lang, self.prompt_lang)
+        if self.prompt_lang == "zh":
+            return f"解答以下{name}数学题，逐步推理并给出最终数字答案。"
+        return f"Solve the following math problem written in {name}. Reason step by step and end with the number."
+
+    def block(self, example):
+        q = example.fields["question"]
+        return (
+            f"题目：{q}\n逐步解答：" if self.prompt_lang == "zh" else f"Problem: {q}\nStep-by-step solution:"
+        )
+
+    def extract(self, generated):
+        value = last_number(generated.strip().split("\n\n")[0])
+        return "" if value is None else f"{value:g}"
+
+    def is_correct(self, prediction, example):
+        gold, guess = last_number(example.target), last_number(prediction)
+        return guess is not None and gold is not None and abs(guess - gold) < 1e-6
+
+
+@dataclass
+class MilicTranslation(MilicTask):
+    """MiLiC-Eval translation; ``source`` and ``target`` are language codes present in the items."""
+
+    name: ClassVar[str] = "milic_translation"
+    folder: ClassVar[str] = "translation_dialogue"
+    metric_names: ClassVar[tuple[str, ...]] = ("chrf_pp", "bleu")
+    max_new_tokens: ClassVar[int] = 200
+    description: ClassVar[str] = "MiLiC-Eval translation between the LRL and en/zh (chrF++, BLEU)"
+    source: str | None = None
+    target: str = "en"
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.source or self.lang, self.target)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}_{self.pair[0]}-{self.pair[1]}"
+
+    @property
+    def target_lang(self) -> str:
+        return self.pair[1]
+
+    def parse(self, item, where, item_id):
+        src, tgt = self.pair
+        return Example(item_id, {"source": require(item, src, str, where)}, require(item, tgt, str, where))
+
+    def instruction(self):
+        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
+        return (
+            f"将以下{src}文本翻译成{tgt}。"
+            if self.prompt_lang == "zh"
+            else f"Translate the following {src} text into {tgt}."
+        )
+
+    def block(self, example):
+        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
+        sep = "：" if self.prompt_lang == "zh" else ":"
+        return f"{src}{sep} {self.clip(example.fields['source'])}\n{tgt}{sep}"
+
+
+@dataclass
+class Belebele(Task):
+    """Belebele-format multiple choice: passage, question, four options, the correct option's number.
+
+    Fields (as released): ``flores_passage``, ``question``, ``mc_answer1`` ... ``mc_answer4``,
+    ``correct_answer_num``. Belebele has no train split: exemplars come from ``train_path`` when given,
+    otherwise they are drawn from the file itself and left out of the evaluated items.
+    """
+
+    path: str | None = None
+    train_path: str | None = None
+    name: ClassVar[str] = "belebele"
+    kind: ClassVar[str] = "choice"
+    letter_answers: ClassVar[bool] = True
+    max_new_tokens: ClassVar[int] = 2
+    description: ClassVar[str] = "Belebele-format reading comprehension, 4 options (accuracy)"
+
+    def _read(self, path: str | None) -> list[Example]:
+        if not path:
+            raise DataError("task 'belebele' needs path: FILE (JSON list or JSONL in the Belebele format)")
+        items = []
+        for number, item in enumerate(read_json_items(Path(path)), start=1):
+            where = f"{path}: item {number}"
+            options = [require(item, f"mc_answer{i}", str, where) for i in range(1, 5)]
+            answer = str(require(item, "correct_answer_num", (str, int), where)).strip()
+            if answer not in {"1", "2", "3", "4"}:
+                raise DataError(f"{where}: field 'correct_answer_num' must be 1-4; got {answer!r}")
+            fields = {
+                "context": require(item, "flores_passage", str, where),
+                "question": require(item, "question", str, where),
+                "options": options,
+            }
+            items.append(
+                Example(str(item.get("id", number)), fields, LETTERS[int(answer) - 1], tuple(LETTERS[:4]))
+            )
+        return items
+
+    def examples(self, split: str) -> list[Example]:
+        items = self._read(self.path)
+        if split == "train":
+            return self._read(self.train_path) if self.train_path else items
+        held = set() if self.train_path else {e.id for e in self.shots()}
+        return [e for e in items if e.id not in held]
+
+    def extract(self, generated: str) -> str:
+        first = super().extract(generated)[:1].upper()
+        return first if first in LETTERS else ""
+
+    instruction = MilicReadingComprehension.instruction
+    block = MilicReadingComprehension.block

@@ -1,0 +1,32 @@
+"""Raw-text perplexity of the fused model on a text file (one document per line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from trimix.errors import DataError
+from trimix.tasks.base import Example, Task
+from trimix.training.corpus import read_documents
+
+
+@dataclass
+class TextPerplexity(Task):
+    """Each line of ``path`` is scored from its BOS; the cell's value is the token-level perplexity."""
+
+    path: str | None = None
+    name: ClassVar[str] = "text_ppl"
+    kind: ClassVar[str] = "perplexity"
+    metric_names: ClassVar[tuple[str, ...]] = ("perplexity",)
+    description: ClassVar[str] = "perplexity of the (fused) model on a raw text file (lower is better)"
+
+    def examples(self, split: str) -> list[Example]:
+        if not self.path:
+            raise DataError("task 'text_ppl' needs path: FILE (a text file, one document per line)")
+        return [Example(f"line{i + 1}", {"text": t}, "") for i, t in enumerate(read_documents(self.path))]
+
+    def instruction(self) -> str:
+        return ""
+
+    def block(self, example: Example) -> str:
+        return example.fields["text"]

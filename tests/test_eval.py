@@ -1,0 +1,309 @@
+"""The evaluation harness: task readers on MiLiC-Eval-shaped fixtures, an end-to-end matrix, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import trio_config
+from trimix.cli.main import main
+from trimix.config import load_config
+from trimix.errors import DataError
+from trimix.evaluation import Evaluator, read_predictions, write_report
+from trimix.evaluation import runner as runner_module
+from trimix.tasks import get_task
+
+UG = [
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
+    "بۈگۈن ھاۋا ناھايىتى ياخشى.",
+    "مەكتەپتە ئوقۇغۇچىلار كىتاب ئوقۇدى.",
+]
+
+
+def _mc(i: int) -> dict:
+    return {
+        "id": f"rc{i}",
+        "context": [UG[i % 3], UG[(i + 1) % 3]],
+        "question": "Who?",
+        "options": ["A1", "B1", "C1", "D1"],
+        "answer": "ABCD"[i % 4],
+    }
+
+
+MILIC = {
+    "reading_comprehension": [_mc(i) for i in range(4)],
+    "response_selection": [{k: v for k, v in _mc(i).items() if k != "question"} for i in range(4)],
+    "text_classification": [
+        {
+            "id": f"tc{i}",
+            "text": UG[i % 3],
+            "label": {"en": ["sports", "health"][i % 2], "zh": ["体育", "健康"][i % 2]},
+        }
+        for i in range(4)
+    ],
+    "title_generation_200": [
+        {"id": f"tg{i}", "content": UG[i % 3] * 3, "title": UG[i % 3][:12]} for i in range(4)
+    ],
+    "math": [
+        {
+            "id": f"m{i}",
+            "question": f"{UG[0]} {i} + 2?",
+            "cot": {"en": f"{i} + 2 = {i + 2}. {i + 2}"},
+            "answer": str(i + 2),
+        }
+        for i in range(4)
+    ],
+    "translation_dialogue": [
+        {"id": f"t{i}", "ug": UG[i % 3], "en": f"sentence {i}", "zh": f"句子{i}"} for i in range(4)
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def milic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("milic")
+    for folder, items in MILIC.items():
+        target = root / folder / "ug"
+        target.mkdir(parents=True)
+        for name in ("test", "dev", "train_1"):
+            (target / f"{name}.json").write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("task", "options"),
+    [
+        ("milic_reading_comprehension", {}),
+        ("milic_response_selection", {}),
+        ("milic_text_classification", {}),
+        ("milic_title_generation", {}),
+        ("milic_math", {}),
+        ("milic_translation", {"target": "en"}),
+        ("milic_translation", {"source": "zh", "target": "ug"}),
+    ],
+)
+def test_milic_readers_and_prompts(milic_root, task: str, options: dict) -> None:
+    t = get_task(task, "ug", root=str(milic_root), **options)
+    items = t.examples("test")
+    assert len(items) == 4
+    prompt = t.render(items[0])
+    assert prompt.text.startswith(t.instruction())
+    assert prompt.text[-1] in ":："  # ends at the answer label: the gold answer is never in the prompt
+    for prompt_lang in ("en", "zh"):
+        assert (
+            get_task(task, "ug", root=str(milic_root), prompt_lang=prompt_lang, **options)
+            .render(items[0])
+            .text
+        )
+
+
+def test_milic_scoring_rules(milic_root) -> None:
+    rc = get_task("milic_reading_comprehension", "ug", root=str(milic_root))
+    assert rc.extract(" b. because\nmore") == "B" and rc.extract("none") == ""
+    math = get_task("milic_math", "ug", root=str(milic_root))
+    example = math.examples("test")[1]
+    assert math.is_correct(math.extract(" so 1 + 2 = 3, answer 3."), example)
+    classes = get_task("milic_text_classification", "ug", root=str(milic_root), prompt_lang="zh")
+    assert classes.examples("test")[0].target == "体育" and set(classes.examples("test")[0].choices) == {
+        "体育",
+        "健康",
+    }
+
+
+@pytest.mark.parametrize(
+    ("folder", "mutate", "message"),
+    [
+        (
+            "reading_comprehension",
+            lambda x: x[1].pop("question"),
+            r"test.json: item 2 \(id rc1\): missing field 'question'",
+        ),
+        ("reading_comprehension", lambda x: x[0].update(answer="F"), "field 'answer' must be a letter A-D"),
+        ("text_classification", lambda x: x[2].update(text=""), "item 3 .*field 'text' must be a non-empty"),
+        ("text_classification", lambda x: x[0].update(label={"en": "sports"}), "has no 'zh' entry"),
+        ("math", lambda x: x[0].update(answer="many"), "field 'answer' must be a number"),
+    ],
+)
+def test_malformed_milic_rows_are_named(tmp_path, folder: str, mutate, message: str) -> None:
+    items = json.loads(json.dumps(MILIC[folder]))
+    mutate(items)
+    (tmp_path / folder / "ug").mkdir(parents=True)
+    for name in ("test", "dev", "train_1"):
+        (tmp_path / folder / "ug" / f"{name}.json").write_text(json.dumps(items, ensure_ascii=False))
+    name = {
+        "reading_comprehension": "milic_reading_comprehension",
+        "text_classification": "milic_text_classification",
+        "math": "milic_math",
+    }[folder]
+    with pytest.raises(DataError, match=message):
+        get_task(name, "ug", root=str(tmp_path), prompt_lang="zh").examples("test")
+
+
+def test_label_outside_label_set_is_rejected(tmp_path, milic_root) -> None:
+    folder = tmp_path / "text_classification" / "ug"
+    folder.mkdir(parents=True)
+    (folder / "test.json").write_text(json.dumps(MILIC["text_classification"], ensure_ascii=False))
+    dev = json.loads(json.dumps(MILIC["text_classification"]))
+    dev[1]["label"] = {"en": "weather", "zh": "天气"}
+    (folder / "dev.json").write_text(json.dumps(dev, ensure_ascii=False))
+    with pytest.raises(
+        DataError, match=r"dev.json: item id tc1 has label 'weather', not in the test file's label set"
+    ):
+        get_task("milic_text_classification", "ug", root=str(tmp_path)).examples("dev")
+
+
+def test_belebele_reader(tmp_path) -> None:
+    rows = [
+        {
+            "flores_passage": UG[i % 3],
+            "question": "Q?",
+            "mc_answer1": "a",
+            "mc_answer2": "b",
+            "mc_answer3": "c",
+            "mc_answer4": "d",
+            "correct_answer_num": str(1 + i % 4),
+        }
+        for i in range(6)
+    ]
+    path = tmp_path / "uig_Arab.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    task = get_task("belebele", "uig_Arab", path=str(path), n_shots=2)
+    items = task.examples("test")
+    assert len(items) == 4 and not {e.id for e in items} & {e.id for e in task.shots()}
+    rows[3]["correct_answer_num"] = "7"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    with pytest.raises(DataError, match="item 4: field 'correct_answer_num' must be 1-4"):
+        get_task("belebele", "uig_Arab", path=str(path)).examples("test")
+
+
+def _eval_config(trio, milic_root, tmp_path, methods=None, tasks=None) -> dict:
+    text = tmp_path / "heldout.txt"
+    text.write_text("\n".join(UG) + "\n", encoding="utf-8")
+    raw = trio_config(trio)
+    raw["search"] = {"n_prompts": 2, "refine_rounds": 1}
+    raw["eval"] = {
+        "methods": methods
+        or [
+            {"name": "large", "method": "single", "role": "large"},
+            {"name": "proxy_tuning", "method": "proxy_tuning"},
+            {"name": "trimix", "method": "trimix", "weights": {"large": 0.1, "small_cpt": 0.9}},
+        ],
+        "tasks": tasks
+        or [
+            {"task": "sib200_topic", "langs": ["uig_Arab"], "limit": 3, "shots": 1},
+            {"task": "sib200_mt", "langs": ["uig_Arab"], "limit": 2, "shots": 1},
+            {
+                "task": "milic_reading_comprehension",
+                "langs": ["ug"],
+                "options": {"root": str(milic_root)},
+                "limit": 2,
+            },
+            {"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(text)}},
+        ],
+        "batch_size": 2,
+    }
+    return raw
+
+
+def test_end_to_end_matrix_and_report(trio, milic_root, tmp_path, capsys) -> None:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(_eval_config(trio, milic_root, tmp_path)))
+    out = tmp_path / "run"
+    assert main(["eval", "-c", str(path), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = read_predictions(out / "predictions.jsonl")
+    assert len(rows) == 3 * (3 + 2 + 2 + 3)
+    assert {r["method"] for r in rows} == {"large", "proxy_tuning", "trimix"}
+    for name in ("report.md", "report.json", "report.png", "config.yaml", "run.json"):
+        assert (out / name).is_file()
+    cells = json.loads((out / "report.json").read_text())
+    mt = next(c for c in cells if c["task"] == "sib200_mt_uig_Arab-eng_Latn" and c["method"] == "trimix")
+    assert set(mt["scores"]) == {"chrf_pp", "bleu"} and mt["weights"]["small_base"] == pytest.approx(0.0)
+    ppl = next(c for c in cells if c["task"] == "text_ppl_uig_Arab" and c["method"] == "large")
+    assert ppl["scores"]["perplexity"] > 1
+    assert "| proxy_tuning |" in printed
+    # `trimix report` rebuilds the same table from the JSONL alone.
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (out / "report.md").read_text().strip()
+
+
+def test_loglikelihood_scoring_and_selected_weights(trio, milic_root, tmp_path) -> None:
+    raw = _eval_config(
+        trio,
+        milic_root,
+        tmp_path,
+        methods=[{"name": "trimix_select", "method": "trimix", "select": True}],
+        tasks=[
+            {
+                "task": "sib200_topic",
+                "langs": ["uig_Arab"],
+                "limit": 2,
+                "shots": 1,
+                "scoring": "loglikelihood",
+            }
+        ],
+    )
+    out = tmp_path / "run"
+    out.mkdir()
+    Evaluator(load_config(raw), out, progress=False).run()
+    rows = read_predictions(out / "predictions.jsonl")
+    assert len(rows) == 2 and all(len(r["choice_nll"]) == 7 for r in rows)
+    assert all(r["prediction"] == min(r["choice_nll"], key=r["choice_nll"].get) for r in rows)
+    selection = json.loads((out / "selections" / "sib200_topic_uig_Arab.json").read_text())
+    assert rows[0]["weights"] == selection["selected"]["weights"]
+    assert selection["prompts"]["split"] == "dev"
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_path, monkeypatch) -> None:
+    raw = _eval_config(trio, milic_root, tmp_path)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    Evaluator(load_config(raw), clean, progress=False).run()
+    _, expected = write_report(clean)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    original = runner_module._Sink.write
+    calls = {"n": 0}
+
+    def dying_write(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            # The process dies in the middle of writing a line.
+            self.handle.write(json.dumps(rows[0])[:25])
+            self.handle.flush()
+            raise KeyboardInterrupt
+        original(self, rows)
+
+    monkeypatch.setattr(runner_module._Sink, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        Evaluator(load_config(raw), killed, progress=False).run()
+    partial = len(read_predictions(killed / "predictions.jsonl"))
+    assert 0 < partial < 30
+    monkeypatch.setattr(runner_module._Sink, "write", original)
+    Evaluator(load_config(raw), killed, progress=False).run()
+    rows = read_predictions(killed / "predictions.jsonl")
+    keys = [(r["method"], r["task"], r["id"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 30
+    _, resumed = write_report(killed)
+    assert sorted(resumed, key=lambda c: (c["method"], c["task"])) == sorted(
+        expected, key=lambda c: (c["method"], c["task"])
+    )
+
+
+def test_eval_errors(trio, milic_root, tmp_path, capsys) -> None:
+    raw = _eval_config(trio, milic_root, tmp_path, tasks=[{"task": "sib200_topc", "langs": ["uig_Arab"]}])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["eval", "-c", str(path), "-o", str(tmp_path / "o")]) == 2
+    assert "Did you mean 'sib200_topic'" in capsys.readouterr().err
+    raw = _eval_config(
+        trio, milic_root, tmp_path, methods=[{"name": "x", "method": "trimix", "weights": {"lrage": 0.1}}]
+    )
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["eval", "-c", str(path), "-o", str(tmp_path / "o2")]) == 2
+    assert "unknown role(s) ['lrage']" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
