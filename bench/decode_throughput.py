@@ -58,7 +58,7 @@ def main() -> None:
     print(f"# decode throughput, {args.model} trio, {args.new_tokens} new tokens, greedy — {machine()}")
     header = (
         f"{'batch':>5} {'source':>10} {'tps trimix':>11} {'tps HF gen':>11}   {'fused tps':>9} "
-        f"{'ideal':>8} {'ratio':>6} {'ratio vs HF':>11}"
+        f"{'ideal':>8} {'ratio':>6} {'ratio vs HF':>11} {'vs batch 1':>10}"
     )
     print(header)
     for batch_size in args.batch_sizes:
@@ -75,11 +75,12 @@ def main() -> None:
         fused_tps = n_tokens / best_time(lambda b=batch, g=gen: mix.generate(b, g), args.repeats)
         ideal = 1.0 / sum(1.0 / t for t in alone.values())
         ideal_hf = 1.0 / sum(1.0 / t for t in alone_hf.values())
+        first_fused = rows[0]["fused_tps"] if rows else fused_tps
         for role in alone:
             print(f"{batch_size:>5} {role:>10} {alone[role]:>11.1f} {alone_hf[role]:>11.1f}")
         print(
             f"{batch_size:>5} {'fused':>10} {'':>11} {'':>11}   {fused_tps:>9.1f} {ideal:>8.1f} "
-            f"{fused_tps / ideal:>6.3f} {fused_tps / ideal_hf:>11.3f}"
+            f"{fused_tps / ideal:>6.3f} {fused_tps / ideal_hf:>11.3f} {fused_tps / first_fused:>9.2f}x"
         )
         rows.append(
             {
@@ -90,6 +91,7 @@ def main() -> None:
                 "ideal_tps": ideal,
                 "ratio": fused_tps / ideal,
                 "ratio_vs_hf_generate": fused_tps / ideal_hf,
+                "fused_vs_first_batch": fused_tps / first_fused,
             }
         )
     print(

@@ -130,3 +130,11 @@ def test_bad_inputs_exit_2(config_file, tmp_path, capsys) -> None:
     (out / "x").write_text("keep me")
     assert main(["generate", "-c", str(config_file), "-p", "x", "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "x").read_text() == "keep me"
+
+
+def test_ls_lists_what_errors_point_to(capsys) -> None:
+    assert main(["ls", "tasks"]) == 0
+    listed = capsys.readouterr().out
+    assert "sib200_topic" in listed and "milic_title_generation" in listed and "belebele" in listed
+    assert main(["ls", "models"]) == 0
+    assert "embedded:gemma-3-270m" in capsys.readouterr().out

@@ -294,6 +294,18 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_pa
     )
 
 
+def test_text_perplexity_never_selects_on_evaluated_lines(tmp_path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("one\ntwo\n")
+    with pytest.raises(DataError, match=r"no dev split: give options.dev_path"):
+        get_task("text_ppl", "uig_Arab", path=str(text)).examples("dev")
+    dev = tmp_path / "d.txt"
+    dev.write_text("three\n")
+    task = get_task("text_ppl", "uig_Arab", path=str(text), dev_path=str(dev))
+    assert [e.fields["text"] for e in task.examples("dev")] == ["three"]
+    assert [e.fields["text"] for e in task.examples("test")] == ["one", "two"]
+
+
 def test_eval_errors(trio, milic_root, tmp_path, capsys) -> None:
     raw = _eval_config(trio, milic_root, tmp_path, tasks=[{"task": "sib200_topc", "langs": ["uig_Arab"]}])
     path = tmp_path / "bad.yaml"

@@ -180,6 +180,7 @@ class CptConfig(_Strict):
     validation_fraction: float = Field(0.05, gt=0.0, lt=1.0)
     max_validation_lines: int = Field(200, ge=1)
     forgetting_text: str | None = "sib200:eng_Latn:dev"
+    max_forgetting_lines: int = Field(100, ge=1)
     block_size: int = Field(128, ge=8)
     method: Literal["lora", "full"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -508,3 +509,14 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     fusion = raw.get("fusion")
     if isinstance(fusion, dict) and isinstance(fusion.get("weights_from"), str):
         fusion["weights_from"] = fix(fusion["weights_from"])
+    search = raw.get("search")
+    if isinstance(search, dict) and isinstance(search.get("text_file"), str):
+        search["text_file"] = fix(search["text_file"])
+    cpt = raw.get("cpt")
+    if isinstance(cpt, dict) and isinstance(cpt.get("corpus"), list):
+        cpt["corpus"] = [fix(c) if isinstance(c, str) else c for c in cpt["corpus"]]
+    for spec in (raw.get("eval") or {}).get("tasks", []) or []:
+        options = spec.get("options") if isinstance(spec, dict) else None
+        for key in ("root", "path", "train_path", "dev_path"):
+            if isinstance(options, dict) and isinstance(options.get(key), str):
+                options[key] = fix(options[key])

@@ -16,7 +16,7 @@ logger = logging.getLogger("trimix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trimix.cli import cpt, evaluate, generate, select
+    from trimix.cli import cpt, demo, evaluate, generate, ls, select
 
     parser = argparse.ArgumentParser(
         prog="trimix",
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, select, cpt, evaluate):
+    for module in (generate, select, cpt, evaluate, demo, ls):
         module.register(subparsers)
     return parser
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError
-from trimix.search import FusedPerplexityScorer, ScoringText, search_weights
+from trimix.search import FusedPerplexityScorer, ScoringText, search_weights, task_selection_texts
 from trimix.tasks import Example, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -131,25 +131,8 @@ class Evaluator:
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))["selected"]["weights"]
         search = self.config.search
-        dev = task.examples("dev")
-        rng = random.Random(search.seed)
-        picked = rng.sample(dev, min(search.n_prompts, len(dev)))
-        texts = []
-        for example in picked:
-            prompt = task.render(example)
-            texts.append(
-                ScoringText(example.id, prompt.text, prompt.input_start if search.score == "input" else 0)
-            )
+        texts, origin = task_selection_texts(task, search, "dev")
         scorer = FusedPerplexityScorer(self.sources, self.lm.spec.vocab_size, texts, progress=self.progress)
-        origin = {
-            "task": task.full_name,
-            "lang": task.lang,
-            "split": "dev",
-            "n": len(texts),
-            "seed": search.seed,
-            "score": search.score,
-            "shot_seed": task.shot_seed,
-        }
         result = search_weights(scorer, search, origin)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

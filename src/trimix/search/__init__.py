@@ -1,7 +1,14 @@
 """Label-free weight selection: fused perplexity of many weight combinations, grid plus refinement."""
 
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText, combination_nll, head_logits
-from trimix.search.select import Candidate, SelectionResult, build_candidates, search_weights, selection_texts
+from trimix.search.select import (
+    Candidate,
+    SelectionResult,
+    build_candidates,
+    search_weights,
+    selection_texts,
+    task_selection_texts,
+)
 
 __all__ = [
     "Candidate",
@@ -13,4 +20,5 @@ __all__ = [
     "head_logits",
     "search_weights",
     "selection_texts",
+    "task_selection_texts",
 ]

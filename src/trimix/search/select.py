@@ -23,6 +23,7 @@ import torch
 from trimix.config import LARGE, SMALL_BASE, SMALL_CPT, SearchConfig
 from trimix.errors import ConfigError, DataError
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
+from trimix.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
 _MIN_TOKENS = 16
@@ -158,24 +159,29 @@ def selection_texts(
         picked = sorted(rng.sample(range(len(lines)), min(search.n_prompts, len(lines))))
         texts = [ScoringText(f"line{i + 1}", lines[i]) for i in picked]
         return texts, {"text_file": str(path), "n": len(texts), "seed": search.seed}
-    from trimix.tasks import get_task
-
     lang = search.lang or default_lang
     if not search.task or not lang:
         raise ConfigError("weight search needs `search.task` and `search.lang` (or `search.text_file`)")
     if search.split == "test":
         logger.warning("selecting weights on the test split, as asked; scores on it are then not held out")
     task = get_task(search.task, lang, n_shots=search.shots, prompt_lang=search.prompt_lang)
-    pool = task.examples(search.split)
+    return task_selection_texts(task, search, search.split)
+
+
+def task_selection_texts(
+    task: Task, search: SearchConfig, split: str
+) -> tuple[list[ScoringText], dict[str, Any]]:
+    """A seeded sample of a task's items rendered exactly as at inference (never with the answer)."""
+    pool = task.examples(split)
     if len(pool) < search.n_prompts:
         logger.warning(
             "%s/%s has %d items, fewer than n_prompts=%d; using all",
             task.full_name,
-            search.split,
+            split,
             len(pool),
             search.n_prompts,
         )
-    picked = rng.sample(pool, min(search.n_prompts, len(pool)))
+    picked = random.Random(search.seed).sample(pool, min(search.n_prompts, len(pool)))
     texts = []
     for example in picked:
         prompt = task.render(example)
@@ -183,9 +189,9 @@ def selection_texts(
             ScoringText(example.id, prompt.text, prompt.input_start if search.score == "input" else 0)
         )
     source = {
-        "task": search.task,
-        "lang": lang,
-        "split": search.split,
+        "task": task.full_name,
+        "lang": task.lang,
+        "split": split,
         "n": len(texts),
         "seed": search.seed,
         "score": search.score,

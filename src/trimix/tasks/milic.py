@@ -129,9 +129,13 @@ class MilicReadingComprehension(MilicTask):
 
     def block(self, example):
         f = example.fields
-        if self.prompt_lang == "zh":
-            return f"材料：\n{self.clip(f['context'])}\n问题：{f['question']}\n选项：\n{lettered(f['options'])}\n答案："
-        return f"Context:\n{self.clip(f['context'])}\nQuestion: {f['question']}\nOptions:\n{lettered(f['options'])}\nAnswer:"
+        zh = self.prompt_lang == "zh"
+        parts = [f"{'材料：' if zh else 'Context:'}\n{self.clip(f['context'])}"]
+        if "question" in f:
+            parts.append(f"{'问题：' if zh else 'Question: '}{f['question']}")
+        parts.append(f"{'选项：' if zh else 'Options:'}\n{lettered(f['options'])}")
+        parts.append("答案：" if zh else "Answer:")
+        return "\n".join(parts)
 
 
 @dataclass
@@ -155,12 +159,6 @@ class MilicResponseSelection(MilicReadingComprehension):
         if self.prompt_lang == "zh":
             return f"选择最适合接在以下{name}对话之后的回复。只输出选项字母。"
         return f"Choose the best response to continue the {name} dialogue; answer with the option letter."
-
-    def block(self, example):
-        f = example.fields
-        if self.prompt_lang == "zh":
-            return f"对话：\n{self.clip(f['context'])}\n选项：\n{lettered(f['options'])}\n答案："
-        return f"Context:\n{self.clip(f['context'])}\nOptions:\n{lettered(f['options'])}\nAnswer:"
 
 
 @dataclass

@@ -12,9 +12,14 @@ from trimix.training.corpus import read_documents
 
 @dataclass
 class TextPerplexity(Task):
-    """Each line of ``path`` is scored from its BOS; the cell's value is the token-level perplexity."""
+    """Each line of ``path`` is scored from its BOS; the cell's value is the token-level perplexity.
+
+    ``dev_path`` holds other text of the same kind for weight selection; without it the task has no dev
+    split, so selected weights are refused rather than chosen on the evaluated lines.
+    """
 
     path: str | None = None
+    dev_path: str | None = None
     name: ClassVar[str] = "text_ppl"
     kind: ClassVar[str] = "perplexity"
     metric_names: ClassVar[tuple[str, ...]] = ("perplexity",)
@@ -23,6 +28,15 @@ class TextPerplexity(Task):
     def examples(self, split: str) -> list[Example]:
         if not self.path:
             raise DataError("task 'text_ppl' needs path: FILE (a text file, one document per line)")
+        if split in {"dev", "train"}:
+            if not self.dev_path:
+                raise DataError(
+                    "task 'text_ppl' has no dev split: give options.dev_path (other text of the same kind) to select "
+                    "weights for it, or evaluate it with fixed weights"
+                )
+            return [
+                Example(f"dev{i + 1}", {"text": t}, "") for i, t in enumerate(read_documents(self.dev_path))
+            ]
         return [Example(f"line{i + 1}", {"text": t}, "") for i, t in enumerate(read_documents(self.path))]
 
     def instruction(self) -> str:

@@ -195,7 +195,7 @@ def run_cpt(
             f"cpt.block_size {cpt.block_size} is larger than the model's context of {context} tokens"
         )
     blocks = pack_blocks(split.train, tokenizer, cpt.block_size)
-    hrl = forgetting_texts(cpt.forgetting_text)
+    hrl = forgetting_texts(cpt.forgetting_text, cpt.max_forgetting_lines)
     checkpoints = out_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume and last is None:

@@ -1,0 +1,36 @@
+"""``trimix ls``: what trimix knows by name (tasks, metrics, embedded models, bundled languages)."""
+
+from __future__ import annotations
+
+import argparse
+
+from trimix.backends.loading import EMBEDDED_MODELS
+from trimix.data import sib200_languages
+from trimix.metrics import CORPUS_METRICS
+from trimix.tasks import TASKS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ls",
+        help="list tasks, metrics, embedded models or bundled languages",
+        epilog="example:\n  trimix ls tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("what", choices=["tasks", "metrics", "models", "languages"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "tasks":
+        for name, cls in sorted(TASKS.items()):
+            print(f"{name:<30} {cls.description}")
+    elif args.what == "metrics":
+        for name in ["accuracy", *sorted(CORPUS_METRICS), "perplexity"]:
+            print(name)
+    elif args.what == "models":
+        for name in EMBEDDED_MODELS:
+            print(f"embedded:{name}")
+    else:
+        print(" ".join(sib200_languages()))
+    return 0
