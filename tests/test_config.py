@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,11 @@ def test_parse_weights_arg() -> None:
     assert parse_weights_arg("large=0.1, small_cpt=0.9") == {"large": 0.1, "small_cpt": 0.9}
     with pytest.raises(ConfigError, match="role=number"):
         parse_weights_arg("large:0.1")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")), ids=str
+)
+def test_shipped_configs_validate(path: Path) -> None:
+    config = load_config(path)
+    assert config.models and all(m.weight is not None for m in config.models)

@@ -44,10 +44,10 @@ class DemoBudget:
     """Every budget of the demo; ``scale`` multiplies them all (1.0 fits 15 minutes on 2 CPU cores)."""
 
     cpt_steps: int = 24
-    instruct_steps: int = 24
-    select_prompts: int = 8
+    instruct_steps: int = 18
+    select_prompts: int = 6
     topic_items: int = 28
-    translation_items: int = 6
+    translation_items: int = 5
     heldout_lines: int = 40  # at most VALIDATION_LINES
     topic_shots: int = 0  # zero-shot: the task skill has to come from the `large` source
     translation_shots: int = 1  # one exemplar shows the output format

@@ -31,14 +31,21 @@ def fuse_logits(
         ValueError: when the number of weights differs from the number of sources, or a weight is
             not finite.
     """
-    stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=0)
-    stacked = stacked.float()  # (N, ..., V)
-    w = torch.as_tensor(weights, dtype=torch.float32, device=stacked.device)
-    if w.shape[-1] != stacked.shape[0]:
-        raise ValueError(f"got {w.shape[-1]} weights for {stacked.shape[0]} sources")
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    n_sources = logits.shape[0] if isinstance(logits, torch.Tensor) else len(logits)
+    if w.shape[-1] != n_sources:
+        raise ValueError(f"got {w.shape[-1]} weights for {n_sources} sources")
     if not torch.isfinite(w).all():
         raise ValueError(f"fusion weights must be finite; got {w.tolist()}")
-    return torch.tensordot(w, stacked, dims=([-1], [0]))
+    if w.dim() == 1 and not isinstance(logits, torch.Tensor):
+        # One fusion (a decoding step): accumulate in place instead of stacking N full copies first.
+        values = w.tolist()
+        fused = logits[0].float() * values[0]
+        for source_logits, weight in zip(logits[1:], values[1:], strict=True):
+            fused.add_(source_logits.float(), alpha=weight)
+        return fused
+    stacked = (logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=0)).float()
+    return torch.tensordot(w.to(stacked.device), stacked, dims=([-1], [0]))
 
 
 def fused_log_softmax(
