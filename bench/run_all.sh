@@ -13,8 +13,8 @@ if [[ "$which" == tiny || "$which" == all ]]; then
   run step_breakdown.py --model tiny --batch-size 8
 fi
 if [[ "$which" == gemma || "$which" == all ]]; then
-  run decode_throughput.py --model gemma --batch-sizes 1 8 32 --new-tokens 32 --repeats 2
+  run decode_throughput.py --model gemma --batch-sizes 1 8 32 --new-tokens 32 --repeats 3
   run naive_baseline.py --model gemma --new-tokens 64 --batch-size 1
   run search_cost.py --model gemma --n-prompts 4 --shots 2
-  run step_breakdown.py --model gemma --batch-size 8 --new-tokens 32
+  run step_breakdown.py --model gemma --batch-size 8 --new-tokens 24
 fi
