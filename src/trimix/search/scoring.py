@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
 
 logger = logging.getLogger(__name__)
+_VERIFIED_HEADS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,8 @@ class FusedPerplexityScorer:
         probe = self.encoded[0].input_ids[None, :16]
         with torch.inference_mode():
             for source in self.sources:
+                if source.model in _VERIFIED_HEADS:  # once per model, not once per scorer
+                    continue
                 ids = probe.to(source.input_device)
                 full = source.model(input_ids=ids).logits[0]
                 hidden = source.model.get_decoder()(input_ids=ids).last_hidden_state[0]
@@ -274,6 +278,7 @@ class FusedPerplexityScorer:
                         f"source {source.role!r} ({type(source.model).__name__}) computes logits in a way trimix's "
                         "search does not reproduce (an extra logit scaling?); please report this model family"
                     )
+                _VERIFIED_HEADS.add(source.model)
 
     @torch.inference_mode()
     def _run_forwards(self) -> None:
