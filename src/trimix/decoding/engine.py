@@ -83,8 +83,8 @@ class _SourceState:
     next_position: torch.Tensor  # (B,)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows.to(self.attention_mask.device))
         rows = rows.to(self.attention_mask.device)
+        self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
 

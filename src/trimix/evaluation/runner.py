@@ -94,32 +94,23 @@ class Evaluator:
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
-        roles = [m.role for m in config.models]
-        for method in config.eval.methods:
-            self.method_weights(method, probe=True, roles=roles)
+        for method in config.eval.methods:  # fail on bad weights before loading any model
+            if not method.select:
+                self.fixed_weights(method)
         self.lm = FusedLM.from_config(config, load_all=True)
         self.sources = self.lm.sources
 
     # ---------------------------------------------------------------- weights per method and cell
-    def method_weights(
-        self,
-        method: MethodSpec,
-        probe: bool = False,
-        roles: list[str] | None = None,
-        task: Task | None = None,
-    ) -> dict[str, float]:
-        roles = roles or [s.role for s in self.sources]
-        if method.select and probe:
-            return {}
-        if method.select:
-            return self._selected_weights(task)
-        given: dict[str, float | None] = dict.fromkeys(roles)
-        given.update(method.weights or {})
+    def fixed_weights(self, method: MethodSpec) -> dict[str, float]:
+        """The weights a method without ``select`` gives every role, resolved as the run config resolves them."""
+        roles = [m.role for m in self.config.models]
         unknown = sorted(set(method.weights or {}) - set(roles))
         if unknown:
             raise ConfigError(
                 f"eval method {method.name!r} weights name unknown role(s) {unknown}; roles: {roles}"
             )
+        given: dict[str, float | None] = dict.fromkeys(roles)
+        given.update(method.weights or {})
         try:
             return resolve_weights(method.fusion(), given)
         except ValueError as exc:
@@ -172,7 +163,7 @@ class Evaluator:
                     if not todo:
                         continue
                     bar.set_description(f"eval {method.name} | {task.full_name}")
-                    weights = self.method_weights(method, task=task)
+                    weights = self._selected_weights(task) if method.select else self.fixed_weights(method)
                     lm = self.fused(weights, method)
                     for rows in self._evaluate(lm, task, spec, todo):
                         base = {

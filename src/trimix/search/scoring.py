@@ -300,10 +300,9 @@ class FusedPerplexityScorer:
         # position at a time would re-read the whole head); the log-partition then walks each block in
         # cache-sized pieces (see combination_nll). Neither size depends on the number of combinations.
         positions_per_chunk = max(1, self.chunk_elements // (self.vocab_size * n_sources))
-        combos_per_chunk = 8
         longest = max(e.targets.numel() for e in self.encoded)
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
-        total = torch.zeros(n_combos, dtype=torch.float64)
+        weights = weights.to(self.device)
         per_text = torch.zeros(len(self.encoded), n_combos, dtype=torch.float64)
         for text_index, item in enumerate(
             tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False)
@@ -314,11 +313,10 @@ class FusedPerplexityScorer:
                 logits = block[:, :count]  # (N, P, V), reused across blocks: no fresh allocation
                 for n, source in enumerate(self.sources):
                     head_logits(source, item.features[source.role][p0:p1], out=logits[n])
-                targets = item.targets[p0:p1].to(self.device)
-                nll = combination_nll(logits, targets, weights.to(self.device), combos_per_chunk)
-                per_text[text_index] += nll
-                total += nll
-        return ScoreTotals(total, self.n_tokens, per_text, [int(e.targets.numel()) for e in self.encoded])
+                per_text[text_index] += combination_nll(logits, item.targets[p0:p1].to(self.device), weights)
+        return ScoreTotals(
+            per_text.sum(0), self.n_tokens, per_text, [int(e.targets.numel()) for e in self.encoded]
+        )
 
     @property
     def text_ids(self) -> list[str]:
