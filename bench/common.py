@@ -36,7 +36,9 @@ def load_trio(kind: str, device: str = "cpu") -> list[Source]:
 
     ``tiny``: Qwen2 models (hidden 64, 4 layers) whose ``large`` has 8 padded output rows, as
     Qwen2.5-7B vs 1.5B. ``gemma``: three loads of the embedded Gemma 3 270M (the only real model
-    offline), which costs what three different 270M models would.
+    offline), which costs what three different 270M models would; ``large`` and ``small_cpt`` get
+    seeded noise on their decoder weights so that, like fine-tuned variants, their logits differ
+    from ``small_base``'s by a few nats (identical logits would flatter the weight search).
     """
     if kind == "tiny":
         from trimix.testing import save_tiny_trio
@@ -54,7 +56,21 @@ def load_trio(kind: str, device: str = "cpu") -> list[Source]:
             {"models": [m], "fusion": {"method": "single", "role": m["role"]}, "device": device}
         )
         sources.extend(FusedLM.from_config(config).sources)
+    if kind == "gemma":
+        for seed, source in enumerate(sources[:2]):
+            perturb(source.model, seed)
     return sources
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int, relative: float = 0.05) -> None:
+    """Add seeded Gaussian noise (``relative`` x each matrix's std) to the decoder's linear layers."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.get_decoder().modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            noise = torch.randn(weight.shape, generator=generator).to(weight.device, weight.dtype)
+            weight.add_(noise.mul_(relative * float(weight.float().std())))
 
 
 def fused(sources: list[Source], weights: tuple[float, ...]) -> FusedLM:

@@ -4,8 +4,9 @@ The fused log-probability of a token is linear in the weights before the softmax
 so every combination needs its own log-sum-exp over the vocabulary. Holding the sources' logits for
 every text would cost ``N x T x V`` floats per text (about 1 GB for three Gemma 3 270M sources on a
 300-token prompt), so the scorer keeps each source's final hidden states (``T x H``) instead and
-recomputes the output projection chunk by chunk. Memory is bounded by ``chunk_bytes`` whatever the
-number of combinations, and later scoring passes (refinement rounds) run no forward pass at all.
+recomputes the output projection block by block. Memory is bounded by ``chunk_bytes`` plus one
+vocabulary row per distinct weight value, not by the number of combinations, and later scoring passes
+(refinement rounds) run no forward pass at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from trimix.fusion.math import fuse_logits
 
 logger = logging.getLogger(__name__)
 _VERIFIED_HEADS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# Table entries (positions x distinct weight values x vocabulary) per piece of the log-partition. On
+# CPU a piece is one position for large vocabularies (each pass stays in cache); a GPU wants fewer,
+# larger kernels. Either way the tables' memory is bounded whatever the number of combinations.
+_TABLE_ENTRIES = {"cpu": 2**19, "cuda": 2**26}
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class ScoringText:
 
 
 def combination_nll(
-    source_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, combos_per_chunk: int = 8
+    source_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """Summed negative log-likelihood of ``targets`` under each fused combination.
 
@@ -45,17 +50,16 @@ def combination_nll(
     linear and comes straight from :func:`fuse_logits`. The log-sum-exp is factorised instead of
     fusing each combination over the whole vocabulary: when every weight vector sums to 1 (the
     TriMix grid, single sources and Proxy Tuning all do), ``f = L_r + sum_k w_k (L_k - L_r)``, so
-    ``exp(f)`` is a product of one table per source and distinct weight value; with two free sources
-    all pairs are one batched matmul. That needs ``1 + sum_k distinct_k`` exponentials per vocabulary
-    entry rather than C, and never materialises a ``C x V`` tensor. Factors are shifted by their
-    maxima; a combination whose sum could underflow (a shift gap of more than ~80 nats) is recomputed
-    directly.
+    ``exp(f)`` is a product of one table per free source and distinct weight value; with two free
+    sources all pairs are one small matrix product. That needs ``sum_k distinct_k`` exponentials per
+    vocabulary entry rather than C, and never materialises a ``C x V`` tensor. Factors are shifted by
+    their extremes; a combination whose sum could underflow (a shift gap of more than ~46 nats) is
+    recomputed directly at the positions concerned.
 
     Args:
         source_logits: ``(N, T, V)`` raw logits of N sources at T positions.
         targets: ``(T,)`` the token ids that follow each position.
         weights: ``(C, N)`` one weight vector per combination.
-        combos_per_chunk: combinations handled at once on the direct (fallback) path.
 
     Returns:
         ``(C,)`` float64 NLL sums (natural log).
@@ -65,78 +69,109 @@ def combination_nll(
     chosen = fuse_logits(
         logits.gather(-1, targets.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1), weights
     )
-    step = max(1, 2**16 // logits.shape[-1])  # about 64k vocabulary entries per piece: stays in cache
-    log_z = torch.cat(
-        [
-            _factorised_log_partition(logits[:, p0 : p0 + step], weights)
-            for p0 in range(0, logits.shape[1], step)
-        ],
-        dim=1,
-    )  # (C, T), NaN where the underflow guard fired
-    redo = torch.isnan(log_z).any(dim=-1).nonzero().squeeze(-1).tolist()
-    for c0 in range(0, len(redo), combos_per_chunk):
-        rows = redo[c0 : c0 + combos_per_chunk]
-        log_z[rows] = torch.logsumexp(fuse_logits(logits, weights[rows]), dim=-1).double()
+    log_z = _factorised_log_partition(logits, weights)  # (C, T), NaN where the underflow guard fired
+    for c in torch.isnan(log_z).any(dim=-1).nonzero().squeeze(-1).tolist():
+        where = torch.isnan(log_z[c]).nonzero().squeeze(-1)
+        log_z[c, where] = torch.logsumexp(fuse_logits(logits[:, where], weights[c]), dim=-1).double()
     return (log_z - chosen.double()).sum(-1).cpu()
 
 
 def _factorised_log_partition(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``logsumexp_v(sum_n w_cn L_n)`` for every combination c and position t, as ``(C, T)`` float64."""
-    # In-place operations throughout: at V = 262k, allocating fresh tensors (page faults) costs more
-    # than the arithmetic.
-    n_sources = logits.shape[0]
-    ones = torch.ones(weights.shape[0], device=weights.device)
-    affine = bool(torch.allclose(weights.sum(-1), ones, atol=1e-6))
-    if affine:  # f = L_ref + sum_k w_k (L_k - L_ref): one source drops out of the product
-        ref = n_sources - 1
-        base_max = logits[ref].amax(-1, keepdim=True)  # (T, 1)
-        base_exp = (logits[ref] - base_max).exp_()  # (T, V)
-        factors = logits[:ref] - logits[ref]
-        coeff = weights[:, :ref]
-    else:
-        base_max = base_exp = None
-        factors = logits
-        coeff = weights
-    tables, shifts, index = [], [], []
-    for k in range(coeff.shape[1]):
-        values, inverse = torch.unique(coeff[:, k], return_inverse=True)
-        # The peak of u * D over the vocabulary is u * max(D) for u >= 0 and u * min(D) otherwise.
-        top, bottom = factors[k].amax(-1, keepdim=True), factors[k].amin(-1, keepdim=True)  # (T, 1)
-        peak = torch.where(values >= 0, values * top, values * bottom).unsqueeze(-1)  # (T, U, 1)
-        table = factors[k].unsqueeze(1) * values.view(1, -1, 1)  # (T, U, V)
-        tables.append(table.sub_(peak).exp_())
-        shifts.append(peak.squeeze(-1).T)  # (U, T)
-        index.append(inverse)
-    n_combos, n_pos = weights.shape[0], logits.shape[1]
-    if not tables:
-        total = base_exp.double().sum(-1).expand(n_combos, n_pos)
-    elif len(tables) == 2 and base_exp is not None:
-        left = tables[0].mul_(base_exp.unsqueeze(1))  # (T, U1, V)
-        pair_sums = _pairwise_sums(left, tables[1])  # (T, U1, U2)
-        total = pair_sums[:, index[0], index[1]].T.double()  # (C, T)
-    else:
-        total = torch.empty(n_combos, n_pos, dtype=torch.float64, device=logits.device)
-        for c in range(n_combos):
-            product = base_exp.clone() if base_exp is not None else torch.ones_like(tables[0][:, 0])
-            for table, idx in zip(tables, index, strict=True):
-                product.mul_(table[:, idx[c]])
-            total[c] = product.double().sum(-1)
-    log_z = torch.log(total)
-    for shift, idx in zip(shifts, index, strict=True):
-        log_z += shift[idx].double()
-    if base_max is not None:
-        log_z += base_max.squeeze(-1).double()
-    # Below ~e-80 the float32 factors may have lost the terms that matter: recompute those exactly.
-    return log_z.masked_fill(total < 1e-30, float("nan"))
+    """``logsumexp_v(sum_n w_cn L_n)`` for every combination c and position t, as ``(C, T)`` float64.
+
+    Works on pieces of positions (on CPU one position at a time for large vocabularies) in buffers
+    allocated once, so each pass stays in cache and nothing is allocated per piece: at V = 262k,
+    fresh tensors cost more in page faults than the arithmetic. Every table entry costs one
+    ``add``/``mul`` and one ``exp``.
+    """
+    n_sources, n_pos, vocab = logits.shape
+    affine = bool(torch.allclose(weights.sum(-1), torch.ones_like(weights[:, 0]), atol=1e-6))
+    if affine and n_sources == 1:
+        return torch.logsumexp(logits[0], dim=-1).double().expand(weights.shape[0], n_pos).clone()
+    ref = n_sources - 1 if affine else n_sources  # affine: the last source rides in the first table
+    factors = [torch.unique(weights[:, k], return_inverse=True) for k in range(ref)]
+    indices = [inverse for _, inverse in factors]
+    scales = [values.tolist() for values, _ in factors]  # host floats: no device sync per piece
+    negative = [min(values) < 0 for values in scales]
+    budget = _TABLE_ENTRIES.get(logits.device.type, _TABLE_ENTRIES["cuda"])
+    step = min(n_pos, max(1, budget // (vocab * sum(map(len, scales)))))
+    tables = [logits.new_empty(step, len(values), vocab) for values, _ in factors]
+    diff, above, below = logits.new_empty(3, step, vocab)
+    base = logits.new_zeros(step, vocab)  # L_ref - max L_ref when affine; stays 0 otherwise
+    lows = logits.new_zeros(n_pos, ref + 1)  # per position: min of each factor
+    highs = logits.new_zeros(n_pos, ref + 1)  # and max (the last column: the reference's max)
+    sums = torch.empty(n_pos, weights.shape[0], dtype=torch.float64, device=logits.device)
+    for p0 in range(0, n_pos, step):
+        rows = slice(p0, min(p0 + step, n_pos))
+        size = rows.stop - p0
+        if affine:
+            reference = logits[ref, rows]
+            top = _row_extremes(reference, low=False)[1]
+            highs[rows, ref:] = top
+            torch.sub(reference, top, out=base[:size])
+        for k in range(len(factors)):
+            factor = torch.sub(logits[k, rows], reference, out=diff[:size]) if affine else logits[k, rows]
+            low, high = _row_extremes(factor)
+            lows[rows, k : k + 1], highs[rows, k : k + 1] = low, high
+            # exp(u * (D - max D)) <= 1 for u >= 0, and exp(u * (D - min D)) <= 1 for u < 0.
+            torch.sub(factor, high, out=above[:size])
+            if negative[k]:
+                torch.sub(factor, low, out=below[:size])
+            for i, u in enumerate(scales[k]):
+                shifted = above[:size] if u >= 0 else below[:size]
+                if k == 0:
+                    torch.add(base[:size], shifted, alpha=u, out=tables[k][:size, i])
+                else:
+                    torch.mul(shifted, u, out=tables[k][:size, i])
+            tables[k][:size].exp_()
+        sums[rows] = _product_sums([table[:size] for table in tables], indices)
+    shifts = highs[:, ref:].double().expand_as(sums).clone()  # (T, C)
+    for k, (values, inverse) in enumerate(factors):
+        peak = torch.where(values >= 0, values * highs[:, k : k + 1], values * lows[:, k : k + 1])  # (T, U)
+        shifts += peak[:, inverse].double()
+    log_z = (sums.log() + shifts).T  # (C, T)
+    # A sum below e-46 may have lost terms under float32's e-87 floor that matter: recompute it exactly.
+    return log_z.masked_fill(sums.T < 1e-20, float("nan"))
+
+
+def _row_extremes(rows: torch.Tensor, low: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(min, max)`` of each row as ``(R, 1)`` tensors (the min only if ``low``). A single row uses the
+    whole-tensor reduction, which runs on every core; reducing along the last dim of one row runs on one."""
+    if rows.shape[0] == 1:
+        if not low:
+            return None, rows.max().view(1, 1)
+        smallest, largest = torch.aminmax(rows)
+        return smallest.view(1, 1), largest.view(1, 1)
+    if not low:
+        return None, rows.amax(dim=-1, keepdim=True)
+    return torch.aminmax(rows, dim=-1, keepdim=True)
+
+
+def _product_sums(tables: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
+    """``out[t, c] = sum_v prod_k tables[k][t, indices[k][c], v]``, as ``(T, C)`` float64."""
+    if len(tables) == 1:
+        return tables[0].sum(-1)[:, indices[0]].double()
+    if len(tables) == 2:
+        return _pairwise_sums(tables[0], tables[1])[:, indices[0], indices[1]].double()
+    product = torch.empty_like(tables[0][:, 0])
+    out = torch.empty(product.shape[0], indices[0].numel(), dtype=torch.float64, device=product.device)
+    for c in range(out.shape[1]):
+        torch.mul(tables[0][:, indices[0][c]], tables[1][:, indices[1][c]], out=product)
+        for table, index in zip(tables[2:], indices[2:], strict=True):
+            product.mul_(table[:, index[c]])
+        out[:, c] = product.sum(-1)
+    return out
 
 
 def _pairwise_sums(left: torch.Tensor, right: torch.Tensor, blocks: int = 64) -> torch.Tensor:
     """``out[t, i, j] = sum_v left[t, i, v] * right[t, j, v]``.
 
     A product with a tiny output and a 262k-long inner dimension runs poorly as one matmul on CPU;
-    as a batch of ``blocks`` shorter products it is several times faster.
+    split into a batch of ``blocks`` shorter products it is several times faster.
     """
     n_pos, u1, vocab = left.shape
+    if vocab < 64 * blocks or left.device.type != "cpu":
+        return torch.bmm(left, right.transpose(1, 2))
     u2 = right.shape[1]
     main = vocab - vocab % blocks
     out = left.new_empty(n_pos, u1, u2)
@@ -210,7 +245,9 @@ class FusedPerplexityScorer:
         sources: the fused sources, in weight-vector order.
         vocab_size: V, the shared tokenizer vocabulary (padded rows are cut).
         texts: the texts and which part of each counts.
-        chunk_bytes: memory budget for one chunk of logits (sources' plus fused).
+        chunk_bytes: memory budget for one block of the sources' logits; the log-partition adds one
+            vocabulary-sized buffer per distinct weight value of each source, however many
+            combinations those values form.
         progress: show a progress bar over texts on the forward pass.
 
     Raises:
@@ -223,7 +260,7 @@ class FusedPerplexityScorer:
         sources: Sequence[Source],
         vocab_size: int,
         texts: Sequence[ScoringText],
-        chunk_bytes: int = 256 * 2**20,
+        chunk_bytes: int = 1024 * 2**20,
         progress: bool = True,
     ) -> None:
         if not texts:
@@ -274,9 +311,11 @@ class FusedPerplexityScorer:
                 hidden = source.model.get_decoder()(input_ids=ids).last_hidden_state[0]
                 again = head_logits(source, hidden)
                 if not torch.allclose(full.float(), again.float(), atol=1e-3, rtol=1e-3):
+                    gap = float((full.float() - again.float()).abs().max())
                     raise ConfigError(
                         f"source {source.role!r} ({type(source.model).__name__}) computes logits in a way trimix's "
-                        "search does not reproduce (an extra logit scaling?); please report this model family"
+                        f"search does not reproduce (largest difference {gap:.3g} on a {probe.shape[1]}-token probe; "
+                        "an extra logit scaling?); please report this model family"
                     )
                 _VERIFIED_HEADS.add(source.model)
 
@@ -297,8 +336,8 @@ class FusedPerplexityScorer:
         weights = torch.as_tensor(weights, dtype=torch.float32)
         n_sources, n_combos = len(self.sources), weights.shape[0]
         # The output projection runs on blocks of positions sized by the memory budget (a GEMM; one
-        # position at a time would re-read the whole head); the log-partition then walks each block in
-        # cache-sized pieces (see combination_nll). Neither size depends on the number of combinations.
+        # position at a time would re-read the whole head); the log-partition then walks each block one
+        # position at a time (see combination_nll). Neither size depends on the number of combinations.
         positions_per_chunk = max(1, self.chunk_elements // (self.vocab_size * n_sources))
         longest = max(e.targets.numel() for e in self.encoded)
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
