@@ -257,6 +257,58 @@ def test_loglikelihood_scoring_and_selected_weights(trio, milic_root, tmp_path) 
     assert selection["prompts"]["split"] == "dev"
 
 
+def test_scored_cells_share_forwards_and_match_each_method_alone(trio, milic_root, tmp_path) -> None:
+    """Log-likelihood and perplexity cells score every method from one forward pass per source; the
+    numbers must equal a run of each method on its own (which fuses only that method's sources)."""
+    methods = [
+        {"name": "small_base", "method": "single", "role": "small_base"},
+        {"name": "proxy_tuning", "method": "proxy_tuning"},
+        {"name": "trimix", "method": "trimix", "weights": {"large": 0.3, "small_cpt": 0.9}},
+    ]
+    tasks = [
+        {"task": "sib200_topic", "langs": ["uig_Arab"], "limit": 2, "shots": 1, "scoring": "loglikelihood"},
+        {"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}},
+    ]
+    together = tmp_path / "together"
+    together.mkdir()
+    Evaluator(
+        load_config(_eval_config(trio, milic_root, tmp_path, methods, tasks)), together, progress=False
+    ).run()
+    shared = {(r["method"], r["task"], r["id"]): r for r in read_predictions(together / "predictions.jsonl")}
+    assert len(shared) == 3 * (2 + 3)
+    for method in methods:
+        alone = tmp_path / method["name"]
+        alone.mkdir()
+        raw = _eval_config(trio, milic_root, tmp_path, [method], tasks)
+        Evaluator(load_config(raw), alone, progress=False).run()
+        for row in read_predictions(alone / "predictions.jsonl"):
+            other = shared[(row["method"], row["task"], row["id"])]
+            if "nll" in row:
+                assert other["nll"] == pytest.approx(row["nll"], rel=1e-6)
+                assert other["n_tokens"] == row["n_tokens"]
+            else:
+                assert other["choice_nll"] == pytest.approx(row["choice_nll"], rel=1e-6)
+                assert other["prediction"] == row["prediction"]
+
+
+def test_plausibility_on_a_scored_task_is_named_in_a_warning(trio, milic_root, tmp_path, caplog) -> None:
+    method = {
+        "name": "trimix_plaus",
+        "method": "trimix",
+        "weights": {"large": 0.1, "small_cpt": 0.9},
+        "plausibility": {"role": "large", "alpha": 0.1},
+    }
+    tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
+    out = tmp_path / "run"
+    out.mkdir()
+    with caplog.at_level("WARNING", logger="trimix.evaluation.runner"):
+        Evaluator(
+            load_config(_eval_config(trio, milic_root, tmp_path, [method], tasks)), out, progress=False
+        ).run()
+    assert "'trimix_plaus': the plausibility constraint applies to generation only" in caplog.text
+    assert len(read_predictions(out / "predictions.jsonl")) == 3
+
+
 def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_path, monkeypatch) -> None:
     raw = _eval_config(trio, milic_root, tmp_path)
     clean = tmp_path / "clean"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from trimix.backends.loading import Source
 from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError
@@ -156,45 +157,86 @@ class Evaluator:
             total=total, initial=min(len(done), total), desc="eval", unit="item", disable=not self.progress
         )
         sink = _Sink(path)
+
+        def write(method: MethodSpec, task: Task, weights: dict[str, float], rows: list[dict]) -> None:
+            base = {
+                "method": method.name,
+                "task": task.full_name,
+                "task_name": task.name,
+                "lang": task.lang,
+                "metrics": list(task.metric_names),
+                "target_lang": task.target_lang,
+                "weights": weights,
+            }
+            sink.write([{**base, **row} for row in rows])
+            bar.update(len(rows))
+
         try:
             for spec, task, items in cells:
-                for method in self.config.eval.methods:
-                    todo = [e for e in items if _key(method.name, task.full_name, e.id) not in done]
-                    if not todo:
-                        continue
+                pending = {
+                    m.name: [e for e in items if _key(m.name, task.full_name, e.id) not in done]
+                    for m in self.config.eval.methods
+                }
+                methods = [m for m in self.config.eval.methods if pending[m.name]]
+                if not methods:
+                    continue
+                weights = {
+                    m.name: self._selected_weights(task) if m.select else self.fixed_weights(m)
+                    for m in methods
+                }
+                if task.kind == "perplexity" or spec.scoring == "loglikelihood":
+                    bar.set_description(f"eval {len(methods)} methods | {task.full_name}")
+                    for method, rows in self._score(task, items, methods, weights, pending):
+                        write(method, task, weights[method.name], rows)
+                    continue
+                for method in methods:
                     bar.set_description(f"eval {method.name} | {task.full_name}")
-                    weights = self._selected_weights(task) if method.select else self.fixed_weights(method)
-                    lm = self.fused(weights, method)
-                    for rows in self._evaluate(lm, task, spec, todo):
-                        base = {
-                            "method": method.name,
-                            "task": task.full_name,
-                            "task_name": task.name,
-                            "lang": task.lang,
-                            "metrics": list(task.metric_names),
-                            "target_lang": task.target_lang,
-                            "weights": weights,
-                        }
-                        sink.write([{**base, **row} for row in rows])
-                        bar.update(len(rows))
+                    lm = self.fused(weights[method.name], method)
+                    for rows in self._generate(lm, task, pending[method.name]):
+                        write(method, task, weights[method.name], rows)
         finally:
             sink.close()
             bar.close()
         return path
 
-    def _evaluate(
-        self, lm: FusedLM, task: Task, spec: TaskSpec, items: list[Example]
-    ) -> Iterator[list[dict]]:
+    def _score(
+        self,
+        task: Task,
+        items: list[Example],
+        methods: list[MethodSpec],
+        weights: dict[str, dict[str, float]],
+        pending: dict[str, list[Example]],
+    ) -> Iterator[tuple[MethodSpec, list[dict]]]:
+        """Log-likelihood and perplexity cells: one forward pass per source per text serves every method.
+
+        A method's fused scores depend on its weights only through the log-partition, so the scorer
+        computes each source's hidden states once and scores all methods' weight vectors together.
+        """
         if task.kind == "perplexity":
-            yield from self._perplexity(lm, task, items)
-        elif spec.scoring == "loglikelihood":
-            if task.kind != "choice":
-                raise ConfigError(
-                    f"{task.name}: loglikelihood scoring needs a classification or multiple-choice task"
-                )
-            yield from self._choose(lm, task, items)
+            scorer_rows = self._perplexity
+        elif task.kind == "choice":
+            scorer_rows = self._choose
         else:
-            yield from self._generate(lm, task, items)
+            raise ConfigError(
+                f"{task.name}: loglikelihood scoring needs a classification or multiple-choice task; "
+                "use `scoring: generate` for it"
+            )
+        for method in methods:
+            if method.plausibility is not None:
+                logger.warning(
+                    "method %r: the plausibility constraint applies to generation only; %s is scored with "
+                    "the unconstrained fused distribution",
+                    method.name,
+                    task.full_name,
+                )
+        used = [s for s in self.sources if any(weights[m.name].get(s.role, 0.0) != 0.0 for m in methods)]
+        matrix = torch.tensor([[weights[m.name].get(s.role, 0.0) for s in used] for m in methods])
+        wanted = [{e.id for e in pending[m.name]} for m in methods]
+        todo = [e for e in items if any(e.id in want for want in wanted)]
+        for example, per_method in scorer_rows(used, task, todo, matrix):
+            for method, want, row in zip(methods, wanted, per_method, strict=True):
+                if example.id in want:
+                    yield method, [row]
 
     def _generate(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
         size = self.config.eval.batch_size
@@ -216,32 +258,43 @@ class Evaluator:
                 rows.append(row)
             yield rows
 
-    def _choose(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
-        weights = torch.tensor([[s.weight for s in lm.sources]])
+    def _choose(
+        self, sources: list[Source], task: Task, items: list[Example], weights: torch.Tensor
+    ) -> Iterator[tuple[Example, list[dict]]]:
+        """Each option scored as a continuation of the prompt, for every row of ``weights`` at once."""
         for example in items:
             prompt = task.render(example).text
             texts = [ScoringText(c, f"{prompt} {c}", len(prompt)) for c in example.choices]
-            totals = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False).score(
+            totals = FusedPerplexityScorer(sources, self.lm.spec.vocab_size, texts, progress=False).score(
                 weights
             )
-            nll = totals.per_text[:, 0].tolist()
-            best = example.choices[min(range(len(nll)), key=nll.__getitem__)]
-            yield [
-                {
-                    "id": example.id,
-                    "output": "",
-                    "prediction": best,
-                    "reference": example.target,
-                    "correct": task.is_correct(best, example),
-                    "choice_nll": dict(zip(example.choices, nll, strict=True)),
-                }
-            ]
+            rows = []
+            for nll in totals.per_text.T.tolist():  # one (options,) list per method
+                best = example.choices[min(range(len(nll)), key=nll.__getitem__)]
+                rows.append(
+                    {
+                        "id": example.id,
+                        "output": "",
+                        "prediction": best,
+                        "reference": example.target,
+                        "correct": task.is_correct(best, example),
+                        "choice_nll": dict(zip(example.choices, nll, strict=True)),
+                    }
+                )
+            yield example, rows
 
-    def _perplexity(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
-        weights = torch.tensor([[s.weight for s in lm.sources]])
+    def _perplexity(
+        self, sources: list[Source], task: Task, items: list[Example], weights: torch.Tensor
+    ) -> Iterator[tuple[Example, list[dict]]]:
         texts = [ScoringText(e.id, e.fields["text"]) for e in items]
-        totals = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False).score(weights)
-        yield [
-            {"id": e.id, "nll": float(totals.per_text[i, 0]), "n_tokens": totals.tokens_per_text[i]}
-            for i, e in enumerate(items)
-        ]
+        totals = FusedPerplexityScorer(sources, self.lm.spec.vocab_size, texts, progress=self.progress).score(
+            weights
+        )
+        for i, example in enumerate(items):
+            yield (
+                example,
+                [
+                    {"id": example.id, "nll": float(nll), "n_tokens": totals.tokens_per_text[i]}
+                    for nll in totals.per_text[i].tolist()
+                ],
+            )
