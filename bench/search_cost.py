@@ -99,10 +99,16 @@ def main() -> None:
 
     grid36 = weight_matrix(search, roles)
 
-    def search36() -> tuple[float, FusedPerplexityScorer]:
+    def search36(share_prefix: bool = False) -> tuple[float, FusedPerplexityScorer]:
+        # Like for like by default: every prompt runs whole, as the plain forwards do.
         start = time.perf_counter()
         scorer = FusedPerplexityScorer(
-            sources, vocab, texts, chunk_bytes=args.chunk_mb * 2**20, progress=False
+            sources,
+            vocab,
+            texts,
+            chunk_bytes=args.chunk_mb * 2**20,
+            progress=False,
+            share_prefix=share_prefix,
         )
         scorer.score(grid36)
         return time.perf_counter() - start, scorer
@@ -139,6 +145,11 @@ def main() -> None:
         f"per-repeat ratios {', '.join(f'{r:.2f}' for r in ratios)})"
     )
     print(f"  of which decoder forwards              {scorer.forward_seconds:8.2f} s")
+    shared_seconds, shared = search36(share_prefix=True)
+    print(
+        f"same search, shared-prefix cache on (the default; {shared.shared_prefix_tokens} shared tokens) "
+        f"{shared_seconds:8.2f} s   ratio {shared_seconds / forward_seconds:.3f}  (one run)"
+    )
     print(f"scoring {len(grid400)} combinations (no forwards)  {seconds400:8.2f} s")
     print(f"peak extra memory, {len(grid36)} combinations       {mem36.extra / 2**20:8.1f} MiB")
     small = max(mem36.extra, mem400.extra) < 16 * 2**20  # below what RSS sampling can resolve
@@ -160,6 +171,8 @@ def main() -> None:
             "search_seconds": search_seconds,
             "time_ratio": search_seconds / forward_seconds,
             "time_ratios_per_repeat": ratios,
+            "shared_prefix_tokens": shared.shared_prefix_tokens,
+            "shared_prefix_search_seconds": shared_seconds,
             "chunk_mb": args.chunk_mb,
             "scoring_400_seconds": seconds400,
             "peak_mib_36": mem36.extra / 2**20,

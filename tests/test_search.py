@@ -110,6 +110,29 @@ def test_combination_nll_recomputes_sums_that_would_underflow() -> None:
     assert torch.allclose(got, _direct_combination_nll(logits, targets, weights), rtol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_shared_prefix_cache_gives_the_same_scores(make_model, arch) -> None:
+    """Texts that share a long prefix (a passage before its options; few-shot exemplars) run it once per
+    source and continue from its KV cache, also past a Gemma3 sliding window (6 tokens here)."""
+    paths = {
+        "large": make_model(arch, seed=1, extra_rows=8),
+        "small_cpt": make_model(arch, seed=2),
+        "small_base": make_model(arch, seed=3),
+    }
+    lm = FusedLM.from_config(load_config(trio_config(paths)), load_all=True)
+    prompt = (
+        "Topic: science, travel, politics, sports. Text: the quick brown fox jumps over the lazy dog. Answer:"
+    )
+    texts = [
+        ScoringText(o, f"{prompt} {o}", len(prompt)) for o in ("science", "travel", "politics", "sports")
+    ]
+    weights = torch.tensor([[1.0, 1.0, -1.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
+    shared = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
+    whole = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False, share_prefix=False)
+    assert shared.shared_prefix_tokens > 6 and whole.shared_prefix_tokens == 0
+    assert torch.allclose(shared.score(weights).per_text, whole.score(weights).per_text, rtol=1e-5)
+
+
 def test_one_hot_combination_is_the_source_perplexity(lm) -> None:
     whole = [ScoringText(t.id, t.text) for t in TEXTS]
     scorer = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, whole, progress=False)
