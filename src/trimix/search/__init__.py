@@ -1,6 +1,7 @@
 """Label-free weight selection: fused perplexity of many weight combinations, grid plus refinement."""
 
-from trimix.search.scoring import FusedPerplexityScorer, ScoringText, combination_nll, head_logits
+from trimix.search.partition import combination_nll
+from trimix.search.scoring import FusedPerplexityScorer, ScoringText, head_logits
 from trimix.search.select import (
     Candidate,
     SelectionResult,
