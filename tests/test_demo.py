@@ -24,7 +24,12 @@ def test_demo_config_is_a_valid_run(tmp_path) -> None:
     assert [m.role for m in config.models] == ["large", "small_cpt", "small_base"]
     names = [m.name for m in config.eval.methods]
     assert {"small_base", "small_cpt", "proxy_tuning", "trimix (selected)"} <= set(names)
-    assert [t.task for t in config.eval.tasks] == ["sib200_topic", "sib200_mt", "text_ppl"]
+    assert [(t.task, t.scoring) for t in config.eval.tasks] == [
+        ("sib200_topic", "generate"),
+        ("sib200_topic", "loglikelihood"),
+        ("sib200_mt", "generate"),
+        ("text_ppl", "generate"),
+    ]
     assert config.search.split == "dev" and config.search.lang == "uig_Arab"
 
 

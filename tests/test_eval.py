@@ -243,13 +243,21 @@ def test_loglikelihood_scoring_and_selected_weights(trio, milic_root, tmp_path) 
                 "limit": 2,
                 "shots": 1,
                 "scoring": "loglikelihood",
-            }
+            },
+            {"task": "sib200_topic", "langs": ["uig_Arab"], "limit": 2, "shots": 1},  # the same, generated
         ],
     )
     out = tmp_path / "run"
     out.mkdir()
     Evaluator(load_config(raw), out, progress=False).run()
-    rows = read_predictions(out / "predictions.jsonl")
+    everything = read_predictions(out / "predictions.jsonl")
+    assert (
+        sorted(r["task"] for r in everything)
+        == ["sib200_topic_uig_Arab"] * 2 + ["sib200_topic_uig_Arab:loglik"] * 2
+    )
+    _, cells = write_report(out)
+    assert {c["task"] for c in cells} == {"sib200_topic_uig_Arab", "sib200_topic_uig_Arab:loglik"}
+    rows = [r for r in everything if r["task"].endswith(":loglik")]
     assert len(rows) == 2 and all(len(r["choice_nll"]) == 7 for r in rows)
     assert all(r["prediction"] == min(r["choice_nll"], key=r["choice_nll"].get) for r in rows)
     selection = json.loads((out / "selections" / "sib200_topic_uig_Arab.json").read_text())
@@ -307,6 +315,25 @@ def test_plausibility_on_a_scored_task_is_named_in_a_warning(trio, milic_root, t
         ).run()
     assert "'trimix_plaus': the plausibility constraint applies to generation only" in caplog.text
     assert len(read_predictions(out / "predictions.jsonl")) == 3
+
+
+def test_overwrite_starts_afresh_and_resume_continues(trio, milic_root, tmp_path) -> None:
+    tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
+    method = {"name": "trimix", "method": "trimix", "weights": {"large": 0.1, "small_cpt": 0.9}}
+    raw = _eval_config(trio, milic_root, tmp_path, [method], tasks)
+    path, out = tmp_path / "eval.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 0
+    first = read_predictions(out / "predictions.jsonl")
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 2  # not empty: refused, nothing touched
+    assert read_predictions(out / "predictions.jsonl") == first
+    method["weights"] = {"large": 0.5, "small_cpt": 0.5}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--overwrite"]) == 0
+    fresh = read_predictions(out / "predictions.jsonl")
+    assert len(fresh) == len(first) and all(r["weights"]["large"] == 0.5 for r in fresh)
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume"]) == 0  # all done: nothing added
+    assert read_predictions(out / "predictions.jsonl") == fresh
 
 
 def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_path, monkeypatch) -> None:

@@ -113,7 +113,8 @@ def test_combination_nll_recomputes_sums_that_would_underflow() -> None:
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_shared_prefix_cache_gives_the_same_scores(make_model, arch) -> None:
     """Texts that share a long prefix (a passage before its options; few-shot exemplars) run it once per
-    source and continue from its KV cache, also past a Gemma3 sliding window (6 tokens here)."""
+    source and continue from its KV cache in right-padded batches, also past a Gemma3 sliding window
+    (6 tokens here)."""
     paths = {
         "large": make_model(arch, seed=1, extra_rows=8),
         "small_cpt": make_model(arch, seed=2),
@@ -123,9 +124,9 @@ def test_shared_prefix_cache_gives_the_same_scores(make_model, arch) -> None:
     prompt = (
         "Topic: science, travel, politics, sports. Text: the quick brown fox jumps over the lazy dog. Answer:"
     )
-    texts = [
-        ScoringText(o, f"{prompt} {o}", len(prompt)) for o in ("science", "travel", "politics", "sports")
-    ]
+    options = ["science", "travel", "politics", "sports", "science and technology news", "geography"]
+    options += ["entertainment", "health", "a"]  # nine remainders of 2 to 20 tokens: two padded batches
+    texts = [ScoringText(o, f"{prompt} {o}", len(prompt)) for o in options]
     weights = torch.tensor([[1.0, 1.0, -1.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
     shared = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
     whole = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False, share_prefix=False)

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trimix.backends.loading import resolve_cache_dir
@@ -47,25 +47,27 @@ class DemoBudget:
     instruct_steps: int = 18
     select_prompts: int = 6
     topic_items: int = 28
+    topic_loglik_items: int = 56  # the same prompts, each label scored by its likelihood: cheap, less noisy
     translation_items: int = 5
     heldout_lines: int = 40  # at most VALIDATION_LINES
     topic_shots: int = 0  # zero-shot: the task skill has to come from the `large` source
     translation_shots: int = 1  # one exemplar shows the output format
 
     def scaled(self, scale: float) -> DemoBudget:
-        def grow(n: int) -> int:
-            return max(1, math.ceil(n * scale))
-
-        return DemoBudget(
-            grow(self.cpt_steps),
-            grow(self.instruct_steps),
-            grow(self.select_prompts),
-            grow(self.topic_items),
-            grow(self.translation_items),
-            grow(self.heldout_lines),
-            self.topic_shots,
-            self.translation_shots,
-        )
+        """Every count times ``scale`` (at least 1); the number of exemplars stays as it is."""
+        grown = {
+            name: max(1, math.ceil(getattr(self, name) * scale))
+            for name in (
+                "cpt_steps",
+                "instruct_steps",
+                "select_prompts",
+                "topic_items",
+                "topic_loglik_items",
+                "translation_items",
+                "heldout_lines",
+            )
+        }
+        return replace(self, **grown)
 
 
 def _train_or_reuse(
@@ -164,6 +166,13 @@ def demo_config(
                     "langs": [LANG],
                     "limit": budget.topic_items,
                     "shots": budget.topic_shots,
+                },
+                {
+                    "task": "sib200_topic",
+                    "langs": [LANG],
+                    "limit": budget.topic_loglik_items,
+                    "shots": budget.topic_shots,
+                    "scoring": "loglikelihood",
                 },
                 {
                     "task": "sib200_mt",

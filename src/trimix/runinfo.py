@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,32 @@ def git_hash() -> str | None:
     return out.stdout.strip() or None
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create an output folder; refuse a non-empty one unless ``overwrite`` or ``resume``."""
+def prepare_output_dir(
+    path: str | Path, overwrite: bool = False, resume: bool = False, progress_files: Sequence[str] = ()
+) -> Path:
+    """Create an output folder; refuse a non-empty one unless ``overwrite`` or ``resume``.
+
+    ``progress_files`` name what a run resumes from (a predictions file, cached selections): with
+    ``overwrite`` and without ``resume`` they are deleted, so the run starts afresh instead of
+    silently continuing the previous one. Nothing else in the folder is touched.
+    """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output dir {str(folder)!r} is a file; choose a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (overwrite or resume):
-        raise ConfigError(f"output dir {str(folder)!r} is not empty; pass --overwrite to replace its files")
+        raise ConfigError(
+            f"output dir {str(folder)!r} is not empty; pass --overwrite to replace its files"
+            + (" or --resume to continue it" if progress_files else "")
+        )
+    if overwrite and not resume:
+        for name in progress_files:
+            stale = folder / name
+            if stale.is_dir():
+                shutil.rmtree(stale)
+                logger.info("--overwrite: removed %s", stale)
+            elif stale.exists():
+                stale.unlink()
+                logger.info("--overwrite: removed %s", stale)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trimix.demo import run_demo
+from trimix.evaluation import PREDICTIONS
 from trimix.runinfo import prepare_output_dir
 
 EXAMPLE = """example:
@@ -28,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--scale", type=float, default=1.0, help="multiply every budget (default 1: ~15 min on 2 cores)"
     )
     p.add_argument("--cache-dir", help="where conversions and adapters are cached (default ~/.cache/trimix)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a demo in --output-dir (after a kill), skipping finished items",
+    )
     p.set_defaults(func=run)
 
 
@@ -37,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
         from trimix.errors import ConfigError
 
         raise ConfigError(f"--scale must be positive; got {args.scale}")
-    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
+    out_dir = prepare_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress_files=(PREDICTIONS, "selections"),
+    )
     print(run_demo(out_dir, scale=args.scale, cache_dir=args.cache_dir, progress=not args.quiet))
     return 0

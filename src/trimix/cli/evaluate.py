@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
-from trimix.evaluation import Evaluator, write_report
+from trimix.evaluation import PREDICTIONS, Evaluator, write_report
 from trimix.runinfo import prepare_output_dir, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         for spec in config.eval.tasks:
             spec.limit = args.limit
-    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume)
+    out_dir = prepare_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress_files=(PREDICTIONS, "selections"),
+    )
     write_run_info(out_dir, config, config.eval.seed)
     Evaluator(config, out_dir, progress=not args.quiet).run()
     table, _ = write_report(out_dir)

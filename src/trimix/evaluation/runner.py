@@ -36,6 +36,12 @@ def build_task(spec: TaskSpec, lang: str) -> Task:
     return get_task(spec.task, lang, n_shots=spec.shots, prompt_lang=spec.prompt_lang, **spec.options)
 
 
+def cell_name(spec: TaskSpec, task: Task) -> str:
+    """The name a cell's rows carry: the task and language, marked when options are scored by likelihood
+    (the same task may also be evaluated by generation in one run)."""
+    return f"{task.full_name}:loglik" if spec.scoring == "loglikelihood" else task.full_name
+
+
 def sample_items(task: Task, spec: TaskSpec, seed: int) -> list[Example]:
     """The evaluated items: the split, or a seeded sample of ``limit`` items kept in file order."""
     items = task.examples(spec.split)
@@ -158,10 +164,12 @@ class Evaluator:
         )
         sink = _Sink(path)
 
-        def write(method: MethodSpec, task: Task, weights: dict[str, float], rows: list[dict]) -> None:
+        def write(
+            method: MethodSpec, spec: TaskSpec, task: Task, weights: dict[str, float], rows: list[dict]
+        ) -> None:
             base = {
                 "method": method.name,
-                "task": task.full_name,
+                "task": cell_name(spec, task),
                 "task_name": task.name,
                 "lang": task.lang,
                 "metrics": list(task.metric_names),
@@ -174,7 +182,7 @@ class Evaluator:
         try:
             for spec, task, items in cells:
                 pending = {
-                    m.name: [e for e in items if _key(m.name, task.full_name, e.id) not in done]
+                    m.name: [e for e in items if _key(m.name, cell_name(spec, task), e.id) not in done]
                     for m in self.config.eval.methods
                 }
                 methods = [m for m in self.config.eval.methods if pending[m.name]]
@@ -185,15 +193,15 @@ class Evaluator:
                     for m in methods
                 }
                 if task.kind == "perplexity" or spec.scoring == "loglikelihood":
-                    bar.set_description(f"eval {len(methods)} methods | {task.full_name}")
+                    bar.set_description(f"eval {len(methods)} methods | {cell_name(spec, task)}")
                     for method, rows in self._score(task, items, methods, weights, pending):
-                        write(method, task, weights[method.name], rows)
+                        write(method, spec, task, weights[method.name], rows)
                     continue
                 for method in methods:
                     bar.set_description(f"eval {method.name} | {task.full_name}")
                     lm = self.fused(weights[method.name], method)
                     for rows in self._generate(lm, task, pending[method.name]):
-                        write(method, task, weights[method.name], rows)
+                        write(method, spec, task, weights[method.name], rows)
         finally:
             sink.close()
             bar.close()

@@ -28,6 +28,7 @@ from trimix.search.partition import combination_nll
 logger = logging.getLogger(__name__)
 _VERIFIED_HEADS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache copy per text
+_SUFFIX_BATCH = 8  # texts continued from one copy of the shared prefix's cache at a time
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ class FusedPerplexityScorer:
 
     @torch.inference_mode()
     def _run_forwards(self) -> None:
-        """One forward per source per text; a prefix all texts share runs once and is reused from its
-        KV cache, which gives the same hidden states as running every text whole."""
+        """One forward per source per text; a prefix all texts share runs once, and the texts' remainders
+        continue from its KV cache in right-padded batches (causal attention never lets a real token
+        see the padding after it), which gives the same hidden states as running every text whole."""
         start = time.perf_counter()
         prefix = self._shared_prefix() if self.share_prefix else 0
         bar = tqdm(
@@ -205,20 +207,31 @@ class FusedPerplexityScorer:
         )
         for source in self.sources:
             decoder = source.model.get_decoder()
-            if prefix:
-                ids = self.encoded[0].input_ids[None, :prefix].to(source.input_device)
-                out = decoder(input_ids=ids, use_cache=True)
-                prefix_hidden, prefix_cache = out.last_hidden_state[0], out.past_key_values
-            for item in self.encoded:
-                ids = item.input_ids[None, prefix:].to(source.input_device)
-                if prefix:
-                    cache = copy.deepcopy(prefix_cache)
-                    rest = decoder(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
-                    hidden = torch.cat([prefix_hidden, rest])
-                else:
+            if not prefix:
+                for item in self.encoded:
+                    ids = item.input_ids[None].to(source.input_device)
                     hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
-                item.features[source.role] = hidden[item.positions.to(hidden.device)]  # (P, H)
-                bar.update(1)
+                    item.features[source.role] = hidden[item.positions.to(hidden.device)]  # (P, H)
+                    bar.update(1)
+                continue
+            ids = self.encoded[0].input_ids[None, :prefix].to(source.input_device)
+            out = decoder(input_ids=ids, use_cache=True)
+            prefix_hidden, prefix_cache = out.last_hidden_state[0], out.past_key_values
+            for b0 in range(0, len(self.encoded), _SUFFIX_BATCH):
+                batch = self.encoded[b0 : b0 + _SUFFIX_BATCH]
+                rests = [item.input_ids[prefix:] for item in batch]
+                padded = torch.nn.utils.rnn.pad_sequence(
+                    rests, batch_first=True, padding_value=int(ids[0, 0])
+                )
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                hidden = decoder(
+                    input_ids=padded.to(source.input_device), past_key_values=cache, use_cache=True
+                ).last_hidden_state
+                for row, (item, rest) in enumerate(zip(batch, rests, strict=True)):
+                    whole = torch.cat([prefix_hidden, hidden[row, : rest.numel()]])
+                    item.features[source.role] = whole[item.positions.to(whole.device)]
+                bar.update(len(batch))
         bar.close()
         self.shared_prefix_tokens = prefix
         self.forward_seconds = time.perf_counter() - start
