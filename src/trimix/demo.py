@@ -47,7 +47,7 @@ class DemoBudget:
     instruct_steps: int = 18
     select_prompts: int = 6
     topic_items: int = 28
-    topic_loglik_items: int = 56  # the same prompts, each label scored by its likelihood: cheap, less noisy
+    topic_loglik_items: int = 28  # the same prompt, each label scored by its likelihood instead
     translation_items: int = 5
     heldout_lines: int = 40  # at most VALIDATION_LINES
     topic_shots: int = 0  # zero-shot: the task skill has to come from the `large` source
