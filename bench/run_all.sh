@@ -11,6 +11,7 @@ if [[ "$which" == tiny || "$which" == all ]]; then
   run naive_baseline.py --model tiny --new-tokens 64 256 --batch-size 8
   run search_cost.py --model tiny
   run log_partition.py
+  run shared_prefix.py --model tiny
   run step_breakdown.py --model tiny --batch-size 8
 fi
 if [[ "$which" == gemma || "$which" == all ]]; then
@@ -18,5 +19,6 @@ if [[ "$which" == gemma || "$which" == all ]]; then
   run naive_baseline.py --model gemma --new-tokens 64 --batch-size 1
   run search_cost.py --model gemma --n-prompts 4 --shots 2
   run search_cost.py --model gemma --n-prompts 4 --shots 2 --chunk-mb 256
+  run shared_prefix.py --model gemma --shots 2
   run step_breakdown.py --model gemma --batch-size 8 --new-tokens 24
 fi
