@@ -26,7 +26,7 @@ from pathlib import Path
 from trimix.backends.loading import resolve_cache_dir
 from trimix.config import CptConfig, SourceConfig, load_config
 from trimix.data import UYGHUR_CORPUS
-from trimix.evaluation import Evaluator, write_report
+from trimix.evaluation import SELECTIONS, Evaluator, write_report
 from trimix.runinfo import write_run_info
 from trimix.tasks import get_task
 from trimix.training import run_cpt, split_corpus
@@ -221,7 +221,7 @@ def run_demo(out_dir: Path, scale: float = 1.0, cache_dir: str | None = None, pr
     logger.info("steps 4-5/5: weight selection on Uyghur dev prompts, then evaluation of 6 methods")
     Evaluator(config, out_dir, progress=progress).run()
     table, _ = write_report(out_dir)
-    selection = json.loads(next((out_dir / "selections").glob("*.json")).read_text())
+    selection = json.loads(next((out_dir / SELECTIONS).glob("*.json")).read_text())
     lines = [
         ROLES_NOTE,
         "",

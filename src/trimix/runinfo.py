@@ -53,15 +53,13 @@ def prepare_output_dir(
             f"output dir {str(folder)!r} is not empty; pass --overwrite to replace its files"
             + (" or --resume to continue it" if progress_files else "")
         )
-    if overwrite and not resume:
-        for name in progress_files:
-            stale = folder / name
-            if stale.is_dir():
-                shutil.rmtree(stale)
-                logger.info("--overwrite: removed %s", stale)
-            elif stale.exists():
-                stale.unlink()
-                logger.info("--overwrite: removed %s", stale)
+    stale = [folder / name for name in progress_files] if overwrite and not resume else []
+    for path in filter(Path.exists, stale):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        logger.info("--overwrite: removed %s", path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from trimix.demo import run_demo
-from trimix.evaluation import PREDICTIONS
+from trimix.evaluation import RESUMED_FROM
 from trimix.runinfo import prepare_output_dir
 
 EXAMPLE = """example:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         args.output_dir,
         overwrite=args.overwrite,
         resume=args.resume,
-        progress_files=(PREDICTIONS, "selections"),
+        progress_files=RESUMED_FROM,
     )
     print(run_demo(out_dir, scale=args.scale, cache_dir=args.cache_dir, progress=not args.quiet))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
-from trimix.evaluation import PREDICTIONS, Evaluator, write_report
+from trimix.evaluation import RESUMED_FROM, Evaluator, write_report
 from trimix.runinfo import prepare_output_dir, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.output_dir,
         overwrite=args.overwrite,
         resume=args.resume,
-        progress_files=(PREDICTIONS, "selections"),
+        progress_files=RESUMED_FROM,
     )
     write_run_info(out_dir, config, config.eval.seed)
     Evaluator(config, out_dir, progress=not args.quiet).run()

@@ -30,6 +30,8 @@ from trimix.tasks import Example, Task, get_task
 
 logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
+SELECTIONS = "selections"
+RESUMED_FROM = (PREDICTIONS, SELECTIONS)  # what a run continues from; `--overwrite` removes them
 
 
 def build_task(spec: TaskSpec, lang: str) -> Task:
@@ -125,7 +127,7 @@ class Evaluator:
 
     def _selected_weights(self, task: Task) -> dict[str, float]:
         """TriMix weights chosen by fused perplexity on the task's dev prompts, cached beside the results."""
-        path = self.out_dir / "selections" / f"{task.full_name}.json"
+        path = self.out_dir / SELECTIONS / f"{task.full_name}.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))["selected"]["weights"]
         search = self.config.search
@@ -165,11 +167,11 @@ class Evaluator:
         sink = _Sink(path)
 
         def write(
-            method: MethodSpec, spec: TaskSpec, task: Task, weights: dict[str, float], rows: list[dict]
+            method: MethodSpec, cell: str, task: Task, weights: dict[str, float], rows: list[dict]
         ) -> None:
             base = {
                 "method": method.name,
-                "task": cell_name(spec, task),
+                "task": cell,
                 "task_name": task.name,
                 "lang": task.lang,
                 "metrics": list(task.metric_names),
@@ -181,8 +183,9 @@ class Evaluator:
 
         try:
             for spec, task, items in cells:
+                cell = cell_name(spec, task)
                 pending = {
-                    m.name: [e for e in items if _key(m.name, cell_name(spec, task), e.id) not in done]
+                    m.name: [e for e in items if _key(m.name, cell, e.id) not in done]
                     for m in self.config.eval.methods
                 }
                 methods = [m for m in self.config.eval.methods if pending[m.name]]
@@ -193,15 +196,15 @@ class Evaluator:
                     for m in methods
                 }
                 if task.kind == "perplexity" or spec.scoring == "loglikelihood":
-                    bar.set_description(f"eval {len(methods)} methods | {cell_name(spec, task)}")
+                    bar.set_description(f"eval {len(methods)} methods | {cell}")
                     for method, rows in self._score(task, items, methods, weights, pending):
-                        write(method, spec, task, weights[method.name], rows)
+                        write(method, cell, task, weights[method.name], rows)
                     continue
                 for method in methods:
-                    bar.set_description(f"eval {method.name} | {task.full_name}")
+                    bar.set_description(f"eval {method.name} | {cell}")
                     lm = self.fused(weights[method.name], method)
                     for rows in self._generate(lm, task, pending[method.name]):
-                        write(method, spec, task, weights[method.name], rows)
+                        write(method, cell, task, weights[method.name], rows)
         finally:
             sink.close()
             bar.close()
