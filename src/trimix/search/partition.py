@@ -81,7 +81,7 @@ def _factorised_log_partition(logits: torch.Tensor, weights: torch.Tensor) -> to
         size = rows.stop - p0
         if affine:
             reference = logits[ref, rows]
-            top = _row_extremes(reference, low=False)[1]
+            top = _row_max(reference)
             highs[rows, ref:] = top
             torch.sub(reference, top, out=base[:size])
         for k in range(len(factors)):
@@ -109,16 +109,17 @@ def _factorised_log_partition(logits: torch.Tensor, weights: torch.Tensor) -> to
     return log_z.masked_fill(sums.T < 1e-20, float("nan"))
 
 
-def _row_extremes(rows: torch.Tensor, low: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(min, max)`` of each row as ``(R, 1)`` tensors (the min only if ``low``). A single row uses the
-    whole-tensor reduction, which runs on every core; reducing along the last dim of one row runs on one."""
+def _row_max(rows: torch.Tensor) -> torch.Tensor:
+    """The max of each row as ``(R, 1)``. A single row uses the whole-tensor reduction, which runs on
+    every core; reducing along the last dim of one row runs on one (about 10x slower at V = 262k)."""
+    return rows.max().view(1, 1) if rows.shape[0] == 1 else rows.amax(dim=-1, keepdim=True)
+
+
+def _row_extremes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of each row as ``(R, 1)`` tensors, with :func:`_row_max`'s single-row rule."""
     if rows.shape[0] == 1:
-        if not low:
-            return None, rows.max().view(1, 1)
         smallest, largest = torch.aminmax(rows)
         return smallest.view(1, 1), largest.view(1, 1)
-    if not low:
-        return None, rows.amax(dim=-1, keepdim=True)
     return torch.aminmax(rows, dim=-1, keepdim=True)
 
 
