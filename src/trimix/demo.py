@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from trimix.backends.loading import resolve_cache_dir
 from trimix.config import CptConfig, SourceConfig, load_config
@@ -84,17 +85,26 @@ def _train_or_reuse(
     return folder / "adapter", report.to_dict()
 
 
+def _lora_recipe(corpus: Path, steps: int, **settings: Any) -> CptConfig:
+    """The demo's LoRA training settings, shared by both adapters; ``settings`` adds what differs."""
+    return CptConfig(
+        corpus=[str(corpus)],
+        max_steps=steps,
+        block_size=128,
+        batch_size=4,
+        save_every=max(steps, 1),
+        learning_rate=4e-4,
+        seed=0,
+        **settings,
+    )
+
+
 def train_cpt_adapter(budget: DemoBudget, cache_root: Path, progress: bool) -> tuple[Path, dict]:
     """The Uyghur CPT LoRA (``small_cpt``), trained once per budget and cached."""
     logger.info("step 2/5: LoRA continual pretraining on Uyghur text (%d steps)", budget.cpt_steps)
-    cpt = CptConfig(
-        corpus=[str(UYGHUR_CORPUS)],
-        max_steps=budget.cpt_steps,
-        block_size=128,
-        batch_size=4,
-        save_every=max(budget.cpt_steps, 1),
-        learning_rate=4e-4,
-        seed=0,
+    cpt = _lora_recipe(
+        UYGHUR_CORPUS,
+        budget.cpt_steps,
         max_validation_lines=VALIDATION_LINES,
         max_forgetting_lines=budget.heldout_lines,
     )
@@ -115,17 +125,7 @@ def train_instruct_adapter(budget: DemoBudget, cache_root: Path, progress: bool)
                 json.dumps({"text": f"{task.render(example).text} {example.target}"}, ensure_ascii=False)
             )
             handle.write("\n")
-    cpt = CptConfig(
-        corpus=[str(corpus)],
-        max_steps=budget.instruct_steps,
-        block_size=128,
-        batch_size=4,
-        save_every=max(budget.instruct_steps, 1),
-        learning_rate=4e-4,
-        seed=0,
-        forgetting_text=None,
-        max_validation_lines=20,
-    )
+    cpt = _lora_recipe(corpus, budget.instruct_steps, forgetting_text=None, max_validation_lines=20)
     return _train_or_reuse("instruct-eng", "large", cpt, cache_root, progress)
 
 
