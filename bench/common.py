@@ -16,7 +16,9 @@ import torch
 
 from trimix import FusedLM, load_config
 from trimix.backends.loading import Source
+from trimix.config import GridRange, SearchConfig
 from trimix.data import read_sib200
+from trimix.search import build_candidates
 
 logger = logging.getLogger("bench")
 
@@ -83,8 +85,10 @@ def prompts(n: int, lang: str = "uig_Arab", max_chars: int = 160) -> list[str]:
     return [r.text[:max_chars] for r in rows[:n]]
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` runs after one warm-up run."""
+def best_time(
+    fn: Callable[[], object], repeats: int, reduce: Callable[[list[float]], float] = statistics.median
+) -> float:
+    """``reduce`` (the median by default) of the wall times of ``repeats`` runs after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
@@ -95,7 +99,22 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
+
+
+def weight_matrix(search: SearchConfig, roles: list[str]) -> torch.Tensor:
+    """The search's candidate weights as a ``(C, N)`` matrix in ``roles`` order."""
+    points, _ = build_candidates(search, roles)
+    return torch.tensor([[p[r] for r in roles] for p in points])
+
+
+# The paper's 6 x 6 TriMix grid is SearchConfig()'s default; this is the 20 x 20 one (400 candidates).
+FINE_GRID = SearchConfig(
+    grid={
+        "large": GridRange(start=0.05, stop=1.0, step=0.05),
+        "small_cpt": GridRange(start=0.05, stop=1.0, step=0.05),
+    }
+)
 
 
 def save(path: str | None, payload: dict) -> None:

@@ -11,19 +11,13 @@ a Gemma-sized vocabulary by default; the cost does not depend on their values.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import machine, save
+from common import FINE_GRID, best_time, machine, save, weight_matrix
 
+from trimix.config import SearchConfig
 from trimix.fusion import fuse_logits
 from trimix.search import combination_nll
-
-
-def grid(side: int) -> torch.Tensor:
-    """A ``side x side`` grid of (a, b) in (0, 1], small_base = 1 - a - b: the paper's at side 6."""
-    values = [0.1, 0.3, 0.5, 0.7, 0.9, 1.0] if side == 6 else torch.linspace(0.05, 1.0, side).tolist()
-    return torch.tensor([[a, b, 1 - a - b] for a in values for b in values])
 
 
 def direct_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -32,15 +26,6 @@ def direct_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
         logp = torch.log_softmax(fuse_logits(logits, weights[c]), dim=-1)
         out[c] = -logp.gather(-1, targets[:, None]).double().sum()
     return out
-
-
-def fastest(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -57,13 +42,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, args.positions, args.vocab, generator=generator) * 3
     targets = torch.randint(0, args.vocab, (args.positions,), generator=generator)
-    weights = grid(6 if args.combos == 36 else 20)
+    roles = ["large", "small_cpt", "small_base"]
+    weights = weight_matrix(SearchConfig() if args.combos == 36 else FINE_GRID, roles)
     factorised = combination_nll(logits, targets, weights)
     direct = direct_nll(logits, targets, weights)
     worst = float(((factorised - direct).abs() / direct.abs()).max())
 
-    t_factorised = fastest(lambda: combination_nll(logits, targets, weights), args.repeats)
-    t_direct = fastest(lambda: direct_nll(logits, targets, weights), args.repeats)
+    t_factorised = best_time(lambda: combination_nll(logits, targets, weights), args.repeats, reduce=min)
+    t_direct = best_time(lambda: direct_nll(logits, targets, weights), args.repeats, reduce=min)
     per_token = 1e3 / args.positions
     print(
         f"# log-partition of {len(weights)} candidates, V = {args.vocab:,}, {args.positions} positions — {machine()}"

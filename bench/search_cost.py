@@ -19,10 +19,10 @@ import time
 
 import psutil
 import torch
-from common import load_trio, machine, save
+from common import FINE_GRID, load_trio, machine, save, weight_matrix
 
-from trimix.config import GridRange, SearchConfig
-from trimix.search import FusedPerplexityScorer, build_candidates, selection_texts
+from trimix.config import SearchConfig
+from trimix.search import FusedPerplexityScorer, selection_texts
 
 
 class PeakMemory:
@@ -55,11 +55,6 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.extra = self.peak - self.start
-
-
-def weight_matrix(search: SearchConfig, roles: list[str]) -> torch.Tensor:
-    points, _ = build_candidates(search, roles)
-    return torch.tensor([[p[r] for r in roles] for p in points])
 
 
 def main() -> None:
@@ -123,13 +118,7 @@ def main() -> None:
     forward_seconds, search_seconds = min(forward_runs), min(search_runs)
     ratios = sorted(s / f for s, f in zip(search_runs, forward_runs, strict=True))
 
-    fine = SearchConfig(
-        grid={
-            "large": GridRange(start=0.05, stop=1.0, step=0.05),
-            "small_cpt": GridRange(start=0.05, stop=1.0, step=0.05),
-        }
-    )
-    grid400 = weight_matrix(fine, roles)
+    grid400 = weight_matrix(FINE_GRID, roles)
     with PeakMemory() as mem36:
         scorer.score(grid36)
     with PeakMemory() as mem400:
