@@ -88,8 +88,31 @@ def test_weights_from_selection_file(tmp_path) -> None:
     raw = _cfg(method="trimix")
     raw["fusion"]["weights_from"] = str(selection)
     config = load_config(raw)
-    assert config.fusion.method == "weighted"
-    assert config.weights() == {"large": 0.3, "small_cpt": 0.7, "small_base": 0.0}
+    # 0.3 / 0.7 / 0.0 is a TriMix point (small_base = 1 - a - b), so the method keeps its meaning.
+    assert config.fusion.method == "trimix"
+    assert config.weights() == {"large": 0.3, "small_cpt": 0.7, "small_base": pytest.approx(0.0)}
+    assert config.fusion.weights_from is None  # applied at load; the resolved config records the weights
+
+
+def test_partial_weights_keep_the_method_or_are_refused() -> None:
+    trimix = load_config(_cfg(method="trimix"), weights={"large": 0.3, "small_cpt": 0.9})
+    assert trimix.fusion.method == "trimix"
+    assert trimix.weights() == {"large": 0.3, "small_cpt": 0.9, "small_base": pytest.approx(-0.2)}
+    explicit = load_config(_cfg(method="trimix"), weights={"large": 0.3, "small_cpt": 0.9, "small_base": 0.0})
+    assert explicit.fusion.method == "weighted" and explicit.weights()["small_base"] == 0.0
+    with pytest.raises(ConfigError) as info:
+        load_config(_cfg(method="proxy_tuning"), weights={"large": 0.3, "small_cpt": 0.9})
+    message = str(info.value)
+    assert "ambiguous" in message
+    assert (
+        "read as TriMix (small_base derived), it fuses large=0.3, small_cpt=0.9, small_base=-0.2" in message
+    )
+    assert (
+        "read as 'weighted' with the unnamed sources at 0, it fuses large=0.3, small_cpt=0.9, small_base=0"
+        in message
+    )
+    with pytest.raises(ConfigError, match="names role"):
+        load_config(_cfg(method="trimix"), weights={"huge": 1.0})
 
 
 def test_parse_weights_arg() -> None:
@@ -103,4 +126,6 @@ def test_parse_weights_arg() -> None:
 )
 def test_shipped_configs_validate(path: Path) -> None:
     config = load_config(path)
-    assert config.models and all(m.weight is not None for m in config.models)
+    fusion = config.resolved_fusion()
+    # Every source's weight is resolved and the run fuses at least one source.
+    assert set(fusion.weights) == {m.role for m in config.models} and fusion.roles

@@ -106,9 +106,9 @@ def test_padded_rows_are_never_generated(make_model) -> None:
     )
     # Make the padded rows the most likely tokens: fusion must still pick a real token.
     with torch.no_grad():
-        lm.sources[0].model.lm_head.weight[lm.spec.vocab_size :] *= 100
+        lm.sources[0].model.lm_head.weight[lm.vocab_size :] *= 100
     outs = lm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
-    assert all(t < lm.spec.vocab_size for g in outs for t in g.token_ids)
+    assert all(t < lm.vocab_size for g in outs for t in g.token_ids)
 
 
 def test_sampling_is_seeded_and_varies_with_seed(trio) -> None:
@@ -181,3 +181,75 @@ def test_chat_prompt_format_for_one_source(trio, tokenizer) -> None:
     assert cached == generate_without_cache(lm, PROMPTS[:3], gen)
     plain = [g.token_ids for g in _load(trio_config(trio)).generate(PROMPTS[:3], gen)]
     assert cached != plain
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 5},
+        {"plausibility": True},
+        {"stop_from_output": True},
+        {"eos_from_output": True},
+    ],
+    ids=["greedy", "sampled", "plausibility", "stop", "eos"],
+)
+def test_static_engine_equals_eager_engine(make_model, arch: str, settings: dict) -> None:
+    """The preallocated, in-place step that CUDA graphs replay gives the eager engine's tokens."""
+    trio = {
+        "large": make_model(arch, seed=1, extra_rows=8),
+        "small_cpt": make_model(arch, seed=2),
+        "small_base": make_model(arch, seed=3),
+    }
+    settings = dict(settings)
+    fusion = {"method": "trimix"}
+    if settings.pop("plausibility", False):
+        fusion["plausibility"] = {"role": "small_cpt", "alpha": 0.2}
+    raw = trio_config(trio, **fusion)
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.3, 0.9
+    lm = _load(raw)
+    gen = GenerationConfig(
+        max_new_tokens=12,
+        ignore_eos=True,
+        batch_size=3,
+        **{k: v for k, v in settings.items() if k not in {"stop_from_output", "eos_from_output"}},
+    )
+    free = lm.generate(PROMPTS, gen, engine="eager")
+    if settings.get("stop_from_output"):
+        gen = gen.model_copy(update={"stop": [free[1].text[2:4]]})
+    if settings.get("eos_from_output"):
+        gen = gen.model_copy(update={"ignore_eos": False, "eos_token_ids": [free[0].token_ids[3]]})
+    eager = lm.generate(PROMPTS, gen, engine="eager")
+    static = lm.generate(PROMPTS, gen, engine="static")
+    assert [g.token_ids for g in static] == [g.token_ids for g in eager]
+    assert [g.finish_reason for g in static] == [g.finish_reason for g in eager]
+    assert [g.text for g in static] == [g.text for g in eager]
+    if settings.get("stop_from_output") or settings.get("eos_from_output"):
+        assert {g.finish_reason for g in eager} & {"stop", "eos"}
+
+
+def test_sampled_rows_do_not_depend_on_their_batch(trio) -> None:
+    lm = _load(trio_config(trio))
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.5, seed=4, ignore_eos=True)
+    batched = lm.generate(PROMPTS, gen, batch_size=4)
+    alone = [lm.generate([p], gen, row_ids=[i])[0] for i, p in enumerate(PROMPTS)]
+    reordered = lm.generate(PROMPTS[::-1], gen, row_ids=list(range(len(PROMPTS)))[::-1], batch_size=2)[::-1]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone] == [g.token_ids for g in reordered]
+
+
+def test_with_weights_shares_sources_and_keeps_the_method(trio) -> None:
+    raw = trio_config(trio, method="trimix")
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.1, 0.9
+    lm = _load(raw)
+    assert lm.roles == ("large", "small_cpt")  # small_base has weight 0: not loaded
+    other = lm.with_weights(large=0.3, small_cpt=0.9)
+    assert other.fusion.weights == {"large": 0.3, "small_cpt": 0.9, "small_base": pytest.approx(-0.2)}
+    assert other.pool is lm.pool and other.sources[0] is lm.sources[0]  # no reload
+    assert "small_base" in lm.pool.sources  # loaded on demand from the config
+    from trimix.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no source has|names role"):
+        lm.with_weights(huge=1.0)
+    with pytest.raises(ConfigError, match="needs a `weight` on every source"):
+        lm.with_weights(method="weighted", large=1.0)

@@ -9,7 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimix.fusion import FusionSpec, fuse_logits, fused_log_softmax, plausibility_mask
+from trimix.fusion import (
+    Fusion,
+    Plausibility,
+    fuse_logits,
+    fuse_rows,
+    fused_scores,
+    get_method,
+    plausibility_mask,
+)
 
 weights_st = st.lists(st.floats(-3, 3, allow_nan=False), min_size=3, max_size=3)
 
@@ -65,9 +73,14 @@ def test_bad_weights_rejected() -> None:
         fuse_logits(_logits(0), [0.5, 0.5])
 
 
-def test_fused_log_softmax_normalises() -> None:
-    logp = fused_log_softmax(_logits(3), [0.1, 0.9, 0.0])
-    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2))
+@settings(deadline=None)
+@given(seed=st.integers(0, 10_000), w1=weights_st, w2=weights_st)
+def test_each_row_fuses_with_its_own_weights(seed: int, w1: list[float], w2: list[float]) -> None:
+    logits = _logits(seed)
+    per_row = fuse_rows(logits, torch.tensor([w1, w2]), None)
+    # Row b under its own weights is exactly what fusing the whole batch with those weights gives row b.
+    assert torch.equal(per_row[0], fuse_logits(logits, w1)[0])
+    assert torch.equal(per_row[1], fuse_logits(logits, w2)[1])
 
 
 @given(seed=st.integers(0, 10_000), alpha=st.floats(0.001, 1.0))
@@ -89,13 +102,40 @@ def test_plausibility_alpha_one_keeps_only_argmax() -> None:
         plausibility_mask(logits, 0.0)
 
 
-def test_spec_slices_padded_rows_and_masks() -> None:
+def test_fused_scores_slice_padded_rows_and_mask() -> None:
     large = torch.tensor([[0.0, 1.0, 2.0, 50.0]])  # the 4th column is a padded row
     small = torch.tensor([[3.0, 0.0, 0.0]])
-    spec = FusionSpec(roles=("large", "small"), weights=(1.0, 1.0), vocab_size=3)
-    assert spec.scores([large, small]).tolist() == [[3.0, 1.0, 2.0]]
-    constrained = FusionSpec(
-        ("large", "small"), (1.0, 1.0), 3, plausibility_index=0, plausibility_alpha=math.exp(-1.5)
-    )
+    weights = torch.tensor([[1.0, 1.0]])
+    assert fused_scores([large, small], weights, 3).tolist() == [[3.0, 1.0, 2.0]]
     # Under `large`, token 0 has logit 0 < 2 - 1.5: implausible, so it is -inf despite the largest fused score.
-    assert constrained.scores([large, small]).tolist() == [[float("-inf"), 1.0, 2.0]]
+    constrained = fused_scores([large, small], weights, 3, plausibility_index=0, alpha=math.exp(-1.5))
+    assert constrained.tolist() == [[float("-inf"), 1.0, 2.0]]
+
+
+def test_methods_resolve_the_paper_formulas() -> None:
+    given = {"large": 0.3, "small_cpt": 0.9, "small_base": None}
+    assert Fusion.resolve("trimix", given).weights == {
+        "large": 0.3,
+        "small_cpt": 0.9,
+        "small_base": pytest.approx(-0.2),
+    }
+    proxy = Fusion.resolve("proxy_tuning", dict.fromkeys(given), alpha=0.5).weights
+    assert proxy == {"large": 1.0, "small_cpt": 0.5, "small_base": -0.5}
+    single = Fusion.resolve("single", dict.fromkeys(given), role="small_cpt")
+    assert single.roles == ("small_cpt",) and single.weights["small_cpt"] == 1.0
+    with pytest.raises(ValueError, match=r"Did you mean 'trimix'\?"):
+        get_method("trimx")
+    with pytest.raises(ValueError, match="sets it to -0.2"):
+        Fusion.resolve("trimix", {"large": 0.3, "small_cpt": 0.9, "small_base": 0.0})
+
+
+def test_fusion_runs_only_weighted_sources_and_the_judge() -> None:
+    fusion = Fusion(
+        {"large": 0.1, "small_cpt": 0.9, "small_base": 0.0}, plausibility=Plausibility("small_base")
+    )
+    assert fusion.roles == ("large", "small_cpt", "small_base")
+    assert Fusion({"large": 0.1, "small_cpt": 0.9, "small_base": 0.0}).roles == ("large", "small_cpt")
+    with pytest.raises(ValueError, match="finite"):
+        Fusion({"a": float("inf")})
+    with pytest.raises(ValueError, match="nothing to decode"):
+        Fusion({"a": 0.0})

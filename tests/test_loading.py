@@ -92,7 +92,7 @@ def test_vocab_row_mismatch_trio_fuses_over_tokenizer_vocab(trio, tokenizer) -> 
     )
     rows = {s.role: s.logit_rows for s in lm.sources}
     assert rows["large"] == len(tokenizer) + 8 and rows["small_cpt"] == len(tokenizer)
-    assert lm.spec.vocab_size == len(tokenizer)
+    assert lm.vocab_size == len(tokenizer)
 
 
 def test_tokenizers_of_different_size_fail_clearly(tokenizer) -> None:
@@ -142,5 +142,16 @@ def test_prompt_longer_than_context(trio) -> None:
             }
         )
     )
-    with pytest.raises(ValueError, match=r"tokens for source 'large', \d+ more than its context of 1024"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokens for source 'large'; with max_new_tokens 2 it needs \d+ positions, more than the source's context of 1024",
+    ):
         lm.generate(["hello " * 1200], max_new_tokens=2)
+    # Near the limit: refused up front by default, or decoded until the context is full when asked.
+    n = next(n for n in range(1, 1024) if len(lm.tokenizer("hello " * n)["input_ids"]) + 8 > 1024)
+    tokens = len(lm.tokenizer("hello " * n)["input_ids"])
+    assert tokens + 1 <= 1024
+    with pytest.raises(ValueError, match="more than the source's context"):
+        lm.generate(["hello " * n], max_new_tokens=8)
+    out = lm.generate(["hello " * n], max_new_tokens=8, ignore_eos=True, on_context_limit="stop")[0]
+    assert out.finish_reason == "context" and len(out.token_ids) == 1024 - tokens

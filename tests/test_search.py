@@ -43,7 +43,7 @@ def direct_nll(lm: FusedLM, item: ScoringText, weights: list[float]) -> tuple[fl
     enc = lm.tokenizer(item.text, return_offsets_mapping=True)
     ids = torch.tensor([enc["input_ids"]])
     with torch.no_grad():
-        logits = [s.model(input_ids=ids).logits[0, :-1, : lm.spec.vocab_size] for s in lm.sources]
+        logits = [s.model(input_ids=ids).logits[0, :-1, : lm.vocab_size] for s in lm.sources]
     logp = torch.log_softmax(fuse_logits(logits, weights), dim=-1)
     starts = [start for start, _ in enc["offset_mapping"]][1:]
     total, count = 0.0, 0
@@ -59,7 +59,7 @@ def test_vectorised_perplexity_equals_direct_computation(lm) -> None:
     # A tiny chunk budget forces many position and combination chunks.
     for chunk_bytes in (4096, 256 * 2**20):
         scorer = FusedPerplexityScorer(
-            lm.sources, lm.spec.vocab_size, TEXTS, chunk_bytes=chunk_bytes, progress=False
+            lm.sources, lm.vocab_size, TEXTS, chunk_bytes=chunk_bytes, progress=False
         )
         totals = scorer.score(torch.tensor(combos))
         for c, weights in enumerate(combos):
@@ -128,15 +128,15 @@ def test_shared_prefix_cache_gives_the_same_scores(make_model, arch) -> None:
     options += ["entertainment", "health", "a"]  # nine remainders of 2 to 20 tokens: two padded batches
     texts = [ScoringText(o, f"{prompt} {o}", len(prompt)) for o in options]
     weights = torch.tensor([[1.0, 1.0, -1.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
-    shared = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
-    whole = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False, share_prefix=False)
+    shared = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
+    whole = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False, share_prefix=False)
     assert shared.shared_prefix_tokens > 6 and whole.shared_prefix_tokens == 0
     assert torch.allclose(shared.score(weights).per_text, whole.score(weights).per_text, rtol=1e-5)
 
 
 def test_one_hot_combination_is_the_source_perplexity(lm) -> None:
     whole = [ScoringText(t.id, t.text) for t in TEXTS]
-    scorer = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, whole, progress=False)
+    scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, whole, progress=False)
     ppl = scorer.score(torch.eye(3)).perplexity
     for i, source in enumerate(lm.sources):
         nll, count = 0.0, 0
@@ -144,11 +144,11 @@ def test_one_hot_combination_is_the_source_perplexity(lm) -> None:
             ids = lm.tokenizer(t.text, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 logits = source.model(input_ids=ids).logits[0, :-1]
-            if source.logit_rows == lm.spec.vocab_size:  # the model's own loss, where no rows are padded
+            if source.logit_rows == lm.vocab_size:  # the model's own loss, where no rows are padded
                 loss = source.model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
             else:  # padded rows are excluded from the softmax by design
                 loss = torch.nn.functional.cross_entropy(
-                    logits[:, : lm.spec.vocab_size], ids[0, 1:], reduction="sum"
+                    logits[:, : lm.vocab_size], ids[0, 1:], reduction="sum"
                 )
             nll += float(loss)
             count += ids.shape[1] - 1
@@ -180,7 +180,7 @@ def test_bad_search_spaces(search: SearchConfig, message: str) -> None:
 def test_refinement_never_worse_and_selection_is_seeded(lm) -> None:
     search = SearchConfig(task="sib200_topic", lang="uig_Arab", n_prompts=3, shots=1, seed=5, refine_rounds=2)
     texts, origin = selection_texts(search)
-    scorer = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
+    scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
     result = search_weights(scorer, search, origin)
     assert result.selected.perplexity <= result.grid_best.perplexity
     assert result.grid_best.perplexity == min(c.perplexity for c in result.candidates if c.kind == "grid")
@@ -199,8 +199,8 @@ def test_prompts_never_contain_the_answer_and_input_scoring_counts_less(lm) -> N
     texts, _ = selection_texts(search)
     assert all(t.text.endswith("Topic:") for t in texts)
     inputs, _ = selection_texts(search.model_copy(update={"score": "input"}))
-    whole = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, texts, progress=False)
-    part = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, inputs, progress=False)
+    whole = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
+    part = FusedPerplexityScorer(lm.sources, lm.vocab_size, inputs, progress=False)
     assert 0 < part.n_tokens < whole.n_tokens
 
 
@@ -208,12 +208,10 @@ def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:
     with pytest.raises(
         DataError, match=r"has \d+ tokens, \d+ more than the context of source 'large' \(1024\)"
     ):
-        FusedPerplexityScorer(
-            lm.sources, lm.spec.vocab_size, [ScoringText("x", "hello " * 1200)], progress=False
-        )
+        FusedPerplexityScorer(lm.sources, lm.vocab_size, [ScoringText("x", "hello " * 1200)], progress=False)
     with pytest.raises(DataError, match="no token to score"):
-        FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, [ScoringText("x", "hi", 99)], progress=False)
-    short = FusedPerplexityScorer(lm.sources, lm.spec.vocab_size, [ScoringText("x", "hello")], progress=False)
+        FusedPerplexityScorer(lm.sources, lm.vocab_size, [ScoringText("x", "hi", 99)], progress=False)
+    short = FusedPerplexityScorer(lm.sources, lm.vocab_size, [ScoringText("x", "hello")], progress=False)
     with pytest.raises(DataError, match="tokens to score"):
         search_weights(short, SearchConfig(), {})
     empty = tmp_path / "empty.txt"

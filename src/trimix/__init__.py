@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 
 from trimix.config import GenerationConfig, SourceConfig, TrimixConfig, load_config
-from trimix.decoding import FusedLM, Generation
+from trimix.decoding import FusedLM, Generation, Loglikelihood
 from trimix.errors import TrimixError
-from trimix.fusion import FusionSpec, fuse_logits, plausibility_mask
+from trimix.fusion import Fusion, Plausibility, fuse_logits, plausibility_mask
 
 __version__ = "0.1.0"
 __all__ = [
     "FusedLM",
-    "FusionSpec",
+    "Fusion",
     "Generation",
     "GenerationConfig",
+    "Loglikelihood",
+    "Plausibility",
     "SourceConfig",
     "TrimixConfig",
     "TrimixError",

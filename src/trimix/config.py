@@ -16,12 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trimix.errors import ConfigError
+from trimix.fusion.methods import LARGE, PAPER_ROLES, SMALL_BASE, SMALL_CPT, get_method
+from trimix.fusion.spec import PLAUSIBILITY_ALPHA, Fusion, Plausibility
 
-LARGE, SMALL_CPT, SMALL_BASE = "large", "small_cpt", "small_base"
-PAPER_ROLES = (LARGE, SMALL_CPT, SMALL_BASE)
+__all__ = ["LARGE", "PAPER_ROLES", "SMALL_BASE", "SMALL_CPT"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-FusionMethod = Literal["weighted", "single", "proxy_tuning", "trimix"]
-_WEIGHT_TOLERANCE = 1e-6
 
 
 class _Strict(BaseModel):
@@ -61,26 +60,32 @@ class PlausibilityConfig(_Strict):
     """Keep only tokens whose probability under ``role`` is >= ``alpha`` x that source's top one."""
 
     role: str
-    alpha: float = Field(0.1, gt=0.0, le=1.0)
+    alpha: float = Field(PLAUSIBILITY_ALPHA, gt=0.0, le=1.0)
+
+    def resolve(self) -> Plausibility:
+        return Plausibility(self.role, self.alpha)
+
+
+def _registered_method(value: str) -> str:
+    get_method(value)  # a ValueError naming the closest registered method
+    return value
 
 
 class FusionConfig(_Strict):
-    """How the sources' logits are combined.
+    """How the sources' logits are combined; ``method`` names a registered fusion method
+    (``trimix ls methods``: weighted, single, proxy_tuning, trimix, ...)."""
 
-    Methods:
-        weighted: every used source carries an explicit ``weight``.
-        single: weight 1 on ``fusion.role``; no other source is loaded.
-        proxy_tuning: ``L_large + alpha * (L_small_cpt - L_small_base)`` (Liu et al., 2024).
-        trimix: ``a * L_large + b * L_small_cpt + (1 - a - b) * L_small_base`` with ``a``, ``b`` the
-            weights of ``large`` and ``small_cpt`` (the small_base weight is derived).
-    """
-
-    method: FusionMethod = "trimix"
+    method: str = "trimix"
     role: str | None = None
     alpha: float = 1.0
     plausibility: PlausibilityConfig | None = None
     vocab: Literal["exact", "shared_prefix"] = "exact"
     weights_from: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return _registered_method(value)
 
     @field_validator("alpha")
     @classmethod
@@ -88,6 +93,16 @@ class FusionConfig(_Strict):
         if not math.isfinite(value):
             raise ValueError(f"alpha must be finite; got {value!r}")
         return value
+
+    def resolve(self, given: dict[str, float | None]) -> Fusion:
+        """The fusion these settings make of the sources' written weights (role -> weight or None)."""
+        return Fusion.resolve(
+            self.method,
+            given,
+            role=self.role,
+            alpha=self.alpha,
+            plausibility=self.plausibility.resolve() if self.plausibility else None,
+        )
 
 
 class GenerationConfig(_Strict):
@@ -104,6 +119,11 @@ class GenerationConfig(_Strict):
     ignore_eos: bool = False
     batch_size: int = Field(8, ge=1)
     inspect_top_k: int = Field(0, ge=0)
+    # auto: CUDA graphs when every fused source sits on one GPU, else eager (see trimix.decoding.engine)
+    engine: Literal["auto", "eager", "static", "graphs"] = "auto"
+    # A prompt whose length plus max_new_tokens exceeds a source's context: refuse it before decoding
+    # (error), or decode until the context is full and finish with reason "context" (stop).
+    on_context_limit: Literal["error", "stop"] = "error"
 
     @field_validator("stop")
     @classmethod
@@ -220,12 +240,17 @@ class MethodSpec(_Strict):
     """One row of an evaluation: a single source, Proxy Tuning, or TriMix with fixed or selected weights."""
 
     name: str
-    method: FusionMethod = "trimix"
+    method: str = "trimix"
     role: str | None = None
     alpha: float = 1.0
     weights: dict[str, float] | None = None
     select: bool = False
     plausibility: PlausibilityConfig | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return _registered_method(value)
 
     @model_validator(mode="after")
     def _check(self) -> MethodSpec:
@@ -287,20 +312,18 @@ class TrimixConfig(_Strict):
         duplicates = sorted({r for r in roles if roles.count(r) > 1})
         if duplicates:
             raise ValueError(f"each source needs a unique `role`; {duplicates} appear more than once")
-        plaus = self.fusion.plausibility
-        if plaus is not None and plaus.role not in roles:
-            raise ValueError(
-                f"`fusion.plausibility.role` must be one of {', '.join(roles)}; got {plaus.role!r}. "
-                "Omit `plausibility` to disable it."
-            )
-        weights = resolve_weights(self.fusion, {m.role: m.weight for m in self.models})
-        for source in self.models:
-            source.weight = weights[source.role]
+        fusion = self.fusion.resolve({m.role: m.weight for m in self.models})
+        for source in self.models:  # the resolved config records every weight, derived ones included
+            source.weight = fusion.weight(source.role)
         return self
+
+    def resolved_fusion(self) -> Fusion:
+        """The run's fusion: the method's weights for every source and the plausibility rule."""
+        return self.fusion.resolve({m.role: m.weight for m in self.models})
 
     def weights(self) -> dict[str, float]:
         """The resolved weight of every source, by role."""
-        return {m.role: float(m.weight or 0.0) for m in self.models}
+        return dict(self.resolved_fusion().weights)
 
     def source(self, role: str) -> SourceConfig:
         for m in self.models:
@@ -309,79 +332,13 @@ class TrimixConfig(_Strict):
         raise ConfigError(f"no source has role {role!r}; roles are {', '.join(m.role for m in self.models)}")
 
 
-def _require_roles(method: str, given: dict[str, float | None], needed: tuple[str, ...]) -> None:
-    missing = [r for r in needed if r not in given]
-    if missing:
-        raise ValueError(
-            f"fusion method {method!r} needs sources with roles {', '.join(needed)}; missing {missing}. "
-            "Add them under `models`, or use method 'weighted' with explicit weights."
-        )
-    extra = [r for r in given if r not in needed and given[r] not in (None, 0.0)]
-    if extra:
-        raise ValueError(
-            f"fusion method {method!r} fuses only {', '.join(needed)}; source(s) {extra} carry a weight. "
-            "Remove them, set their weight to 0, or use method 'weighted'."
-        )
-
-
-def _check_consistent(role: str, given: float | None, derived: float, method: str) -> None:
-    if given is not None and abs(given - derived) > _WEIGHT_TOLERANCE:
-        raise ValueError(
-            f"source {role!r} has weight {given} but method {method!r} sets it to {derived:g}; "
-            "remove that `weight` or use method 'weighted'."
-        )
-
-
 def resolve_weights(fusion: FusionConfig, given: dict[str, float | None]) -> dict[str, float]:
     """Turn a fusion method and the sources' optional weights into one weight per role.
-
-    Args:
-        fusion: the fusion section.
-        given: role -> the ``weight`` written in the config (``None`` where omitted).
-
-    Returns:
-        role -> finite weight (0 for sources the method does not use).
 
     Raises:
         ValueError: when the method's roles are missing or explicit weights contradict it.
     """
-    method = fusion.method
-    resolved = dict.fromkeys(given, 0.0)
-    if method == "weighted":
-        missing = [r for r, w in given.items() if w is None]
-        if missing:
-            raise ValueError(
-                f"fusion method 'weighted' needs a `weight` on every source; {missing} have none. "
-                "Give them a weight (0 to leave a source out) or use method 'trimix'."
-            )
-        resolved.update({r: float(w) for r, w in given.items() if w is not None})
-    elif method == "single":
-        if fusion.role not in given:
-            raise ValueError(
-                f"fusion method 'single' needs `fusion.role` naming a source ({', '.join(given)}); "
-                f"got {fusion.role!r}"
-            )
-        for role, w in given.items():
-            _check_consistent(role, w, 1.0 if role == fusion.role else 0.0, method)
-        resolved[fusion.role] = 1.0
-    elif method == "proxy_tuning":
-        _require_roles(method, given, PAPER_ROLES)
-        derived = {LARGE: 1.0, SMALL_CPT: fusion.alpha, SMALL_BASE: -fusion.alpha}
-        for role, w in derived.items():
-            _check_consistent(role, given[role], w, method)
-        resolved.update(derived)
-    else:  # trimix
-        _require_roles(method, given, PAPER_ROLES)
-        a, b = given[LARGE], given[SMALL_CPT]
-        if a is None or b is None:
-            raise ValueError(
-                "fusion method 'trimix' needs `weight` on the large (a) and small_cpt (b) sources; "
-                f"got large={a}, small_cpt={b}. Run `trimix select` to choose them, or set e.g. 0.1 and 0.9."
-            )
-        derived_base = 1.0 - a - b
-        _check_consistent(SMALL_BASE, given[SMALL_BASE], derived_base, method)
-        resolved.update({LARGE: a, SMALL_CPT: b, SMALL_BASE: derived_base})
-    return resolved
+    return dict(fusion.resolve(given).weights)
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
@@ -413,17 +370,64 @@ def read_selected_weights(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def apply_weights(raw: dict[str, Any], weights: dict[str, float]) -> None:
-    """Set explicit per-role weights on a raw (unvalidated) config dict and switch to 'weighted'."""
-    known = {m.get("role") for m in raw.get("models", [])}
-    unknown = sorted(set(weights) - known)
+def apply_weights(raw: dict[str, Any], weights: dict[str, float], origin: str = "--weights") -> None:
+    """Set per-role weights on a raw (unvalidated) config dict, keeping the method's meaning.
+
+    * Every source named: an explicit fusion. It stays TriMix when the weights are TriMix's
+      (``small_base = 1 - large - small_cpt``) and becomes ``weighted`` otherwise.
+    * Under method ``trimix``, naming ``large`` and ``small_cpt`` (a and b) is TriMix: small_base is derived.
+    * Anything else is ambiguous and refused, with both readings spelled out.
+
+    Raises:
+        ConfigError: unknown roles, or an ambiguous partial set of weights.
+    """
+    models = [m for m in raw.get("models", []) or [] if isinstance(m, dict)]
+    known = [m.get("role") for m in models]
+    unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ConfigError(f"weights name role(s) {unknown} that no source has; roles are {sorted(known)}")
-    for m in raw.get("models", []):
-        m["weight"] = weights.get(m.get("role"), 0.0)
+        raise ConfigError(f"{origin} names role(s) {unknown} that no source has; roles are {known}")
     fusion = raw.setdefault("fusion", {})
-    fusion["method"] = "weighted"
+    method = fusion.get("method", "trimix")
+    named = set(weights)
+    if named >= set(known):
+        for m in models:
+            m["weight"] = weights[m["role"]]
+        if not (method == "trimix" and _is_trimix_point(weights)):
+            fusion["method"] = "weighted"
+    elif method == "trimix" and {LARGE, SMALL_CPT} <= named <= set(PAPER_ROLES):
+        for m in models:
+            if m["role"] in weights:
+                m["weight"] = weights[m["role"]]
+            elif m["role"] == SMALL_BASE:
+                m.pop("weight", None)  # derived: 1 - large - small_cpt
+    else:
+        raise ConfigError(_ambiguous_weights(origin, weights, known, method))
     fusion.pop("weights_from", None)
+
+
+def _is_trimix_point(weights: dict[str, float]) -> bool:
+    if not set(PAPER_ROLES) <= set(weights) or any(w for r, w in weights.items() if r not in PAPER_ROLES):
+        return False
+    return abs(weights[SMALL_BASE] - (1.0 - weights[LARGE] - weights[SMALL_CPT])) <= 1e-6
+
+
+def _ambiguous_weights(origin: str, weights: dict[str, float], known: list[str], method: str) -> str:
+    def show(values: dict[str, float]) -> str:
+        return ", ".join(f"{r}={values[r]:g}" for r in known)
+
+    given = ",".join(f"{r}={w:g}" for r, w in weights.items())
+    readings = [
+        f"read as 'weighted' with the unnamed sources at 0, it fuses {show(dict.fromkeys(known, 0.0) | weights)}"
+    ]
+    if {LARGE, SMALL_CPT} <= set(weights) <= set(PAPER_ROLES) <= set(known):
+        derived = 1.0 - weights[LARGE] - weights[SMALL_CPT]
+        trimix = dict.fromkeys(known, 0.0) | weights | {SMALL_BASE: derived}
+        readings.insert(0, f"read as TriMix (small_base derived), it fuses {show(trimix)}")
+    return (
+        f"{origin} '{given}' names {len(weights)} of the {len(known)} sources while the fusion method is "
+        f"{method!r}, so it is ambiguous: " + "; ".join(readings) + ". Name every source "
+        f"(e.g. add {next(r for r in known if r not in weights)}=0), or pass --method trimix for the TriMix reading."
+    )
 
 
 def parse_weights_arg(text: str) -> dict[str, float]:
@@ -452,7 +456,7 @@ def load_config(
     Args:
         source: a YAML path or an already-parsed dict.
         overrides: dotted keys to set before validation, e.g. ``{"generation.max_new_tokens": 8}``.
-        weights: explicit per-role weights that replace the fusion method (method becomes 'weighted').
+        weights: explicit per-role weights (see :func:`apply_weights` for how a partial set is read).
 
     Returns:
         The validated config with every source's weight resolved.
@@ -478,10 +482,12 @@ def load_config(
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     weights_from = (raw.get("fusion") or {}).get("weights_from")
+    origin_of_weights = "--weights"
     if weights_from and weights is None:
         weights = read_selected_weights(weights_from)
+        origin_of_weights = f"fusion.weights_from ({weights_from})"
     if weights is not None:
-        apply_weights(raw, weights)
+        apply_weights(raw, weights, origin_of_weights)
     try:
         return TrimixConfig.model_validate(raw)
     except ValidationError as exc:

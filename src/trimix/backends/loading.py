@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trimix.backends.hf import HFBackend
 from trimix.config import SourceConfig
 from trimix.errors import SourceLoadError
 
@@ -49,32 +50,37 @@ EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"gemma-3-270m": _assemble_gemma
 
 @dataclass
 class Source:
-    """A loaded fusion source: one causal LM, its tokenizer and its place in the fusion."""
+    """A loaded fusion source: a role, the backend that runs the model, and how it was configured.
+
+    Weights are not a property of a source: the same loaded sources serve any fusion of them.
+    """
 
     role: str
-    weight: float
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    backend: HFBackend
     config: SourceConfig
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.backend.model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.backend.tokenizer
 
     @property
     def input_device(self) -> torch.device:
         """Where input ids must go (the embedding's device, also under a ``device_map``)."""
-        return self.model.get_input_embeddings().weight.device
+        return self.backend.device
 
     @property
     def logit_rows(self) -> int:
         """Number of logits the model outputs per position (its output embedding rows)."""
-        head = self.model.get_output_embeddings()
-        if head is not None and hasattr(head, "weight"):
-            return int(head.weight.shape[0])
-        return int(self.model.config.get_text_config().vocab_size)
+        return self.backend.logit_rows
 
     @property
     def max_positions(self) -> int | None:
         """The model's context length, when its config states one."""
-        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        return int(value) if value else None
+        return self.backend.max_positions
 
     def format_prompt(self, prompt: str) -> str:
         """The text this source reads for ``prompt`` (raw, or wrapped in the chat template)."""
@@ -227,7 +233,7 @@ def load_source(
     """Load one source's model and tokenizer, in eval mode, on its device(s).
 
     Args:
-        cfg: the source's config; its ``weight`` must already be resolved.
+        cfg: the source's config.
         default_dtype: the run-level dtype used when the source sets none.
         default_device: the run-level device used when the source sets neither device nor device_map.
         cache_dir: where GGUF conversions are cached (see :func:`resolve_cache_dir`).
@@ -275,9 +281,7 @@ def load_source(
         next(model.parameters()).dtype,
         cfg.device_map or cfg.device or default_device,
     )
-    return Source(
-        role=cfg.role, weight=float(cfg.weight or 0.0), model=model, tokenizer=tokenizer, config=cfg
-    )
+    return Source(role=cfg.role, backend=HFBackend(model, tokenizer), config=cfg)
 
 
 def _has_tokenizer(folder: Path | None) -> bool:

@@ -9,7 +9,7 @@ import logging
 from trimix.cli.common import add_config_args, config_from_args
 from trimix.decoding import FusedLM
 from trimix.runinfo import prepare_output_dir, write_run_info
-from trimix.search import FusedPerplexityScorer, build_candidates, search_weights, selection_texts
+from trimix.search import build_candidates, search_weights, selection_texts
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
     texts, origin = selection_texts(search)
     write_run_info(out_dir, config, search.seed)
     lm = FusedLM.from_config(config, load_all=True)
-    scorer = FusedPerplexityScorer(
-        lm.sources, lm.spec.vocab_size, texts, chunk_bytes=search.chunk_mb * 2**20, progress=not args.quiet
+    scorer = lm.scorer(
+        texts,
+        roles=[m.role for m in config.models],
+        chunk_bytes=search.chunk_mb * 2**20,
+        progress=not args.quiet,
     )
-    result = search_weights(scorer, search, origin)
+    result = search_weights(scorer, search, origin, config.fusion.method)
     (out_dir / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
     axes = list(search.axes())
     result.plot(out_dir / "heatmap.png", axes)

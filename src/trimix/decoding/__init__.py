@@ -1,6 +1,21 @@
-"""The fused step loop: one KV cache per source, left-padded batches, stop conditions, streaming."""
+"""The fused model and its decoding: per-source caches, left-padded batches, stops, streaming, CUDA graphs."""
 
-from trimix.decoding.engine import FusedLM, Generation, StreamEvent, TokenInspection
-from trimix.decoding.sampling import TokenSelector
+from trimix.decoding.engine import (
+    FusedLM,
+    Generation,
+    Loglikelihood,
+    SourcePool,
+    StreamEvent,
+    TokenInspection,
+)
+from trimix.decoding.sampling import TokenChooser
 
-__all__ = ["FusedLM", "Generation", "StreamEvent", "TokenInspection", "TokenSelector"]
+__all__ = [
+    "FusedLM",
+    "Generation",
+    "Loglikelihood",
+    "SourcePool",
+    "StreamEvent",
+    "TokenChooser",
+    "TokenInspection",
+]

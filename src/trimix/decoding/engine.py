@@ -1,10 +1,21 @@
-"""Fused, batched, cached decoding.
+"""The fused language model: one object for generation, streaming, likelihood and many-weight scoring.
 
-Each source keeps its own KV cache, attention mask and position ids, because sources may read
-different prompt texts (a chat template for an instruct ``large`` model) and therefore pad
-differently. Only the generated tokens are shared: at every step each source runs one forward on
-the previous token, the logits are fused by :class:`~trimix.fusion.FusionSpec`, one token is chosen,
-and rows that finished are dropped from every cache so they stop costing compute.
+:class:`FusedLM` holds a :class:`SourcePool` (the loaded sources, shared) and a
+:class:`~trimix.fusion.Fusion` (the weights). ``with_weights`` / ``with_fusion`` return another model
+over the same loaded sources. Everything goes through the sources' backends
+(:class:`~trimix.backends.base.SourceBackend`): no model internals here.
+
+Decoding engines (``generation.engine``):
+
+* ``eager``: one cached forward per source per step on caches that grow; finished rows are dropped.
+* ``static``: preallocated caches and one in-place fused step (:mod:`trimix.decoding.static`); the
+  CPU reference of the graph path.
+* ``graphs``: the static step captured as a CUDA graph per batch bucket and replayed.
+* ``auto`` (default): ``graphs`` when every fused source sits on one CUDA device, else ``eager``.
+
+All engines choose tokens with the same :func:`~trimix.fusion.fused_scores` and
+:class:`~trimix.decoding.sampling.TokenChooser`; sampling noise is keyed per row (seed and prompt
+index), so a prompt's output does not depend on the batch it shares.
 """
 
 from __future__ import annotations
@@ -19,14 +30,23 @@ from tqdm.auto import tqdm
 
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
-from trimix.config import GenerationConfig, PlausibilityConfig, TrimixConfig
-from trimix.decoding.sampling import TokenSelector
+from trimix.config import FusionConfig, GenerationConfig, TrimixConfig
+from trimix.decoding.sampling import TokenChooser, row_keys
+from trimix.decoding.static import (
+    Batch,
+    FusedStep,
+    GraphSession,
+    SessionPool,
+    bucket_capacity,
+    bucket_size,
+)
 from trimix.errors import ConfigError, DataError
-from trimix.fusion.spec import FusionSpec
+from trimix.fusion import Fusion, fused_scores
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["eos", "stop", "length"]
+FinishReason = Literal["eos", "stop", "length", "context"]
+Engine = Literal["auto", "eager", "static", "graphs"]
 
 
 @dataclass
@@ -76,25 +96,22 @@ class StreamEvent:
     finish_reason: FinishReason | None = None
 
 
-@dataclass
-class _SourceState:
-    cache: Any
-    attention_mask: torch.Tensor  # (B, L)
-    next_position: torch.Tensor  # (B,)
+@dataclass(frozen=True)
+class Loglikelihood:
+    """A continuation's fused log-probability given its context, and whether greedy decoding produces it."""
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        rows = rows.to(self.attention_mask.device)
-        self.cache.batch_select_indices(rows)
-        self.attention_mask = self.attention_mask[rows]
-        self.next_position = self.next_position[rows]
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
 
 
 @dataclass
 class _Step:
-    rows: list[int]  # original indices (within the batch) of the rows decoded this step
+    rows: list[int]  # indices (within the batch) of the rows that got a token this step
     tokens: list[int]
     finish: list[FinishReason | None]
     inspection: list[TokenInspection] | None = None
+    closed: list[tuple[int, FinishReason]] = field(default_factory=list)  # rows ended without a token
 
 
 @dataclass
@@ -106,84 +123,172 @@ class _RowText:
     inspection: list[TokenInspection] = field(default_factory=list)
 
 
-def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch: 0 at each row's first real token (pads get 1, as in HF)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
+class SourcePool:
+    """The loaded sources that a family of fused models shares, loading a config's others on demand.
+
+    Args:
+        sources: loaded sources (unique roles).
+        config: the run config they came from; roles it names but that are not loaded yet are loaded
+            when a fusion first weights them.
+        vocab_mode: ``exact`` or ``shared_prefix`` (see :func:`trimix.backends.check_vocabularies`).
+    """
+
+    def __init__(
+        self, sources: Sequence[Source], config: TrimixConfig | None = None, vocab_mode: str = "exact"
+    ) -> None:
+        roles = [s.role for s in sources]
+        if len(set(roles)) != len(roles):
+            raise ConfigError(f"source roles must be unique; got {roles}")
+        self.sources: dict[str, Source] = {s.role: s for s in sources}
+        self.config = config
+        self.vocab_mode = vocab_mode
+        self.sessions = SessionPool()
+        self.vocab_size = self._check() if self.sources else 0
+
+    @property
+    def roles(self) -> list[str]:
+        """Every role this pool can provide (loaded or loadable)."""
+        known = [m.role for m in self.config.models] if self.config is not None else []
+        return known + [r for r in self.sources if r not in known]
+
+    def get(self, role: str) -> Source:
+        """The loaded source of ``role``, loading it from the config if needed."""
+        if role in self.sources:
+            return self.sources[role]
+        if self.config is None or role not in [m.role for m in self.config.models]:
+            raise ConfigError(f"no source has role {role!r}; roles are {', '.join(self.roles)}")
+        logger.info("loading source %s (a fusion weights it)", role)
+        source = load_source(
+            self.config.source(role),
+            default_dtype=self.config.dtype,
+            default_device=self.config.device,
+            cache_dir=self.config.cache_dir,
+        )
+        self.sources[role] = source
+        self.vocab_size = self._check()
+        return source
+
+    def _check(self) -> int:
+        sources = list(self.sources.values())
+        vocab = check_vocabularies(
+            {s.role: s.tokenizer for s in sources}, {s.role: s.logit_rows for s in sources}, self.vocab_mode
+        )
+        for source in sources:
+            if source.tokenizer.pad_token_id is None:
+                # Pads are masked out; any id works, and EOS is the conventional choice.
+                source.tokenizer.pad_token = source.tokenizer.eos_token
+        return vocab
 
 
 class FusedLM:
-    """Several causal LMs decoding as one, their next-token logits fused by fixed weights.
+    """Several causal LMs decoding as one, their next-token logits fused by a :class:`Fusion`.
 
     Args:
-        sources: loaded sources (any number, unique roles); their ``weight`` fields are used.
-        plausibility: optional constraint (role and alpha).
-        vocab_mode: ``exact`` or ``shared_prefix`` (see :func:`trimix.backends.check_vocabularies`).
+        sources: loaded sources, or a :class:`SourcePool` shared with other fused models.
+        fusion: the weights (and plausibility rule); a single loaded source needs none.
+        vocab_mode: ``exact`` or ``shared_prefix`` (only when ``sources`` is a list).
 
     Example:
-        >>> lm = FusedLM.from_config(load_config("configs/trimix.yaml"))  # doctest: +SKIP
+        >>> lm = trimix.load("run.yaml")  # doctest: +SKIP
         >>> lm.generate(["Translate to English: ..."], max_new_tokens=32)[0].text  # doctest: +SKIP
+        >>> lm.with_weights(large=0.3, small_cpt=0.9).loglikelihood([("2 + 2 =", " 4")])  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        sources: Sequence[Source],
-        plausibility: PlausibilityConfig | None = None,
+        sources: Sequence[Source] | SourcePool,
+        fusion: Fusion | None = None,
+        *,
         vocab_mode: str = "exact",
     ) -> None:
-        if not sources:
-            raise ConfigError("FusedLM needs at least one source")
-        self.sources = list(sources)
-        roles = tuple(s.role for s in self.sources)
-        if len(set(roles)) != len(roles):
-            raise ConfigError(f"source roles must be unique; got {roles}")
-        vocab = check_vocabularies(
-            {s.role: s.tokenizer for s in self.sources},
-            {s.role: s.logit_rows for s in self.sources},
-            vocab_mode,
-        )
-        plaus_index = None
-        if plausibility is not None:
-            if plausibility.role not in roles:
-                raise ConfigError(
-                    f"plausibility role {plausibility.role!r} is not among the loaded sources {roles}"
-                )
-            plaus_index = roles.index(plausibility.role)
-        self.spec = FusionSpec(
-            roles=roles,
-            weights=tuple(float(s.weight) for s in self.sources),
-            vocab_size=vocab,
-            plausibility_index=plaus_index,
-            plausibility_alpha=plausibility.alpha if plausibility else 0.1,
-        )
-        for source in self.sources:
-            if source.tokenizer.pad_token_id is None:
-                # Pads are masked out; any id works, and EOS is the conventional choice.
-                source.tokenizer.pad_token = source.tokenizer.eos_token
+        self.pool = sources if isinstance(sources, SourcePool) else SourcePool(sources, vocab_mode=vocab_mode)
+        if fusion is None:
+            if len(self.pool.sources) != 1:
+                raise ConfigError(f"several sources ({', '.join(self.pool.sources)}) need a fusion (weights)")
+            (role,) = self.pool.sources
+            fusion = Fusion({role: 1.0}, "single", options={"role": role})
+        unknown = [r for r in fusion.weights if r not in self.pool.roles]
+        if unknown:
+            raise ConfigError(
+                f"the fusion weights role(s) {unknown} that no source has; roles: {self.pool.roles}"
+            )
+        self.fusion = fusion
+        self.sources = [self.pool.get(role) for role in fusion.roles]
+        self.roles = tuple(s.role for s in self.sources)
+        plaus = fusion.plausibility
+        self.plausibility_index = self.roles.index(plaus.role) if plaus else None
         self.fusion_device = self.sources[0].input_device
-        logger.info("fusion of %s with weights %s over %d tokens", roles, self.spec.weights, vocab)
+        logger.info("fusion %s over %d tokens", fusion.describe(), self.vocab_size)
 
+    # ---------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, config: TrimixConfig, load_all: bool = False) -> FusedLM:
-        """Load the sources a config uses (non-zero weight or the plausibility role), or all with ``load_all``."""
-        plaus_role = config.fusion.plausibility.role if config.fusion.plausibility else None
-        used = [m for m in config.models if load_all or m.weight or m.role == plaus_role]
-        skipped = [m.role for m in config.models if m not in used]
+        """The fused model a config describes. Sources of weight 0 are loaded only with ``load_all`` or
+        when a later ``with_weights`` / ``with_fusion`` weights them."""
+        fusion = config.resolved_fusion()
+        wanted = [m for m in config.models if load_all or m.role in fusion.roles]
+        skipped = [m.role for m in config.models if m not in wanted]
         if skipped:
             logger.info("not loading source(s) %s: weight 0", skipped)
-        if not used:
-            raise ConfigError("every source has weight 0; nothing to decode with")
         sources = [
             load_source(
                 m, default_dtype=config.dtype, default_device=config.device, cache_dir=config.cache_dir
             )
-            for m in used
+            for m in wanted
         ]
-        return cls(sources, config.fusion.plausibility, config.fusion.vocab)
+        return cls(SourcePool(sources, config, config.fusion.vocab), fusion)
 
+    def with_fusion(self, fusion: Fusion | FusionConfig | dict[str, Any]) -> FusedLM:
+        """Another fused model over the same loaded sources (no reload); a source that the new fusion
+        weights but that was not loaded yet is loaded from the config (or the call fails naming it)."""
+        if isinstance(fusion, dict):
+            fusion = FusionConfig.model_validate(fusion)
+        if isinstance(fusion, FusionConfig):
+            given = {
+                r: (self.fusion.weights.get(r) if r in self.fusion.weights else None) for r in self.pool.roles
+            }
+            fusion = fusion.resolve(given)
+        return FusedLM(self.pool, fusion)
+
+    def with_weights(self, method: str | None = None, **weights: float) -> FusedLM:
+        """The same sources fused with other weights, read by ``method`` (default: the current one).
+
+        Under TriMix, ``with_weights(large=0.3, small_cpt=0.9)`` derives small_base = -0.2; under
+        ``weighted``, every source needs a weight. The plausibility rule is kept.
+
+        Raises:
+            ConfigError: unknown roles, or weights the method cannot read.
+        """
+        method = method or self.fusion.method
+        unknown = [r for r in weights if r not in self.pool.roles]
+        if unknown:
+            raise ConfigError(
+                f"with_weights names role(s) {unknown} that no source has; roles: {self.pool.roles}"
+            )
+        given = {r: weights.get(r) for r in self.pool.roles}
+        try:
+            fusion = Fusion.resolve(
+                method,
+                given,
+                role=self.fusion.options.get("role"),
+                alpha=float(self.fusion.options.get("alpha", 1.0)),
+                plausibility=self.fusion.plausibility,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return FusedLM(self.pool, fusion)
+
+    # ---------------------------------------------------------------- properties
     @property
     def tokenizer(self) -> Any:
         return self.sources[0].tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.pool.vocab_size
+
+    def weight_vector(self) -> list[float]:
+        return self.fusion.vector(self.roles)
 
     def eos_token_ids(self, generation: GenerationConfig) -> list[int]:
         """EOS ids: the config's, else every source tokenizer's and generation config's EOS."""
@@ -196,14 +301,35 @@ class FusedLM:
             gen_eos = getattr(getattr(source.model, "generation_config", None), "eos_token_id", None)
             if gen_eos is not None:
                 ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-        return sorted(i for i in ids if i < self.spec.vocab_size)
+        return sorted(i for i in ids if i < self.vocab_size)
 
-    # ------------------------------------------------------------------ public entry points
+    def engine_for(self, generation: GenerationConfig) -> str:
+        """The decoding engine a generation uses (``auto`` resolved)."""
+        devices = {s.input_device for s in self.sources}
+        one_cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        one_cuda = one_cuda and all(s.config.device_map is None for s in self.sources)
+        engine = generation.engine
+        if engine == "auto":
+            return "graphs" if one_cuda else "eager"
+        if engine == "graphs" and not one_cuda:
+            raise ConfigError(
+                "generation.engine 'graphs' needs every fused source on one CUDA device (no device_map); "
+                f"they are on {sorted(str(d) for d in devices)}. Use engine 'eager' (or 'auto')."
+            )
+        if engine == "static" and any(s.config.device_map is not None for s in self.sources):
+            raise ConfigError(
+                "generation.engine 'static' does not support sources split by device_map; use 'eager'"
+            )
+        return engine
+
+    # ---------------------------------------------------------------- generation
     def generate(
         self,
         prompts: Sequence[str],
         generation: GenerationConfig | None = None,
         progress: bool = False,
+        *,
+        row_ids: Sequence[int] | None = None,
         **overrides: Any,
     ) -> list[Generation]:
         """Generate a completion for every prompt.
@@ -212,17 +338,26 @@ class FusedLM:
             prompts: input texts; each source formats them by its ``prompt_format``.
             generation: decoding settings; keyword ``overrides`` replace single fields.
             progress: show a progress bar over prompts.
+            row_ids: each prompt's sampling key (default: its index); a prompt with the same key and
+                seed samples the same tokens whatever else is in its batch.
 
         Returns:
             One :class:`Generation` per prompt, in input order.
+
+        Raises:
+            DataError: an empty prompt, or (with ``on_context_limit: error``) a prompt whose length plus
+                ``max_new_tokens`` exceeds a source's context.
         """
-        gen = _merge_generation(generation, overrides)
+        gen = merge_generation(generation, overrides)
+        ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         results: list[Generation] = []
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
         for start in range(0, len(prompts), gen.batch_size):
             batch = list(prompts[start : start + gen.batch_size])
             rows = [_RowText() for _ in batch]
-            for step in self._decode_batch(batch, gen):
+            for step in self._decode_batch(batch, gen, ids[start : start + gen.batch_size]):
+                for row, reason in step.closed:
+                    rows[row].finish_reason = reason
                 for j, (row, token, reason) in enumerate(
                     zip(step.rows, step.tokens, step.finish, strict=True)
                 ):
@@ -239,12 +374,15 @@ class FusedLM:
         self, prompts: Sequence[str], generation: GenerationConfig | None = None, **overrides: Any
     ) -> Iterator[StreamEvent]:
         """Yield each generated token as soon as it is chosen, with its decoded text delta."""
-        gen = _merge_generation(generation, overrides)
+        gen = merge_generation(generation, overrides)
         for start in range(0, len(prompts), gen.batch_size):
             batch = list(prompts[start : start + gen.batch_size])
             rows = [_RowText() for _ in batch]
             shown = [""] * len(batch)
-            for step in self._decode_batch(batch, gen):
+            ids = list(range(start, start + len(batch)))
+            for step in self._decode_batch(batch, gen, ids):
+                for row, reason in step.closed:
+                    yield StreamEvent(start + row, -1, "", True, reason)
                 for row, token, reason in zip(step.rows, step.tokens, step.finish, strict=True):
                     rows[row].token_ids.append(token)
                     rows[row].finish_reason = reason
@@ -253,7 +391,43 @@ class FusedLM:
                     shown[row] = text
                     yield StreamEvent(start + row, token, delta, reason is not None, reason)
 
-    # ------------------------------------------------------------------ internals
+    def encode(self, source: Source, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise prompts for one source: left-padded ids and attention mask."""
+        texts = [source.format_prompt(p) for p in prompts]
+        enc = source.tokenizer(
+            texts,
+            padding=True,
+            return_tensors="pt",
+            padding_side="left",
+            add_special_tokens=source.adds_special_tokens,
+        )
+        for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()):
+            if n == 0:
+                raise DataError(f"prompt {i} is empty after tokenisation for source {source.role!r}")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def token_budgets(self, encodings: Sequence[dict[str, torch.Tensor]], gen: GenerationConfig) -> list[int]:
+        """How many tokens each row may generate: ``max_new_tokens``, or less where a source's context ends.
+
+        Raises:
+            DataError: with ``on_context_limit: error``, for the first row that does not fit.
+        """
+        budgets = [gen.max_new_tokens] * int(encodings[0]["input_ids"].shape[0])
+        for source, enc in zip(self.sources, encodings, strict=True):
+            limit = source.max_positions
+            if limit is None:
+                continue
+            for i, length in enumerate(enc["attention_mask"].sum(-1).tolist()):
+                room = limit - length
+                if room < gen.max_new_tokens and gen.on_context_limit == "error":
+                    raise DataError(
+                        f"prompt {i} has {length} tokens for source {source.role!r}; with max_new_tokens "
+                        f"{gen.max_new_tokens} it needs {length + gen.max_new_tokens} positions, more than the "
+                        f"source's context of {limit}. Shorten the prompt or lower max_new_tokens"
+                    )
+                budgets[i] = min(budgets[i], max(room, 0))
+        return budgets
+
     def _finish(self, prompt: str, row: _RowText, gen: GenerationConfig) -> Generation:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
         if row.finish_reason == "stop":
@@ -266,111 +440,169 @@ class FusedLM:
             inspection=row.inspection if gen.inspect_top_k else None,
         )
 
-    def encode(self, source: Source, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise prompts for one source: left-padded ids and attention mask on its input device."""
-        texts = [source.format_prompt(p) for p in prompts]
-        enc = source.tokenizer(
-            texts,
-            padding=True,
-            return_tensors="pt",
-            padding_side="left",
-            add_special_tokens=source.adds_special_tokens,
-        )
-        lengths = enc["attention_mask"].sum(-1)
-        for i, n in enumerate(lengths.tolist()):
-            if n == 0:
-                raise DataError(f"prompt {i} is empty after tokenisation for source {source.role!r}")
-        limit = source.max_positions
-        if limit is not None and int(lengths.max()) > limit:
-            i = int(lengths.argmax())
-            raise DataError(
-                f"prompt {i} has {int(lengths[i])} tokens for source {source.role!r}, "
-                f"{int(lengths[i]) - limit} more than its context of {limit}; shorten it"
-            )
-        device = source.input_device
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-
-    def _prefill(self, source: Source, prompts: Sequence[str]) -> tuple[torch.Tensor, _SourceState]:
-        enc = self.encode(source, prompts)
-        positions = left_padded_positions(enc["attention_mask"])
-        out = source.model(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        state = _SourceState(out.past_key_values, enc["attention_mask"], positions[:, -1] + 1)
-        return out.logits[:, -1, :], state
-
-    @staticmethod
-    def _advance(source: Source, state: _SourceState, tokens: torch.Tensor) -> torch.Tensor:
-        device = state.attention_mask.device
-        state.attention_mask = torch.cat(
-            [state.attention_mask, state.attention_mask.new_ones((state.attention_mask.shape[0], 1))], dim=-1
-        )
-        out = source.model(
-            input_ids=tokens.to(device)[:, None],
-            attention_mask=state.attention_mask,
-            position_ids=state.next_position[:, None],
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        state.next_position = state.next_position + 1
-        return out.logits[:, -1, :]
+    def _decode_batch(
+        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int]
+    ) -> Iterator[_Step]:
+        encodings = [self.encode(s, prompts) for s in self.sources]
+        budgets = self.token_budgets(encodings, gen)
+        if any(b == 0 for b in budgets):
+            yield _Step([], [], [], closed=[(i, "context") for i, b in enumerate(budgets) if b == 0])
+        engine = self.engine_for(gen)
+        logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
+        tracker = _RowTracker(self, gen, budgets)
+        keys = row_keys(gen.seed, row_ids)
+        if engine == "eager":
+            yield from self._decode_eager(encodings, gen, keys, tracker)
+        else:
+            yield from self._decode_static(encodings, gen, keys, tracker, engine == "graphs")
 
     @torch.inference_mode()
-    def _decode_batch(self, prompts: Sequence[str], gen: GenerationConfig) -> Iterator[_Step]:
-        selector = TokenSelector(gen, device=self.fusion_device)
-        eos = torch.tensor([] if gen.ignore_eos else self.eos_token_ids(gen), dtype=torch.long)
-        eos = eos.to(self.fusion_device)
-        prefilled = [self._prefill(s, prompts) for s in self.sources]
-        logits = [p[0] for p in prefilled]
-        states = [p[1] for p in prefilled]
-        active = torch.arange(len(prompts))
-        generated: list[list[int]] = [[] for _ in prompts]
-        for step in range(gen.max_new_tokens):
-            source_logits = [x.to(self.fusion_device) for x in logits]
-            scores = self.spec.scores(source_logits)  # (b, V)
-            tokens = selector(scores)  # (b,)
-            token_list = tokens.tolist()
-            is_eos = torch.isin(tokens, eos).tolist()
-            finish: list[FinishReason | None] = []
-            for row, token, hit_eos in zip(active.tolist(), token_list, is_eos, strict=True):
-                generated[row].append(token)
-                if hit_eos:
-                    finish.append("eos")
-                elif gen.stop and self._hits_stop(generated[row], gen.stop):
-                    finish.append("stop")
-                elif step == gen.max_new_tokens - 1:
-                    finish.append("length")
-                else:
-                    finish.append(None)
+    def _decode_eager(
+        self,
+        encodings: list[dict[str, torch.Tensor]],
+        gen: GenerationConfig,
+        keys: torch.Tensor,
+        tracker: _RowTracker,
+    ) -> Iterator[_Step]:
+        device = self.fusion_device
+        chooser = TokenChooser(gen)
+        eos = torch.tensor(tracker.eos, dtype=torch.long, device=device)
+        batch = len(tracker.rows)
+        weights = torch.tensor([self.weight_vector()] * batch, dtype=torch.float32, device=device)
+        keys, counters = keys.to(device), torch.zeros(batch, dtype=torch.long, device=device)
+        prefilled = [
+            s.backend.prefill(e["input_ids"], e["attention_mask"])
+            for s, e in zip(self.sources, encodings, strict=True)
+        ]
+        logits, states = [p[0] for p in prefilled], [p[1] for p in prefilled]
+        active = torch.arange(batch)
+        alive = [i for i in range(batch) if not tracker.done[i]]
+        if len(alive) < batch:  # rows with no room at all never decode
+            active = torch.tensor(alive, dtype=torch.long)
+            self._keep(states, active)
+            logits = [x[active.to(x.device)] for x in logits]
+        while active.numel():
+            rows = active.to(device)
+            source_logits = [x.to(device) for x in logits]
+            scores = fused_scores(
+                source_logits, weights[rows], self.vocab_size, self.plausibility_index, self._alpha
+            )
+            tokens = chooser(scores, keys[rows], counters[rows])
+            counters[rows] += 1
+            finish = tracker.record(active.tolist(), tokens.tolist(), torch.isin(tokens, eos).tolist())
             inspection = (
                 self._inspect(source_logits, scores, tokens, gen.inspect_top_k) if gen.inspect_top_k else None
             )
-            yield _Step(active.tolist(), token_list, finish, inspection)
+            yield _Step(active.tolist(), tokens.tolist(), finish, inspection)
             keep = torch.tensor([f is None for f in finish])
             if not keep.any():
                 return
             if not keep.all():
-                active, tokens = active[keep], tokens[keep]
-                kept_rows = keep.nonzero().squeeze(-1)
-                for state in states:
-                    state.keep_rows(kept_rows)
-            logits = [self._advance(s, st, tokens) for s, st in zip(self.sources, states, strict=True)]
+                kept = keep.nonzero().squeeze(-1)
+                active, tokens = active[kept], tokens[kept.to(tokens.device)]
+                self._keep(states, kept)
+            logits = [
+                s.backend.advance(st, tokens[:, None])[:, -1]
+                for s, st in zip(self.sources, states, strict=True)
+            ]
 
-    def _hits_stop(self, token_ids: list[int], stops: Sequence[str]) -> bool:
-        # Decode only a tail long enough to contain any stop string (a token is at least one character
-        # or a byte fragment of one); a full decode happens once, at the end.
-        tail_tokens = max(len(s) for s in stops) + 4
-        tail = self.tokenizer.decode(token_ids[-tail_tokens:], skip_special_tokens=True)
-        return any(s in tail for s in stops)
+    def _keep(self, states: list[Any], rows: torch.Tensor) -> None:
+        for source, state in zip(self.sources, states, strict=True):
+            source.backend.keep_rows(state, rows)
+
+    @property
+    def _alpha(self) -> float:
+        return self.fusion.plausibility.alpha if self.fusion.plausibility else 0.0
+
+    @torch.inference_mode()
+    def _decode_static(
+        self,
+        encodings: list[dict[str, torch.Tensor]],
+        gen: GenerationConfig,
+        keys: torch.Tensor,
+        tracker: _RowTracker,
+        graphs: bool,
+    ) -> Iterator[_Step]:
+        live = len(tracker.rows)
+        widest = max(int(e["input_ids"].shape[1]) for e in encodings)
+        needed = widest + max(tracker.budgets)
+        batch, capacity = (bucket_size(live), bucket_capacity(needed)) if graphs else (live, needed)
+        padded = Batch(
+            [
+                _pad_rows(e["input_ids"], batch, s.tokenizer.pad_token_id)
+                for s, e in zip(self.sources, encodings, strict=True)
+            ],
+            [_pad_rows(e["attention_mask"], batch, 0) for e in encodings],
+        )
+        chooser = TokenChooser(gen)
+        eos = torch.tensor(tracker.eos, dtype=torch.long, device=self.fusion_device)
+
+        def make_step(backends: list[Any], states: list[Any]) -> FusedStep:
+            return FusedStep(
+                backends,
+                states,
+                self.vocab_size,
+                self.plausibility_index,
+                self._alpha,
+                chooser,
+                eos,
+                int(self.tokenizer.pad_token_id),
+            )
+
+        def create() -> GraphSession:
+            return GraphSession([s.backend for s in self.sources], batch, capacity, make_step, graphs)
+
+        if graphs:
+            key = (
+                self.roles,
+                batch,
+                capacity,
+                self.plausibility_index,
+                self._alpha,
+                _chooser_key(gen),
+                tuple(tracker.eos),
+            )
+            session, fresh = self.pool.sessions.get(key, create)
+            if fresh:
+                logger.info("engine graphs: new session for batch %d, %d cache columns", batch, capacity)
+        else:
+            session = create()
+        weights = torch.tensor([self.weight_vector()] * batch, dtype=torch.float32)
+        all_keys = torch.cat([keys, torch.zeros(batch - live, dtype=torch.long)])
+        session.load(padded, all_keys.to(self.fusion_device), weights.to(self.fusion_device), live)
+        step = session.step_fn
+        never = [i for i in range(live) if tracker.done[i]]
+        if never:
+            step.finished[torch.tensor(never, device=step.finished.device)] = True
+        while True:
+            active = [i for i in range(live) if not tracker.done[i]]
+            if not active:
+                return
+            chosen = step.chosen.tolist()
+            tokens = [chosen[i] for i in active]
+            is_eos = [t in tracker.eos_set for t in tokens]
+            finish = tracker.record(active, tokens, is_eos)
+            inspection = None
+            if gen.inspect_top_k:
+                rows = torch.tensor(active, device=self.fusion_device)
+                inspection = self._inspect(
+                    [x[rows] for x in step.source_logits],
+                    step.scores[rows],
+                    step.chosen[rows],
+                    gen.inspect_top_k,
+                )
+            yield _Step(active, tokens, finish, inspection)
+            ended = [i for i, f in zip(active, finish, strict=True) if f is not None]
+            if ended:
+                step.finished[torch.tensor(ended, device=step.finished.device)] = True
+            if all(tracker.done[i] for i in range(live)):
+                return
+            session.step()
 
     def _inspect(
         self, source_logits: Sequence[torch.Tensor], scores: torch.Tensor, tokens: torch.Tensor, k: int
     ) -> list[TokenInspection]:
-        vocab = self.spec.vocab_size
+        vocab = self.vocab_size
         fused_probs = torch.softmax(scores, dim=-1)
         source_probs = [torch.softmax(x[..., :vocab].float(), dim=-1) for x in source_logits]
         convert = self.tokenizer.convert_ids_to_tokens
@@ -389,11 +621,173 @@ class FusedLM:
                     fused_top=top(fused_probs),
                     sources={
                         role: SourceCandidates(float(p[i, token]), top(p))
-                        for role, p in zip(self.spec.roles, source_probs, strict=True)
+                        for role, p in zip(self.roles, source_probs, strict=True)
                     },
                 )
             )
         return result
+
+    # ---------------------------------------------------------------- likelihood
+    def scorer(self, texts: Sequence[Any], *, roles: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """A :class:`~trimix.search.FusedPerplexityScorer` over ``roles`` (default: this model's sources):
+        one forward per source per text, then any number of weight vectors scored from it."""
+        from trimix.search.scoring import FusedPerplexityScorer
+
+        sources = self.sources if roles is None else [self.pool.get(r) for r in roles]
+        return FusedPerplexityScorer(sources, self.vocab_size, texts, **kwargs)
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], *, progress: bool = False
+    ) -> list[Loglikelihood]:
+        """Fused log-probability of each continuation given its context (lm-evaluation-harness semantics).
+
+        The pair is encoded whole and the context alone; the continuation is the whole encoding's tokens
+        after the context's (trailing spaces of the context move to the continuation, so the split falls
+        on a token boundary); an empty context is replaced by the tokenizer's BOS (else EOS). The
+        plausibility constraint is a decoding rule and does not apply here.
+
+        Returns:
+            One :class:`Loglikelihood` per request (natural log; ``is_greedy``: every continuation token
+            is the fused argmax at its position).
+        """
+        from trimix.search.scoring import ScoringText
+
+        source = self.sources[0]
+        items = []
+        for i, (context, continuation) in enumerate(requests):
+            context_ids, continuation_ids = split_continuation(source, context, continuation)
+            if not continuation_ids:
+                raise DataError(f"request {i}: the continuation {continuation!r} encodes to no token")
+            items.append(
+                ScoringText(
+                    str(i),
+                    context + continuation,
+                    tokens=context_ids + continuation_ids,
+                    score_last=len(continuation_ids),
+                )
+            )
+        return self._score_items(items, progress)
+
+    def loglikelihood_rolling(
+        self, texts: Sequence[str], *, max_length: int | None = None, progress: bool = False
+    ) -> list[float]:
+        """Whole-text fused log-likelihood, every token predicted (lm-evaluation-harness semantics).
+
+        The text is encoded without special tokens and scored after a prefix token (BOS, else EOS) in
+        disjoint windows of at most ``max_length`` predicted tokens (default: the smallest context among
+        the sources), each window conditioned on the tokens just before it.
+        """
+        from trimix.search.scoring import ScoringText
+
+        source = self.sources[0]
+        limit = max_length or min((s.max_positions or 2048) for s in self.sources)
+        prefix = _prefix_token(source.tokenizer)
+        items, owner = [], []
+        for i, text in enumerate(texts):
+            tokens = source.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for context, targets in rolling_windows(tokens, prefix, limit):
+                items.append(
+                    ScoringText(f"{i}:{len(items)}", text, tokens=context + targets, score_last=len(targets))
+                )
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, result in zip(owner, self._score_items(items, progress), strict=True):
+            totals[i] += result.logprob
+        return totals
+
+    def _score_items(self, items: list[Any], progress: bool) -> list[Loglikelihood]:
+        scorer = self.scorer(items, progress=progress, share_prefix=True)
+        totals = scorer.score(torch.tensor([self.weight_vector()]), greedy=True)
+        return [
+            Loglikelihood(
+                -float(totals.per_text[i, 0]), bool(totals.per_text_greedy[i, 0]), totals.tokens_per_text[i]
+            )
+            for i in range(len(items))
+        ]
+
+
+class _RowTracker:
+    """Host-side stop conditions for one batch: EOS, stop strings, the token budget, the context."""
+
+    def __init__(self, lm: FusedLM, gen: GenerationConfig, budgets: list[int]) -> None:
+        self.lm, self.gen, self.budgets = lm, gen, budgets
+        self.eos = [] if gen.ignore_eos else lm.eos_token_ids(gen)
+        self.eos_set = set(self.eos)
+        self.rows: list[list[int]] = [[] for _ in budgets]
+        self.done = [b == 0 for b in budgets]
+
+    def record(
+        self, rows: Sequence[int], tokens: Sequence[int], is_eos: Sequence[bool]
+    ) -> list[FinishReason | None]:
+        finish: list[FinishReason | None] = []
+        for row, token, hit_eos in zip(rows, tokens, is_eos, strict=True):
+            generated = self.rows[row]
+            generated.append(token)
+            reason: FinishReason | None = None
+            if hit_eos:
+                reason = "eos"
+            elif self.gen.stop and self.lm_hits_stop(generated):
+                reason = "stop"
+            elif len(generated) >= self.gen.max_new_tokens:
+                reason = "length"
+            elif len(generated) >= self.budgets[row]:
+                reason = "context"
+            self.done[row] = reason is not None
+            finish.append(reason)
+        return finish
+
+    def lm_hits_stop(self, token_ids: list[int]) -> bool:
+        # Decode only a tail long enough to contain any stop string (a token is at least one character
+        # or a byte fragment of one); a full decode happens once, at the end.
+        tail_tokens = max(len(s) for s in self.gen.stop) + 4
+        tail = self.lm.tokenizer.decode(token_ids[-tail_tokens:], skip_special_tokens=True)
+        return any(s in tail for s in self.gen.stop)
+
+
+def split_continuation(source: Source, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's split: trailing spaces of the context join the continuation; the continuation's
+    tokens are the whole encoding's after the context's encoding; an empty context becomes a prefix token."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    special = source.adds_special_tokens
+    tokenizer = source.tokenizer
+    whole = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
+    if not context:
+        prefix = _prefix_token(tokenizer)
+        body = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return [prefix], body
+    context_ids = tokenizer(context, add_special_tokens=special)["input_ids"]
+    return context_ids, whole[len(context_ids) :]
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Disjoint windows ``(context, targets)`` covering every token once, each input at most ``max_length``."""
+    windows = []
+    for start in range(0, len(tokens), max_length):
+        targets = tokens[start : start + max_length]
+        history = [prefix, *tokens][: start + 1]  # everything before the first target, prefix included
+        context = history[-(max_length - len(targets) + 1) :]
+        windows.append((context, targets))
+    return windows
+
+
+def _prefix_token(tokenizer: Any) -> int:
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+    return int(token)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    extra = tensor.new_full((rows - tensor.shape[0], tensor.shape[1]), value)
+    return torch.cat([tensor, extra])
+
+
+def _chooser_key(gen: GenerationConfig) -> tuple:
+    return (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) if gen.do_sample else (False,)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int:
@@ -401,7 +795,8 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min(hits) if hits else len(text)
 
 
-def _merge_generation(generation: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+def merge_generation(generation: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    """A generation config with single fields replaced (validated)."""
     base = generation or GenerationConfig()
     if not overrides:
         return base
@@ -409,3 +804,14 @@ def _merge_generation(generation: GenerationConfig | None, overrides: dict[str, 
         return GenerationConfig.model_validate({**base.model_dump(), **overrides})
     except Exception as exc:
         raise ConfigError(f"invalid generation setting(s) {overrides}: {exc}") from exc
+
+
+__all__ = [
+    "Engine",
+    "FusedLM",
+    "Generation",
+    "Loglikelihood",
+    "SourcePool",
+    "StreamEvent",
+    "TokenInspection",
+]

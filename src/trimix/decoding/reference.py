@@ -1,9 +1,10 @@
-"""A deliberately naive fused decoder: no KV cache, every source re-reads the whole sequence each step.
+"""A deliberately naive fused decoder: no KV cache, one prompt at a time, every source re-reads it all.
 
 It exists as the ground truth that cached, batched decoding must reproduce (tests) and as the
-no-cache baseline that research code uses for some families (benchmarks). It shares the fusion
-(:class:`~trimix.fusion.FusionSpec`) and token choice (:class:`TokenSelector`) with the engine, and
-nothing else.
+no-cache baseline that research code uses for some families (benchmarks). It calls each model's own
+forward pass (transformers' masks and output head, not trimix's backend) on the unpadded sequence,
+and shares only the fusion (:func:`~trimix.fusion.fused_scores`) and the token choice
+(:class:`~trimix.decoding.sampling.TokenChooser`) with the engine.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Sequence
 import torch
 
 from trimix.config import GenerationConfig
-from trimix.decoding.engine import FusedLM, left_padded_positions
-from trimix.decoding.sampling import TokenSelector
+from trimix.decoding.engine import FusedLM
+from trimix.decoding.sampling import TokenChooser, row_keys
+from trimix.fusion import fused_scores
 
 
 @torch.inference_mode()
 def generate_without_cache(
-    lm: FusedLM, prompts: Sequence[str], generation: GenerationConfig
+    lm: FusedLM, prompts: Sequence[str], generation: GenerationConfig, row_ids: Sequence[int] | None = None
 ) -> list[list[int]]:
     """Greedy or sampled fused decoding that recomputes every source's full sequence at every step.
 
@@ -28,35 +30,35 @@ def generate_without_cache(
     Returns:
         The generated token ids of each prompt.
     """
-    selector = TokenSelector(generation, device=lm.fusion_device)
+    chooser = TokenChooser(generation)
     eos = set() if generation.ignore_eos else set(lm.eos_token_ids(generation))
-    prompt_ids = {}
-    for source in lm.sources:
-        texts = [source.format_prompt(p) for p in prompts]
-        enc = source.tokenizer(texts, add_special_tokens=source.adds_special_tokens)
-        prompt_ids[source.role] = enc["input_ids"]
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(generation.max_new_tokens):
-        step_logits = []
-        for source in lm.sources:
-            rows = [ids + gen for ids, gen in zip(prompt_ids[source.role], generated, strict=True)]
-            width = max(len(r) for r in rows)
-            pad = source.tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            out = source.model(
-                input_ids=input_ids.to(source.input_device),
-                attention_mask=mask.to(source.input_device),
-                position_ids=left_padded_positions(mask).to(source.input_device),
-                use_cache=False,
+    keys = row_keys(generation.seed, list(range(len(prompts))) if row_ids is None else row_ids)
+    weights = torch.tensor([lm.weight_vector()], dtype=torch.float32, device=lm.fusion_device)
+    alpha = lm.fusion.plausibility.alpha if lm.fusion.plausibility else 0.0
+    results = []
+    for i, prompt in enumerate(prompts):
+        prompt_ids = {
+            s.role: s.tokenizer(s.format_prompt(prompt), add_special_tokens=s.adds_special_tokens)[
+                "input_ids"
+            ]
+            for s in lm.sources
+        }
+        generated: list[int] = []
+        for t in range(generation.max_new_tokens):
+            logits = [
+                s.model(input_ids=torch.tensor([prompt_ids[s.role] + generated], device=s.input_device))
+                .logits[:, -1]
+                .to(lm.fusion_device)
+                for s in lm.sources
+            ]
+            scores = fused_scores(logits, weights, lm.vocab_size, lm.plausibility_index, alpha)
+            token = int(
+                chooser(
+                    scores, keys[i : i + 1].to(lm.fusion_device), torch.tensor([t], device=lm.fusion_device)
+                )
             )
-            step_logits.append(out.logits[:, -1, :].to(lm.fusion_device))
-        tokens = selector(lm.spec.scores(step_logits)).tolist()
-        for i, token in enumerate(tokens):
-            if not done[i]:
-                generated[i].append(token)
-                done[i] = token in eos
-        if all(done):
-            break
-    return generated
+            generated.append(token)
+            if token in eos:
+                break
+        results.append(generated)
+    return results

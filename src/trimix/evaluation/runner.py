@@ -14,7 +14,6 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from trimix.backends.loading import Source
 from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError
+from trimix.fusion import Fusion
 from trimix.search import FusedPerplexityScorer, ScoringText, search_weights, task_selection_texts
 from trimix.tasks import Example, Task, get_task
 
@@ -107,7 +107,6 @@ class Evaluator:
             if not method.select:
                 self.fixed_weights(method)
         self.lm = FusedLM.from_config(config, load_all=True)
-        self.sources = self.lm.sources
 
     # ---------------------------------------------------------------- weights per method and cell
     def fixed_weights(self, method: MethodSpec) -> dict[str, float]:
@@ -132,7 +131,7 @@ class Evaluator:
             return json.loads(path.read_text(encoding="utf-8"))["selected"]["weights"]
         search = self.config.search
         texts, origin = task_selection_texts(task, search, "dev")
-        scorer = FusedPerplexityScorer(self.sources, self.lm.spec.vocab_size, texts, progress=self.progress)
+        scorer = self.lm.scorer(texts, roles=[m.role for m in self.config.models], progress=self.progress)
         result = search_weights(scorer, search, origin)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -141,13 +140,9 @@ class Evaluator:
         return result.selected.weights
 
     def fused(self, weights: dict[str, float], method: MethodSpec) -> FusedLM:
-        plaus = method.plausibility.role if method.plausibility else None
-        used = [
-            replace(s, weight=weights.get(s.role, 0.0))
-            for s in self.sources
-            if weights.get(s.role, 0.0) != 0.0 or s.role == plaus
-        ]
-        return FusedLM(used, method.plausibility, self.config.fusion.vocab)
+        """The method's fused model over the loaded sources (no reload)."""
+        plausibility = method.plausibility.resolve() if method.plausibility else None
+        return self.lm.with_fusion(Fusion(weights, method.method, plausibility))
 
     # ---------------------------------------------------------------- the run
     def cells(self) -> Iterator[tuple[TaskSpec, Task, list[Example]]]:
@@ -240,7 +235,11 @@ class Evaluator:
                     method.name,
                     task.full_name,
                 )
-        used = [s for s in self.sources if any(weights[m.name].get(s.role, 0.0) != 0.0 for m in methods)]
+        used = [
+            self.lm.pool.get(m.role)
+            for m in self.config.models
+            if any(weights[method.name].get(m.role, 0.0) != 0.0 for method in methods)
+        ]
         matrix = torch.tensor([[weights[m.name].get(s.role, 0.0) for s in used] for m in methods])
         wanted = [{e.id for e in pending[m.name]} for m in methods]
         todo = [e for e in items if any(e.id in want for want in wanted)]
@@ -276,9 +275,7 @@ class Evaluator:
         for example in items:
             prompt = task.render(example).text
             texts = [ScoringText(c, f"{prompt} {c}", len(prompt)) for c in example.choices]
-            totals = FusedPerplexityScorer(sources, self.lm.spec.vocab_size, texts, progress=False).score(
-                weights
-            )
+            totals = FusedPerplexityScorer(sources, self.lm.vocab_size, texts, progress=False).score(weights)
             rows = []
             for nll in totals.per_text.T.tolist():  # one (options,) list per method
                 best = example.choices[min(range(len(nll)), key=nll.__getitem__)]
@@ -298,7 +295,7 @@ class Evaluator:
         self, sources: list[Source], task: Task, items: list[Example], weights: torch.Tensor
     ) -> Iterator[tuple[Example, list[dict]]]:
         texts = [ScoringText(e.id, e.fields["text"]) for e in items]
-        totals = FusedPerplexityScorer(sources, self.lm.spec.vocab_size, texts, progress=self.progress).score(
+        totals = FusedPerplexityScorer(sources, self.lm.vocab_size, texts, progress=self.progress).score(
             weights
         )
         for i, example in enumerate(items):

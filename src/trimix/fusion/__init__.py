@@ -1,6 +1,19 @@
-"""Pure tensor math for logit fusion: no models, no tokenizers."""
+"""Logit fusion: the pure tensor math, the fusion object and the registered fusion methods (only torch)."""
 
-from trimix.fusion.math import fuse_logits, fused_log_softmax, plausibility_mask
-from trimix.fusion.spec import FusionSpec
+from trimix.fusion.math import fuse_logits, fuse_rows, fused_scores, plausibility_mask
+from trimix.fusion.methods import METHODS, FusionMethod, get_method, register_method
+from trimix.fusion.spec import PLAUSIBILITY_ALPHA, Fusion, Plausibility
 
-__all__ = ["FusionSpec", "fuse_logits", "fused_log_softmax", "plausibility_mask"]
+__all__ = [
+    "METHODS",
+    "PLAUSIBILITY_ALPHA",
+    "Fusion",
+    "FusionMethod",
+    "Plausibility",
+    "fuse_logits",
+    "fuse_rows",
+    "fused_scores",
+    "get_method",
+    "plausibility_mask",
+    "register_method",
+]

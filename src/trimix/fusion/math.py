@@ -17,7 +17,7 @@ import torch
 def fuse_logits(
     logits: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """Weighted sum of raw next-token logits.
+    """Weighted sum of raw next-token logits, for one weight vector or many at once.
 
     Args:
         logits: N tensors of the same shape ``(..., V)`` (raw logits, any float dtype), or one stacked
@@ -37,22 +37,37 @@ def fuse_logits(
         raise ValueError(f"got {w.shape[-1]} weights for {n_sources} sources")
     if not torch.isfinite(w).all():
         raise ValueError(f"fusion weights must be finite; got {w.tolist()}")
-    if w.dim() == 1 and not isinstance(logits, torch.Tensor):
-        # One fusion (a decoding step): accumulate in place instead of stacking N full copies first.
+    if w.dim() == 1:
+        # One fusion: multiply then add, source by source, as fuse_rows does for a decoding step.
         values = w.tolist()
         fused = logits[0].float() * values[0]
         for source_logits, weight in zip(logits[1:], values[1:], strict=True):
-            fused.add_(source_logits.float(), alpha=weight)
+            fused += source_logits.float() * weight
         return fused
     stacked = (logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=0)).float()
     return torch.tensordot(w.to(stacked.device), stacked, dims=([-1], [0]))
 
 
-def fused_log_softmax(
-    logits: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor
-) -> torch.Tensor:
-    """Log-probabilities of the fused distribution, ``log_softmax(fuse_logits(...))`` over the last dim."""
-    return torch.log_softmax(fuse_logits(logits, weights), dim=-1)
+def fuse_rows(logits: Sequence[torch.Tensor], weights: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Fuse each row of a batch with its own weights: ``out[b] = sum_i weights[b, i] * logits[i][b, :V]``.
+
+    This is the decoding step's formula (every row of a batch may carry other weights, as requests
+    to a server do). Each term is a multiply and then an add, in source order, so the eager and the
+    CUDA-graph decoders, which both call this function, round identically.
+
+    Args:
+        logits: N tensors ``(B, ..., R_i)`` of raw logits with ``R_i >= V`` (padded rows are cut).
+        weights: ``(B, N)`` float32 weights on the logits' device.
+        vocab: V, the number of token ids fused; None keeps every column.
+
+    Returns:
+        float32 ``(B, ..., V)``.
+    """
+    extra = (1,) * (logits[0].dim() - 1)
+    fused = logits[0][..., :vocab].float() * weights[:, 0].view(-1, *extra)
+    for i, source_logits in enumerate(logits[1:], start=1):
+        fused += source_logits[..., :vocab].float() * weights[:, i].view(-1, *extra)
+    return fused
 
 
 def plausibility_mask(logits: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -73,3 +88,29 @@ def plausibility_mask(logits: torch.Tensor, alpha: float) -> torch.Tensor:
     scores = logits.float()
     threshold = scores.max(dim=-1, keepdim=True).values + math.log(alpha)
     return scores >= threshold
+
+
+def fused_scores(
+    logits: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    vocab: int,
+    plausibility_index: int | None = None,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """The scores a decoder chooses from: fused raw logits, implausible tokens set to ``-inf``.
+
+    Args:
+        logits: one ``(B, ..., R_i)`` tensor per source, ``R_i >= vocab``.
+        weights: ``(B, N)`` per-row weights.
+        vocab: V.
+        plausibility_index: the source that judges plausibility (None: no constraint).
+        alpha: keep tokens with ``p >= alpha * p_max`` under that source.
+
+    Returns:
+        float32 ``(B, ..., V)``.
+    """
+    fused = fuse_rows(logits, weights, vocab)
+    if plausibility_index is not None:
+        keep = plausibility_mask(logits[plausibility_index][..., :vocab], alpha)
+        fused = fused.masked_fill(~keep, float("-inf"))
+    return fused

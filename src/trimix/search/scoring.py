@@ -11,10 +11,8 @@ vocabulary row per distinct weight value, not by the number of combinations, and
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,52 +21,33 @@ from tqdm.auto import tqdm
 
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
+from trimix.fusion.math import fuse_logits
 from trimix.search.partition import combination_nll
 
 logger = logging.getLogger(__name__)
-_VERIFIED_HEADS: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache copy per text
 _SUFFIX_BATCH = 8  # texts continued from one copy of the shared prefix's cache at a time
 
 
 @dataclass(frozen=True)
 class ScoringText:
-    """A text to score; only tokens starting at or after ``score_from`` (a character offset) count."""
+    """A text to score.
+
+    Either ``text`` is tokenised (the tokenizer's specials included) and tokens starting at or after
+    the character offset ``score_from`` count, or ``tokens`` gives the ids directly and the last
+    ``score_last`` of them count (as for lm-evaluation-harness requests).
+    """
 
     id: str
     text: str
     score_from: int = 0
+    tokens: Sequence[int] | None = None
+    score_last: int | None = None
 
 
 def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's logits over the first ``V`` ids from its final hidden states: projection plus soft-capping.
-
-    Family quirks are data: ``final_logit_softcapping`` (Gemma 2) is read from the config, and
-    :class:`FusedPerplexityScorer` checks this function against a real forward before trusting it.
-
-    Args:
-        source: the model.
-        hidden: ``(P, H)`` final hidden states.
-        out: optional float32 ``(P, V)`` buffer to write into (V may be below the head's row count,
-            which drops the padded rows).
-    """
-    head = source.model.get_output_embeddings()
-    vocab = out.shape[-1] if out is not None else None
-    if (
-        out is not None
-        and isinstance(head, torch.nn.Linear)
-        and head.bias is None
-        and hidden.dtype == torch.float32
-    ):
-        logits = torch.matmul(hidden, head.weight[:vocab].T, out=out)
-    else:
-        logits = head(hidden)[..., :vocab].float()
-        if out is not None:
-            logits = out.copy_(logits)
-    cap = getattr(source.model.config.get_text_config(), "final_logit_softcapping", None)
-    if cap:
-        logits.div_(cap).tanh_().mul_(cap)
-    return logits
+    """The source's logits from final hidden states (see :meth:`HFBackend.head_logits`)."""
+    return source.backend.head_logits(hidden, out=out)
 
 
 @dataclass
@@ -88,6 +67,7 @@ class ScoreTotals:
     n_tokens: int
     per_text: torch.Tensor | None = None  # (texts, C) float64
     tokens_per_text: list[int] | None = None
+    per_text_greedy: torch.Tensor | None = None  # (texts, C) bool: every scored token is the fused argmax
 
     @property
     def perplexity(self) -> torch.Tensor:
@@ -142,13 +122,25 @@ class FusedPerplexityScorer:
         self.n_tokens = sum(int(e.targets.numel()) for e in self.encoded)
         if self.n_tokens == 0:
             raise DataError("the texts leave no token to score (is `score: input` pointing past every text?)")
-        self._verify_heads()
         self._run_forwards()
 
     def _encode(self, item: ScoringText) -> _Encoded:
+        if item.tokens is not None:
+            ids = torch.tensor(list(item.tokens), dtype=torch.long)
+            self._check_length(item, ids)
+            count = min(item.score_last or ids.numel() - 1, ids.numel() - 1)
+            counted = torch.arange(ids.numel() - 1 - count, ids.numel() - 1)
+            return _Encoded(item.id, ids, counted, ids[1:][counted])
         tokenizer = self.sources[0].tokenizer
         enc = tokenizer(item.text, return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"])
+        self._check_length(item, ids)
+        starts = torch.tensor([start for start, _ in enc["offset_mapping"]])
+        # Token j is predicted at position j - 1; the first token (BOS) is never predicted.
+        counted = (starts[1:] >= item.score_from).nonzero().squeeze(-1)
+        return _Encoded(item.id, ids, counted, ids[1:][counted])
+
+    def _check_length(self, item: ScoringText, ids: torch.Tensor) -> None:
         for source in self.sources:
             limit = source.max_positions
             if limit is not None and ids.numel() > limit:
@@ -156,29 +148,6 @@ class FusedPerplexityScorer:
                     f"text {item.id!r} has {ids.numel()} tokens, {ids.numel() - limit} more than the context of "
                     f"source {source.role!r} ({limit}); shorten it or lower the number of exemplars"
                 )
-        starts = torch.tensor([start for start, _ in enc["offset_mapping"]])
-        # Token j is predicted at position j - 1; the first token (BOS) is never predicted.
-        counted = (starts[1:] >= item.score_from).nonzero().squeeze(-1)
-        return _Encoded(item.id, ids, counted, ids[1:][counted])
-
-    def _verify_heads(self) -> None:
-        probe = self.encoded[0].input_ids[None, :16]
-        with torch.inference_mode():
-            for source in self.sources:
-                if source.model in _VERIFIED_HEADS:  # once per model, not once per scorer
-                    continue
-                ids = probe.to(source.input_device)
-                full = source.model(input_ids=ids).logits[0]
-                hidden = source.model.get_decoder()(input_ids=ids).last_hidden_state[0]
-                again = head_logits(source, hidden)
-                if not torch.allclose(full.float(), again.float(), atol=1e-3, rtol=1e-3):
-                    gap = float((full.float() - again.float()).abs().max())
-                    raise ConfigError(
-                        f"source {source.role!r} ({type(source.model).__name__}) computes logits in a way trimix's "
-                        f"search does not reproduce (largest difference {gap:.3g} on a {probe.shape[1]}-token probe; "
-                        "an extra logit scaling?); please report this model family"
-                    )
-                _VERIFIED_HEADS.add(source.model)
 
     def _shared_prefix(self) -> int:
         """Leading tokens every text shares (instructions, few-shot exemplars, a passage before its
@@ -206,28 +175,30 @@ class FusedPerplexityScorer:
             disable=not self.progress,
         )
         for source in self.sources:
-            decoder = source.model.get_decoder()
+            backend = source.backend
             if not prefix:
                 for item in self.encoded:
-                    ids = item.input_ids[None].to(source.input_device)
-                    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+                    ids = item.input_ids[None]
+                    hidden = backend.prefill(ids, torch.ones_like(ids), hidden=True)[0][0]
                     item.features[source.role] = hidden[item.positions.to(hidden.device)]  # (P, H)
                     bar.update(1)
                 continue
-            ids = self.encoded[0].input_ids[None, :prefix].to(source.input_device)
-            out = decoder(input_ids=ids, use_cache=True)
-            prefix_hidden, prefix_cache = out.last_hidden_state[0], out.past_key_values
+            ids = self.encoded[0].input_ids[None, :prefix]
+            prefix_hidden, prefix_state = backend.prefill(ids, torch.ones_like(ids), hidden=True)
+            prefix_hidden = prefix_hidden[0]
             for b0 in range(0, len(self.encoded), _SUFFIX_BATCH):
                 batch = self.encoded[b0 : b0 + _SUFFIX_BATCH]
                 rests = [item.input_ids[prefix:] for item in batch]
                 padded = torch.nn.utils.rnn.pad_sequence(
                     rests, batch_first=True, padding_value=int(ids[0, 0])
                 )
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(batch))
-                hidden = decoder(
-                    input_ids=padded.to(source.input_device), past_key_values=cache, use_cache=True
-                ).last_hidden_state
+                valid = torch.nn.utils.rnn.pad_sequence(
+                    [torch.ones_like(r, dtype=torch.bool) for r in rests],
+                    batch_first=True,
+                    padding_value=False,
+                )
+                state = backend.fork(prefix_state, len(batch))
+                hidden = backend.advance(state, padded, valid, hidden=True)
                 for row, (item, rest) in enumerate(zip(batch, rests, strict=True)):
                     whole = torch.cat([prefix_hidden, hidden[row, : rest.numel()]])
                     item.features[source.role] = whole[item.positions.to(whole.device)]
@@ -237,8 +208,11 @@ class FusedPerplexityScorer:
         self.forward_seconds = time.perf_counter() - start
 
     @torch.inference_mode()
-    def score(self, weights: torch.Tensor, desc: str = "search: scoring") -> ScoreTotals:
-        """Summed NLL of each row of ``weights`` ``(C, N)`` over all scored tokens."""
+    def score(
+        self, weights: torch.Tensor, desc: str = "search: scoring", greedy: bool = False
+    ) -> ScoreTotals:
+        """Summed NLL of each row of ``weights`` ``(C, N)`` over all scored tokens; with ``greedy``, also
+        whether every scored token of a text is the fused argmax under each combination."""
         weights = torch.as_tensor(weights, dtype=torch.float32)
         n_sources, n_combos = len(self.sources), weights.shape[0]
         # The output projection runs on blocks of positions sized by the memory budget (a GEMM; one
@@ -249,6 +223,7 @@ class FusedPerplexityScorer:
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
         weights = weights.to(self.device)
         per_text = torch.zeros(len(self.encoded), n_combos, dtype=torch.float64)
+        all_greedy = torch.ones(len(self.encoded), n_combos, dtype=torch.bool)
         for text_index, item in enumerate(
             tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False)
         ):
@@ -258,9 +233,18 @@ class FusedPerplexityScorer:
                 logits = block[:, :count]  # (N, P, V), reused across blocks: no fresh allocation
                 for n, source in enumerate(self.sources):
                     head_logits(source, item.features[source.role][p0:p1], out=logits[n])
-                per_text[text_index] += combination_nll(logits, item.targets[p0:p1].to(self.device), weights)
+                targets = item.targets[p0:p1].to(self.device)
+                per_text[text_index] += combination_nll(logits, targets, weights)
+                if greedy:
+                    for c in range(n_combos):
+                        picked = fuse_logits(logits, weights[c]).argmax(-1)
+                        all_greedy[text_index, c] &= bool((picked == targets).all())
         return ScoreTotals(
-            per_text.sum(0), self.n_tokens, per_text, [int(e.targets.numel()) for e in self.encoded]
+            per_text.sum(0),
+            self.n_tokens,
+            per_text,
+            [int(e.targets.numel()) for e in self.encoded],
+            all_greedy if greedy else None,
         )
 
     @property

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trimix.config import LARGE, SMALL_BASE, SMALL_CPT, SearchConfig
+from trimix.config import SearchConfig
 from trimix.errors import ConfigError, DataError
+from trimix.fusion import get_method
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
 from trimix.tasks import Task, get_task
 
@@ -201,28 +202,23 @@ def task_selection_texts(
 
 
 def search_weights(
-    scorer: FusedPerplexityScorer, search: SearchConfig, prompts: dict[str, Any]
+    scorer: FusedPerplexityScorer, search: SearchConfig, prompts: dict[str, Any], method: str = "trimix"
 ) -> SelectionResult:
-    """Score the grid, the single sources and Proxy Tuning, then refine around the best grid point."""
+    """Score the grid and the method's baselines (each source alone, Proxy Tuning), then refine around
+    the best grid point."""
     roles = [s.role for s in scorer.sources]
     if scorer.n_tokens < _MIN_TOKENS:
         raise DataError(
             f"only {scorer.n_tokens} tokens to score; give at least {_MIN_TOKENS} (more or longer prompts)"
         )
     grid, axes = build_candidates(search, roles)
-    singles = [{r: float(r == role) for r in roles} for role in roles]
-    has_paper_roles = {LARGE, SMALL_CPT, SMALL_BASE} <= set(roles)
-    proxy = (
-        [{r: {LARGE: 1.0, SMALL_CPT: 1.0, SMALL_BASE: -1.0}.get(r, 0.0) for r in roles}]
-        if has_paper_roles
-        else []
-    )
+    baselines = get_method(method).baselines(roles)
     start = time.perf_counter()
     scored = _score(
         scorer,
-        grid + singles + proxy,
+        grid + [weights for _, weights in baselines],
         roles,
-        ["grid"] * len(grid) + ["single"] * len(singles) + ["proxy_tuning"] * len(proxy),
+        ["grid"] * len(grid) + [kind for kind, _ in baselines],
     )
     grid_scoring = time.perf_counter() - start
     candidates = [c for c in scored if c.kind == "grid"]

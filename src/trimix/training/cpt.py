@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from trimix.backends.hf import HFBackend
 from trimix.backends.loading import SOURCE_CARD, Source, load_source
 from trimix.config import CptConfig, SourceConfig
 from trimix.data import read_sib200
@@ -277,7 +278,7 @@ def run_cpt(
             "Run the same command with --resume to continue."
         )
     model.eval()
-    trained = Source(source.role, 1.0, model, tokenizer, source.config)
+    trained = Source(source.role, HFBackend(model, tokenizer), source.config)
     after = {"heldout_lrl": held_out_perplexity(trained, split.validation)}
     if hrl:
         after["heldout_hrl"] = held_out_perplexity(trained, hrl)

@@ -1,0 +1,490 @@
+"""A Hugging Face causal LM behind :class:`~trimix.backends.base.SourceBackend`.
+
+trimix builds every attention mask itself, from what each cache column holds: whether it is a real
+token of the row (``valid``) and that token's position in the row (``positions``). A query at
+position ``p`` may attend to a valid column at position ``q <= p`` (and, on sliding-window layers,
+``p - q < window``). Because the masks speak of token positions and not of column indices:
+
+* a left-padded row attends exactly as it would alone (pads are never counted in a sliding window,
+  unlike transformers' own masks, which count padded columns);
+* columns can be dropped per row by marking them invalid (speculative decoding's ragged rollback),
+  exactly, even past a sliding window: caches keep every column, so nothing has to be recomputed;
+* new rows can join a batch with other column layouts (continuous batching).
+
+The masks go to the model as 4-D additive biases (one per attention layer type), which transformers
+passes through unchanged; the model's attention must therefore be ``sdpa`` or ``eager``. Every
+backend checks once, on a short probe, that its masks and output head reproduce the model's own
+forward pass, so a family that computes logits differently fails at load time, not silently.
+
+Two cache storages sit behind the same calls: a growing one (transformers' ``DynamicCache`` with
+full layers) and a preallocated one (:class:`SlotLayer`, written at columns a cursor names) whose
+tensors keep their addresses, which the CUDA-graph decoder needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from trimix.errors import SourceLoadError
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_SUPPORTED_ATTENTION = ("sdpa", "eager")
+_PROBE_TEXT = "TriMix probe: the quick brown fox 123. ئۇيغۇرچە"
+
+
+class ColumnCursor:
+    """The cache columns a preallocated cache's next forward writes to: ``cols`` ``(k,)`` long."""
+
+    def __init__(self) -> None:
+        self.cols: torch.Tensor | None = None
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values in tensors of ``capacity`` columns, written at the cursor's columns.
+
+    The tensors are allocated once (zeros, so masked columns hold finite values) and never move,
+    which CUDA-graph capture requires.
+    """
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int, cursor: ColumnCursor) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.cursor = cursor
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(
+            batch, value_states.shape[1], self.capacity, value_states.shape[-1]
+        )
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, self.cursor.cols, key_states)
+        self.values.index_copy_(2, self.cursor.cols, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+@dataclass
+class HFState:
+    """A batch's cache and per-column bookkeeping.
+
+    Attributes:
+        cache: the transformers cache (growing, or preallocated :class:`SlotLayer`s).
+        valid: ``(B, C)`` whether column c holds a real token of row b.
+        positions: ``(B, C)`` that token's position in its row (0 where not valid).
+        next_position: ``(B,)`` tokens each row holds, i.e. the position of its next token.
+        length: columns in use (the next forward writes from here).
+        capacity: columns allocated for a preallocated cache; None for a growing one.
+        cursor: where a preallocated cache writes next.
+    """
+
+    cache: Cache
+    valid: torch.Tensor
+    positions: torch.Tensor
+    next_position: torch.Tensor
+    length: int
+    capacity: int | None = None
+    cursor: ColumnCursor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.next_position.shape[0])
+
+    @property
+    def is_static(self) -> bool:
+        return self.capacity is not None
+
+
+def attention_bias(
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive attention bias from token positions: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Args:
+        valid: ``(B, K)`` columns holding real tokens.
+        positions: ``(B, K)`` the position of each column's token.
+        query_positions: ``(B, Q)`` the positions of the queries.
+        window: a sliding window (``p - q < window``), or None for full causal attention.
+        dtype: the model's dtype.
+
+    Returns:
+        ``(B, 1, Q, K)``.
+    """
+    keys = positions[:, None, :]
+    queries = query_positions[:, :, None]
+    allowed = valid[:, None, :] & (keys <= queries)
+    if window is not None:
+        allowed &= queries - keys < window
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _layer_windows(model: PreTrainedModel) -> tuple[dict[str, int | None], bool]:
+    """Attention layer type -> sliding window (None: full), and whether the model takes a dict of masks."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types:
+        unknown = sorted(set(layer_types) - set(_SUPPORTED_LAYER_TYPES))
+        if unknown:
+            raise SourceLoadError(
+                f"{type(model).__name__} has attention layers of type {unknown}, which trimix's backend does not "
+                f"mask (it supports {', '.join(_SUPPORTED_LAYER_TYPES)}); please report this model family"
+            )
+        return {t: (window if t == "sliding_attention" else None) for t in sorted(set(layer_types))}, True
+    use_window = bool(window) and getattr(config, "use_sliding_window", True)
+    return {"full_attention": window if use_window else None}, False
+
+
+class HFBackend:
+    """A loaded transformers causal LM (or a PEFT model around one) as a trimix source backend.
+
+    Args:
+        model: the model, in eval mode, with ``sdpa`` or ``eager`` attention.
+        tokenizer: its tokenizer.
+        verify: check once, on a short probe, that trimix's masks and head reproduce the model's forward.
+
+    Raises:
+        SourceLoadError: an attention implementation or layer type trimix cannot mask, or a model whose
+            logits the backend does not reproduce.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, verify: bool = True
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config.get_text_config()
+        attention = getattr(config, "_attn_implementation", None) or "sdpa"
+        if attention not in _SUPPORTED_ATTENTION:
+            raise SourceLoadError(
+                f"{type(model).__name__} uses attention {attention!r}; trimix passes explicit masks, which need "
+                f"{' or '.join(_SUPPORTED_ATTENTION)} (load it with attn_implementation='sdpa')"
+            )
+        self.windows, self.mask_dict = _layer_windows(model)
+        self.num_layers = int(config.num_hidden_layers)
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.decoder = model.get_decoder()
+        if verify:
+            self._verify()
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def logit_rows(self) -> int:
+        head = self.model.get_output_embeddings()
+        if head is not None and hasattr(head, "weight"):
+            return int(head.weight.shape[0])
+        return int(self.model.config.get_text_config().vocab_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ---------------------------------------------------------------- the interface
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capacity: int | None = None,
+        *,
+        hidden: bool = False,
+        into: HFState | None = None,
+    ) -> tuple[torch.Tensor, HFState]:
+        """Run a left-padded batch; return the last position's logits ``(B, R)`` (or every position's
+        final hidden states ``(B, L, H)`` with ``hidden``) and the state.
+
+        ``into`` reuses a preallocated state of the same batch size: its tensors keep their addresses
+        (a CUDA graph captured on them stays valid) and only their contents are replaced.
+        """
+        input_ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).bool()
+        batch, width = input_ids.shape
+        if into is not None:
+            if not into.is_static or into.batch_size != batch:
+                raise ValueError("prefill(into=...) needs a preallocated state of the same batch size")
+            state, capacity = into, into.capacity
+            state.valid.zero_()
+            state.positions.zero_()
+            state.length = 0
+        else:
+            state = self._empty_state(batch, capacity)
+        if capacity is not None and width > capacity:
+            raise ValueError(f"a prompt of {width} columns does not fit a cache of {capacity}")
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        states = self._forward(state, input_ids, mask, positions)
+        if into is not None:
+            state.next_position.copy_(mask.sum(-1))
+        else:
+            state.next_position = mask.sum(-1)
+        if hidden:
+            return states, state
+        return self.head_logits(states[:, -1]), state
+
+    @torch.inference_mode()
+    def advance(
+        self, state: HFState, tokens: torch.Tensor, valid: torch.Tensor | None = None, *, hidden: bool = False
+    ) -> torch.Tensor:
+        """Feed ``(B, k)`` tokens; ``valid`` ``(B, k)`` marks right padding (rows fed fewer tokens).
+
+        Returns:
+            Logits ``(B, k, R)`` after each token, or final hidden states ``(B, k, H)`` with ``hidden``.
+        """
+        tokens = tokens.to(self.device)
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(self.device).bool()
+        positions = state.next_position[:, None] + valid.long().cumsum(-1) - 1
+        states = self._forward(state, tokens, valid, positions)
+        state.next_position = state.next_position + valid.sum(-1)
+        return states if hidden else self.head_logits(states)
+
+    @torch.inference_mode()
+    def step_in_place(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row on a preallocated cache, touching only tensors that keep their addresses.
+
+        The cursor's columns and ``next_position`` are advanced in place, so a CUDA graph that captured
+        this call replays it step after step. The host-side ``state.length`` is the caller's to advance.
+
+        Args:
+            state: a preallocated state whose ``cursor.cols`` is a ``(1,)`` tensor owned by the caller.
+            tokens: ``(B, 1)``.
+
+        Returns:
+            Next-token logits ``(B, R)``.
+        """
+        cols = state.cursor.cols
+        state.valid.index_fill_(1, cols, True)
+        state.positions.index_copy_(1, cols, state.next_position[:, None])
+        query = state.next_position[:, None]
+        out = self.decoder(
+            input_ids=tokens,
+            attention_mask=self._masks(state.valid, state.positions, query),
+            position_ids=query,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state.next_position.add_(1)
+        cols.add_(1)
+        return self.head_logits(out.last_hidden_state[:, -1])
+
+    @torch.inference_mode()
+    def crop(self, state: HFState, lengths: torch.Tensor) -> None:
+        """Keep the first ``lengths[b]`` tokens of row b (``lengths <= next_position``)."""
+        lengths = lengths.to(state.next_position.device)
+        if bool((lengths > state.next_position).any()):
+            raise ValueError("crop can only shorten rows")
+        keep = state.valid & (state.positions < lengths[:, None])
+        used = keep.any(0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 0
+        if state.is_static:
+            state.valid.copy_(keep)
+        else:
+            state.valid, state.positions = keep[:, :length], state.positions[:, :length]
+            for layer in state.cache.layers:
+                if layer.is_initialized:
+                    layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        state.length = length
+        state.next_position = lengths.clone()
+
+    @torch.inference_mode()
+    def keep_rows(self, state: HFState, rows: torch.Tensor) -> None:
+        rows = rows.to(state.valid.device)
+        state.cache.batch_select_indices(rows)
+        state.valid, state.positions = state.valid[rows], state.positions[rows]
+        state.next_position = state.next_position[rows]
+
+    @torch.inference_mode()
+    def insert_rows(self, state: HFState, new: HFState) -> None:
+        """Append ``new``'s rows. Column layouts may differ: the state with fewer used columns is shifted
+        right by invalid columns (masks speak of positions, not columns, so nothing else changes)."""
+        length = max(state.length, new.length)
+        width = max(state.capacity or 0, new.capacity or 0) or None
+        if width is not None and length > width:
+            raise ValueError(f"rows of {length} columns do not fit a cache of {width}")
+        mine = _shifted(state, length - state.length, width or length)
+        theirs = _shifted(new, length - new.length, width or length)
+        for i, layer in enumerate(state.cache.layers):
+            layer.keys = torch.cat([mine[0][2 * i], theirs[0][2 * i]])
+            layer.values = torch.cat([mine[0][2 * i + 1], theirs[0][2 * i + 1]])
+            if isinstance(layer, SlotLayer):
+                layer.capacity = width
+        state.valid = torch.cat([mine[1], theirs[1]])
+        state.positions = torch.cat([mine[2], theirs[2]])
+        state.next_position = torch.cat([state.next_position, new.next_position])
+        state.length = length
+        if width is not None:
+            state.capacity = width
+
+    @torch.inference_mode()
+    def fork(self, state: HFState, repeats: int) -> HFState:
+        """A copy of the state with every row repeated ``repeats`` times (``[r0, r0, r1, r1, ...]``)."""
+        copied = copy.deepcopy(state)
+        copied.cache.batch_repeat_interleave(repeats)
+        copied.valid = copied.valid.repeat_interleave(repeats, 0)
+        copied.positions = copied.positions.repeat_interleave(repeats, 0)
+        copied.next_position = copied.next_position.repeat_interleave(repeats, 0)
+        return copied
+
+    def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits from final hidden states: the output projection, then soft-capping if the
+        family has it (read from the config, e.g. Gemma 2's ``final_logit_softcapping``)."""
+        head = self.model.get_output_embeddings()
+        if (
+            out is not None
+            and isinstance(head, torch.nn.Linear)
+            and head.bias is None
+            and hidden.dtype == torch.float32
+        ):
+            logits = torch.matmul(hidden, head.weight[: out.shape[-1]].T, out=out)
+        else:
+            logits = head(hidden)
+            if out is not None:
+                logits = out.copy_(logits[..., : out.shape[-1]])
+        if self.softcap and out is None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        elif self.softcap:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    # ---------------------------------------------------------------- internals
+    def _empty_state(self, batch: int, capacity: int | None) -> HFState:
+        device = self.device
+        if capacity is None:
+            return HFState(
+                cache=DynamicCache(),
+                valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
+                next_position=torch.zeros(batch, dtype=torch.long, device=device),
+                length=0,
+            )
+        cursor = ColumnCursor()
+        return HFState(
+            cache=Cache(layers=[SlotLayer(capacity, cursor) for _ in range(self.num_layers)]),
+            valid=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+            positions=torch.zeros(batch, capacity, dtype=torch.long, device=device),
+            next_position=torch.zeros(batch, dtype=torch.long, device=device),
+            length=0,
+            capacity=capacity,
+            cursor=cursor,
+        )
+
+    def _forward(
+        self, state: HFState, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``ids`` (with their validity and positions) after the used columns; return hidden states."""
+        width = ids.shape[1]
+        start, end = state.length, state.length + width
+        positions = positions.masked_fill(~valid, 0)
+        if state.is_static:
+            if end > state.capacity:
+                raise ValueError(
+                    f"the preallocated cache holds {state.capacity} columns; {end} are needed. "
+                    "Allocate it for the longest prompt plus max_new_tokens"
+                )
+            state.valid[:, start:end] = valid
+            state.positions[:, start:end] = positions
+            state.cursor.cols = torch.arange(start, end, device=ids.device)
+        else:
+            state.valid = torch.cat([state.valid, valid], dim=1)
+            state.positions = torch.cat([state.positions, positions], dim=1)
+        state.length = end
+        out = self.decoder(
+            input_ids=ids,
+            attention_mask=self._masks(state.valid, state.positions, positions),
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def _masks(
+        self, valid: torch.Tensor, positions: torch.Tensor, queries: torch.Tensor
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        masks = {
+            kind: attention_bias(valid, positions, queries, window, self.dtype)
+            for kind, window in self.windows.items()
+        }
+        return masks if self.mask_dict else masks["full_attention"]
+
+    @torch.inference_mode()
+    def _verify(self) -> None:
+        ids = self.tokenizer(_PROBE_TEXT, return_tensors="pt")["input_ids"][:, :16].to(self.device)
+        reference = self.model(input_ids=ids).logits[0].float()
+        states, _ = self.prefill(ids, torch.ones_like(ids), hidden=True)
+        mine = self.head_logits(states[0]).float()
+        scale = 1.0 + float(reference.abs().max())
+        tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
+        gap = float((reference - mine).abs().max())
+        if gap > tolerance * scale:
+            raise SourceLoadError(
+                f"{type(self.model).__name__}: trimix's attention masks and output head do not reproduce the "
+                f"model's own forward pass (largest logit difference {gap:.3g} on a {ids.shape[1]}-token probe); "
+                "please report this model family"
+            )
+
+
+def _shifted(state: HFState, shift: int, width: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A state's keys/values (alternating per layer), valid and positions, moved right by ``shift``
+    columns inside ``width`` columns (new columns invalid)."""
+
+    def place(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(tensor.shape)
+        shape[dim] = width
+        out = tensor.new_zeros(shape)
+        used = min(state.length, tensor.shape[dim])
+        index = [slice(None)] * tensor.dim()
+        index[dim] = slice(shift, shift + used)
+        source = [slice(None)] * tensor.dim()
+        source[dim] = slice(0, used)
+        out[tuple(index)] = tensor[tuple(source)]
+        return out
+
+    layers = []
+    for layer in state.cache.layers:
+        layers += [place(layer.keys, 2), place(layer.values, 2)]
+    return layers, place(state.valid, 1), place(state.positions, 1)
