@@ -125,7 +125,7 @@ def test_methods_resolve_the_paper_formulas() -> None:
     assert single.roles == ("small_cpt",) and single.weights["small_cpt"] == 1.0
     with pytest.raises(ValueError, match=r"Did you mean 'trimix'\?"):
         get_method("trimx")
-    with pytest.raises(ValueError, match="sets it to -0.2"):
+    with pytest.raises(ValueError, match=r"sets it to -0\.2"):
         Fusion.resolve("trimix", {"large": 0.3, "small_cpt": 0.9, "small_base": 0.0})
 
 
