@@ -226,10 +226,26 @@ def measure(
     texts = prompts(batch, args.prompt_tokens, seed=batch)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=batch)
     row: dict[str, float] = {"batch": batch}
-    for engine in ["graphs"] if args.skip_eager else ["graphs", "eager"]:
+    variants = {"graphs": {"engine": "graphs", "compile": True}}
+    if not args.skip_plain_graphs:
+        variants["graphs_nocompile"] = {"engine": "graphs", "compile": False}
+    if not args.skip_eager:
+        variants["eager"] = {"engine": "eager"}
+    for variant, settings in variants.items():
         for name, lm in models.items():
-            seconds = timed(lambda lm=lm, engine=engine: lm.generate(texts, gen, engine=engine), args.repeats)
-            row[f"{name}_{engine}"] = batch * args.new_tokens / seconds
+            start = time.perf_counter()
+            seconds = timed(
+                lambda lm=lm, settings=settings: lm.generate(texts, gen, **settings), args.repeats
+            )
+            row[f"{name}_{variant}"] = batch * args.new_tokens / seconds
+            logger.warning(
+                "%s %s batch %d: %.1f tok/s (%.0fs incl. warm-up)",
+                name,
+                variant,
+                batch,
+                row[f"{name}_{variant}"],
+                time.perf_counter() - start,
+            )
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
 
     def hf(**kwargs) -> float:

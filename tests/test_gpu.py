@@ -52,7 +52,7 @@ def test_graph_engine_equals_eager_on_gpu(make_model, arch: str, settings: dict)
     settings = dict(settings)
     lm = _trio(make_model, arch, settings.pop("plausibility", False))
     stop = settings.pop("stop", False)
-    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True, batch_size=5, **settings)
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True, batch_size=5, compile=False, **settings)
     eager = lm.generate(PROMPTS, gen, engine="eager")
     if stop:
         gen = gen.model_copy(update={"stop": [eager[1].text[2:4]]})
@@ -64,9 +64,18 @@ def test_graph_engine_equals_eager_on_gpu(make_model, arch: str, settings: dict)
     assert [g.token_ids for g in static] == [g.token_ids for g in eager]
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_compiled_graph_engine_equals_eager_on_gpu(make_model, arch: str) -> None:
+    lm = _trio(make_model, arch)
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True, batch_size=5)
+    eager = lm.generate(PROMPTS, gen, engine="eager")
+    compiled = lm.generate(PROMPTS, gen, engine="graphs", compile=True)
+    assert [g.token_ids for g in compiled] == [g.token_ids for g in eager]
+
+
 def test_graph_session_is_captured_once_and_reused(make_model) -> None:
     lm = _trio(make_model, "qwen2")
-    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True, batch_size=4, engine="graphs")
+    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True, batch_size=4, engine="graphs", compile=False)
     first = lm.generate(PROMPTS[:3], gen)
     (session,) = lm.pool.sessions.sessions.values()
     graph = session.graph

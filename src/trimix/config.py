@@ -121,6 +121,10 @@ class GenerationConfig(_Strict):
     inspect_top_k: int = Field(0, ge=0)
     # auto: CUDA graphs when every fused source sits on one GPU, else eager (see trimix.decoding.engine)
     engine: Literal["auto", "eager", "static", "graphs"] = "auto"
+    # Static/graph engines: run each source's one-token forward through torch.compile, which fuses a
+    # layer's small elementwise kernels (norms, rotary, activations) before the step is captured. Costs a
+    # compilation per model, batch bucket and cache size (tens of seconds). None: on with graphs.
+    compile: bool | None = None
     # A prompt whose length plus max_new_tokens exceeds a source's context: refuse it before decoding
     # (error), or decode until the context is full and finish with reason "context" (stop).
     on_context_limit: Literal["error", "stop"] = "error"

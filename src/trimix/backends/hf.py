@@ -202,6 +202,7 @@ class HFBackend:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.decoder = model.get_decoder()
+        self._compiled: Any = None
         if verify:
             self._verify()
 
@@ -284,7 +285,7 @@ class HFBackend:
         return states if hidden else self.head_logits(states)
 
     @torch.inference_mode()
-    def step_in_place(self, state: HFState, tokens: torch.Tensor) -> torch.Tensor:
+    def step_in_place(self, state: HFState, tokens: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         """One token per row on a preallocated cache, touching only tensors that keep their addresses.
 
         The cursor's columns and ``next_position`` are advanced in place, so a CUDA graph that captured
@@ -293,6 +294,8 @@ class HFBackend:
         Args:
             state: a preallocated state whose ``cursor.cols`` is a ``(1,)`` tensor owned by the caller.
             tokens: ``(B, 1)``.
+            compiled: run the decoder through ``torch.compile`` (fuses the many small elementwise
+                kernels of a layer; compiled once per batch and cache shape).
 
         Returns:
             Next-token logits ``(B, R)``.
@@ -301,7 +304,8 @@ class HFBackend:
         state.valid.index_fill_(1, cols, True)
         state.positions.index_copy_(1, cols, state.next_position[:, None])
         query = state.next_position[:, None]
-        out = self.decoder(
+        decoder = self._compiled_decoder() if compiled else self.decoder
+        out = decoder(
             input_ids=tokens,
             attention_mask=self._masks(state.valid, state.positions, query),
             position_ids=query,
@@ -392,6 +396,18 @@ class HFBackend:
         return logits
 
     # ---------------------------------------------------------------- internals
+    def _compiled_decoder(self) -> Any:
+        if self._compiled is None:
+            import torch._dynamo
+
+            # One compiled entry per model, batch bucket and cache size; the default limit (8 per code
+            # object, shared by every model of a family) would silently fall back to eager after that.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+            self._compiled = torch.compile(self.decoder, dynamic=False)
+        return self._compiled
+
     def _empty_state(self, batch: int, capacity: int | None) -> HFState:
         device = self.device
         if capacity is None:

@@ -536,6 +536,7 @@ class FusedLM:
         )
         chooser = TokenChooser(gen)
         eos = torch.tensor(tracker.eos, dtype=torch.long, device=self.fusion_device)
+        compiled = gen.compile if gen.compile is not None else graphs
 
         def make_step(backends: list[Any], states: list[Any]) -> FusedStep:
             return FusedStep(
@@ -547,6 +548,7 @@ class FusedLM:
                 chooser,
                 eos,
                 int(self.tokenizer.pad_token_id),
+                compiled,
             )
 
         def create() -> GraphSession:
@@ -561,6 +563,7 @@ class FusedLM:
                 self._alpha,
                 _chooser_key(gen),
                 tuple(tracker.eos),
+                compiled,
             )
             session, fresh = self.pool.sessions.get(key, create)
             if fresh:

@@ -60,6 +60,7 @@ class FusedStep:
         chooser: greedy or sampling.
         eos_ids: ``(E,)`` end-of-sequence ids on the fusion device.
         pad_id: the token finished rows feed.
+        compiled: run each source's decoder through ``torch.compile`` (see ``generation.compile``).
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class FusedStep:
         chooser: TokenChooser,
         eos_ids: torch.Tensor,
         pad_id: int,
+        compiled: bool = False,
     ) -> None:
         self.backends, self.states = list(backends), list(states)
+        self.compiled = compiled
         self.vocab, self.plausibility_index, self.alpha = vocab, plausibility_index, alpha
         self.chooser = chooser
         device = eos_ids.device
@@ -103,7 +106,10 @@ class FusedStep:
 
     def __call__(self) -> None:
         self.choose(
-            [b.step_in_place(s, self.tokens) for b, s in zip(self.backends, self.states, strict=True)]
+            [
+                b.step_in_place(s, self.tokens, self.compiled)
+                for b, s in zip(self.backends, self.states, strict=True)
+            ]
         )
 
 
