@@ -18,7 +18,7 @@ on the same prompts (64 tokens each, 64 new tokens, greedy, end-of-sequence igno
   (16 texts of 257 tokens).
 
     python bench/gpu_decode.py                      # batch 1 and 8, about 3 minutes on an H100
-    python bench/gpu_decode.py --batch-sizes 1 8 32 --hf-compile --search --json out.json
+    python bench/gpu_decode.py --batch-sizes 1 8 32 --hf-compile 1 --search --json out.json
 """
 
 from __future__ import annotations
@@ -150,12 +150,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--hf-compile", action="store_true", help="also time generate with a static cache + compile"
+        "--hf-compile",
+        type=int,
+        nargs="*",
+        default=[],
+        help="batch sizes at which to also time generate with a static cache + its compile (slow warm-up)",
     )
     parser.add_argument("--search", action="store_true", help="also time the 36-combination weight search")
     parser.add_argument(
         "--skip-eager", action="store_true", help="skip trimix's eager engine (slow at batch 32)"
     )
+    parser.add_argument("--skip-plain-graphs", action="store_true", help="skip graphs without torch.compile")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -200,6 +205,8 @@ def main() -> None:
         row["trio_graphs_vs_floor"] = row["trio_graphs"] / row["floor_tok_s"]
         row["trio_graphs_vs_hf_7b_eager"] = row["trio_graphs"] / row["hf_generate_7b_eager"]
         rows.append(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
         print(
             f"batch {batch:>3}: trio graphs {row['trio_graphs']:8.1f} tok/s = {row['trio_graphs_vs_floor']:.2f} of "
             f"floor {row['floor_tok_s']:7.1f}; {row['trio_graphs_vs_hf_7b_eager']:.2f}x HF generate 7B eager "
@@ -226,11 +233,11 @@ def measure(
     texts = prompts(batch, args.prompt_tokens, seed=batch)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=batch)
     row: dict[str, float] = {"batch": batch}
-    variants = {"graphs": {"engine": "graphs", "compile": True}}
+    # Eager first: nothing compiled or captured yet, so host-side overhead is measured undisturbed.
+    variants = {} if args.skip_eager else {"eager": {"engine": "eager"}}
     if not args.skip_plain_graphs:
         variants["graphs_nocompile"] = {"engine": "graphs", "compile": False}
-    if not args.skip_eager:
-        variants["eager"] = {"engine": "eager"}
+    variants["graphs"] = {"engine": "graphs", "compile": True}
     for variant, settings in variants.items():
         for name, lm in models.items():
             start = time.perf_counter()
@@ -246,26 +253,33 @@ def measure(
                 row[f"{name}_{variant}"],
                 time.perf_counter() - start,
             )
+        if variant == "eager":
+            row["hf_generate_7b_eager"] = hf_generate(large, tokenizer, texts, args)
+    if "hf_generate_7b_eager" not in row:
+        row["hf_generate_7b_eager"] = hf_generate(large, tokenizer, texts, args)
+    if batch in args.hf_compile:
+        row["hf_generate_7b_static_compile"] = hf_generate(
+            large, tokenizer, texts, args, cache_implementation="static"
+        )
+    return row
+
+
+def hf_generate(large: Source, tokenizer, texts: list[str], args: argparse.Namespace, **kwargs) -> float:
+    """tok/s of transformers' own greedy generate of the 7B alone on the same prompts."""
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
 
-    def hf(**kwargs) -> float:
-        def run() -> None:
-            with torch.inference_mode():
-                large.model.generate(
-                    **enc,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **kwargs,
-                )
+    def run() -> None:
+        with torch.inference_mode():
+            large.model.generate(
+                **enc,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **kwargs,
+            )
 
-        return batch * args.new_tokens / timed(run, args.repeats)
-
-    row["hf_generate_7b_eager"] = hf()
-    if args.hf_compile:
-        row["hf_generate_7b_static_compile"] = hf(cache_implementation="static")
-    return row
+    return len(texts) * args.new_tokens / timed(run, args.repeats)
 
 
 def search_cost(trio: FusedLM, tokenizer) -> dict[str, float]:

@@ -116,3 +116,23 @@ def test_sliding_window_counts_tokens_not_columns() -> None:
     bias = attention_bias(valid, positions, torch.tensor([[2]]), window=2, dtype=torch.float32)[0, 0, 0]
     # Position 2 sees positions 1 and 2 (window 2), never the pad or the hole.
     assert (bias == 0).tolist() == [False, False, True, False, True]
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_grouped_attention_equals_transformers_sdpa(length: int) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from trimix.backends.attention import grouped_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 8, length, 16, generator=g)
+    key, value = torch.randn(2, 2, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g)
+    valid = torch.rand(2, 11, generator=g) > 0.3
+    valid[:, -length:] = True
+    positions = valid.long().cumsum(-1) - 1
+    mask = attention_bias(valid, positions, positions[:, -length:], None, torch.float32)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    mine, _ = grouped_sdpa(module.eval(), query, key, value, mask, scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)

@@ -32,12 +32,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from trimix.backends import attention
 from trimix.errors import SourceLoadError
 
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-_SUPPORTED_ATTENTION = ("sdpa", "eager")
+_SUPPORTED_ATTENTION = ("sdpa", "eager", attention.NAME)
 _PROBE_TEXT = "TriMix probe: the quick brown fox 123. ئۇيغۇرچە"
 
 
@@ -191,12 +192,14 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         config = model.config.get_text_config()
-        attention = getattr(config, "_attn_implementation", None) or "sdpa"
-        if attention not in _SUPPORTED_ATTENTION:
+        implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+        if implementation not in _SUPPORTED_ATTENTION:
             raise SourceLoadError(
-                f"{type(model).__name__} uses attention {attention!r}; trimix passes explicit masks, which need "
+                f"{type(model).__name__} uses attention {implementation!r}; trimix passes explicit masks, which need "
                 f"{' or '.join(_SUPPORTED_ATTENTION)} (load it with attn_implementation='sdpa')"
             )
+        if implementation == "sdpa" and self._on_cuda(model):
+            _use_grouped_attention(model)
         self.windows, self.mask_dict = _layer_windows(model)
         self.num_layers = int(config.num_hidden_layers)
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -396,6 +399,10 @@ class HFBackend:
         return logits
 
     # ---------------------------------------------------------------- internals
+    @staticmethod
+    def _on_cuda(model: PreTrainedModel) -> bool:
+        return model.get_input_embeddings().weight.device.type == "cuda"
+
     def _compiled_decoder(self) -> Any:
         if self._compiled is None:
             import torch._dynamo
@@ -482,6 +489,16 @@ class HFBackend:
                 f"model's own forward pass (largest logit difference {gap:.3g} on a {ids.shape[1]}-token probe); "
                 "please report this model family"
             )
+
+
+def _use_grouped_attention(model: PreTrainedModel) -> None:
+    """Switch a CUDA model from ``sdpa`` to :func:`~trimix.backends.attention.grouped_sdpa` (same math, no
+    per-head copies of the cache); keep ``sdpa`` with a warning if transformers refuses."""
+    attention.register()
+    try:
+        model.set_attn_implementation(attention.NAME)
+    except (ValueError, KeyError, AttributeError) as exc:  # pragma: no cover - depends on the family
+        logger.warning("keeping sdpa attention for %s (%s): decoding copies the cache per query head", type(model).__name__, exc)
 
 
 def _shifted(state: HFState, shift: int, width: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
