@@ -136,3 +136,22 @@ def test_grouped_attention_equals_transformers_sdpa(length: int) -> None:
     mine, _ = grouped_sdpa(module.eval(), query, key, value, mask, scaling=0.25)
     reference, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+    # No mask: transformers' causal fast path for an unpadded batch.
+    mine, _ = grouped_sdpa(module, query, key, value, None, scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_switching_a_model_to_grouped_attention_keeps_its_outputs(tokenizer) -> None:
+    """CUDA models are switched to trimix_sdpa; transformers' own padded forward must not change."""
+    from trimix.backends.hf import _use_grouped_attention
+
+    model = build_model("qwen2", len(tokenizer), seed=7)
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        before = model(**enc).logits
+        _use_grouped_attention(model)
+        after = model(**enc).logits
+    assert model.config._attn_implementation == "trimix_sdpa"
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(after[real], before[real], atol=1e-5, rtol=1e-5)

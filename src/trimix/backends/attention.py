@@ -33,15 +33,28 @@ def grouped_sdpa(
     """Attention of ``query`` ``(B, H, Q, D)`` over ``key``/``value`` ``(B, H_kv, K, D)`` with an additive
     or boolean mask ``(B, 1, Q, K)``; returns ``(B, Q, H, D)`` as transformers' attention functions do."""
     if kwargs.get("softcap") is not None:
-        raise ValueError("trimix_sdpa does not support attention soft-capping; load the model with eager attention")
+        raise ValueError(
+            "trimix_sdpa does not support attention soft-capping; load the model with eager attention"
+        )
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     # Query head h reads key-value head h // groups (transformers' repeat_kv order).
     folded = query.reshape(batch, kv_heads, groups * length, dim)
     mask = attention_mask
+    if mask is None and length > 1 and getattr(module, "is_causal", True):
+        # transformers passes no mask for an unpadded causal batch (sdpa's is_causal path, whose pattern is
+        # aligned to the first key); folding the query heads into the length axis needs it spelled out.
+        span = key.shape[2]
+        rows = torch.arange(length, device=query.device)[:, None]
+        mask = (torch.arange(span, device=query.device)[None, :] <= rows)[None, None]
+        mask = mask.expand(batch, 1, length, span)
     if mask is not None:
-        mask = mask[:, :, None].expand(batch, 1, groups, length, mask.shape[-1]).reshape(batch, 1, groups * length, -1)
+        mask = (
+            mask[:, :, None]
+            .expand(batch, 1, groups, length, mask.shape[-1])
+            .reshape(batch, 1, groups * length, -1)
+        )
     out = F.scaled_dot_product_attention(
         folded, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling
     )
@@ -49,7 +62,10 @@ def grouped_sdpa(
 
 
 def register() -> None:
-    """Make ``trimix_sdpa`` available to every transformers model (idempotent)."""
+    """Make ``trimix_sdpa`` available to every transformers model (idempotent). Masks that transformers
+    builds itself (``model.generate``, a plain forward) are built as for ``sdpa``."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, grouped_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -498,7 +498,11 @@ def _use_grouped_attention(model: PreTrainedModel) -> None:
     try:
         model.set_attn_implementation(attention.NAME)
     except (ValueError, KeyError, AttributeError) as exc:  # pragma: no cover - depends on the family
-        logger.warning("keeping sdpa attention for %s (%s): decoding copies the cache per query head", type(model).__name__, exc)
+        logger.warning(
+            "keeping sdpa attention for %s (%s): decoding copies the cache per query head",
+            type(model).__name__,
+            exc,
+        )
 
 
 def _shifted(state: HFState, shift: int, width: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
