@@ -105,6 +105,26 @@ class FusionConfig(_Strict):
         )
 
 
+class SpeculativeConfig(_Strict):
+    """Speculative fusion: a drafter proposes ``k`` tokens, every fused source checks them in one forward.
+
+    ``draft`` names a source of the run: a fused one, or one outside the fusion (any role under
+    ``models``, e.g. with weight 0, sharing the tokenizer). None: the fused source with the largest
+    weight, and among equals the one with the fewest parameters. ``k: auto`` adapts the draft length
+    to the acceptance measured so far (between 1 and 8).
+    """
+
+    draft: str | None = None
+    k: int | Literal["auto"] = 4
+
+    @field_validator("k")
+    @classmethod
+    def _k_range(cls, value: int | str) -> int | str:
+        if value != "auto" and not 1 <= int(value) <= 16:
+            raise ValueError(f"speculative.k must be 1-16 or 'auto'; got {value!r}")
+        return value
+
+
 class GenerationConfig(_Strict):
     """Decoding settings shared by every prompt of a run."""
 
@@ -125,6 +145,7 @@ class GenerationConfig(_Strict):
     # layer's small elementwise kernels (norms, rotary, activations) before the step is captured. Costs a
     # compilation per model, batch bucket and cache size (tens of seconds). None: on with graphs.
     compile: bool | None = None
+    speculative: SpeculativeConfig | None = None
     # A prompt whose length plus max_new_tokens exceeds a source's context: refuse it before decoding
     # (error), or decode until the context is full and finish with reason "context" (stop).
     on_context_limit: Literal["error", "stop"] = "error"

@@ -289,24 +289,26 @@ class HFBackend:
 
     @torch.inference_mode()
     def step_in_place(self, state: HFState, tokens: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        """One token per row on a preallocated cache, touching only tensors that keep their addresses.
+        """Feed ``(B, k)`` tokens on a preallocated cache, touching only tensors that keep their addresses.
 
         The cursor's columns and ``next_position`` are advanced in place, so a CUDA graph that captured
         this call replays it step after step. The host-side ``state.length`` is the caller's to advance.
 
         Args:
-            state: a preallocated state whose ``cursor.cols`` is a ``(1,)`` tensor owned by the caller.
-            tokens: ``(B, 1)``.
+            state: a preallocated state whose ``cursor.cols`` is a ``(k,)`` tensor owned by the caller
+                (the columns this call writes).
+            tokens: ``(B, k)``.
             compiled: run the decoder through ``torch.compile`` (fuses the many small elementwise
                 kernels of a layer; compiled once per batch and cache shape).
 
         Returns:
-            Next-token logits ``(B, R)``.
+            Logits ``(B, k, R)`` after each token.
         """
         cols = state.cursor.cols
+        width = tokens.shape[1]
+        query = state.next_position[:, None] + torch.arange(width, device=tokens.device)
         state.valid.index_fill_(1, cols, True)
-        state.positions.index_copy_(1, cols, state.next_position[:, None])
-        query = state.next_position[:, None]
+        state.positions.index_copy_(1, cols, query)
         decoder = self._compiled_decoder() if compiled else self.decoder
         out = decoder(
             input_ids=tokens,
@@ -315,9 +317,9 @@ class HFBackend:
             past_key_values=state.cache,
             use_cache=True,
         )
-        state.next_position.add_(1)
-        cols.add_(1)
-        return self.head_logits(out.last_hidden_state[:, -1])
+        state.next_position.add_(width)
+        cols.add_(width)
+        return self.head_logits(out.last_hidden_state)
 
     @torch.inference_mode()
     def crop(self, state: HFState, lengths: torch.Tensor) -> None:
@@ -336,7 +338,10 @@ class HFBackend:
                 if layer.is_initialized:
                     layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
         state.length = length
-        state.next_position = lengths.clone()
+        if state.is_static:  # in place: a captured graph keeps reading the same tensor
+            state.next_position.copy_(lengths)
+        else:
+            state.next_position = lengths.clone()
 
     @torch.inference_mode()
     def keep_rows(self, state: HFState, rows: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
 from trimix.config import FusionConfig, GenerationConfig, TrimixConfig
-from trimix.decoding.sampling import TokenChooser, row_keys
+from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, gumbel_noise, row_keys
+from trimix.decoding.speculative import K_AUTO_START, SpeculativeStats, next_k, verify_drafts
 from trimix.decoding.static import (
     Batch,
     FusedStep,
@@ -77,11 +78,13 @@ class Generation:
     token_ids: list[int]
     finish_reason: FinishReason
     inspection: list[TokenInspection] | None = None
+    stats: dict[str, Any] | None = None  # speculative decoding: acceptance accounting of this prompt
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.inspection is None:
-            data.pop("inspection")
+        for optional in ("inspection", "stats"):
+            if data[optional] is None:
+                data.pop(optional)
         return data
 
 
@@ -112,6 +115,7 @@ class _Step:
     finish: list[FinishReason | None]
     inspection: list[TokenInspection] | None = None
     closed: list[tuple[int, FinishReason]] = field(default_factory=list)  # rows ended without a token
+    stats: dict[int, dict[str, Any]] | None = None  # speculative accounting per row, sent once per batch
 
 
 @dataclass
@@ -121,6 +125,7 @@ class _RowText:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     inspection: list[TokenInspection] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
 
 
 class SourcePool:
@@ -358,6 +363,8 @@ class FusedLM:
             for step in self._decode_batch(batch, gen, ids[start : start + gen.batch_size]):
                 for row, reason in step.closed:
                     rows[row].finish_reason = reason
+                for row, stats in (step.stats or {}).items():
+                    rows[row].stats = stats
                 for j, (row, token, reason) in enumerate(
                     zip(step.rows, step.tokens, step.finish, strict=True)
                 ):
@@ -438,6 +445,7 @@ class FusedLM:
             token_ids=list(row.token_ids),
             finish_reason=row.finish_reason or "length",
             inspection=row.inspection if gen.inspect_top_k else None,
+            stats=row.stats,
         )
 
     def _decode_batch(
@@ -451,7 +459,11 @@ class FusedLM:
         logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
         tracker = _RowTracker(self, gen, budgets)
         keys = row_keys(gen.seed, row_ids)
-        if engine == "eager":
+        if gen.speculative is not None:
+            if engine != "eager":
+                logger.info("speculative fusion runs on the eager engine (engine %s was asked)", engine)
+            yield from self._decode_speculative(prompts, encodings, gen, keys, tracker)
+        elif engine == "eager":
             yield from self._decode_eager(encodings, gen, keys, tracker)
         else:
             yield from self._decode_static(encodings, gen, keys, tracker, engine == "graphs")
@@ -601,6 +613,196 @@ class FusedLM:
             if all(tracker.done[i] for i in range(live)):
                 return
             session.step()
+
+    def drafter(self, generation: GenerationConfig) -> str:
+        """The role that drafts for speculative fusion: ``speculative.draft``, else the fused source with the
+        largest weight (the one with the fewest parameters among equals)."""
+        spec = generation.speculative
+        if spec is not None and spec.draft is not None:
+            if spec.draft not in self.pool.roles:
+                raise ConfigError(
+                    f"speculative.draft {spec.draft!r} is not a source; roles are {', '.join(self.pool.roles)}"
+                )
+            return spec.draft
+        return max(
+            self.roles, key=lambda r: (self.fusion.weight(r), -self.pool.get(r).backend.num_parameters)
+        )
+
+    @torch.inference_mode()
+    def _decode_speculative(
+        self,
+        prompts: Sequence[str],
+        encodings: list[dict[str, torch.Tensor]],
+        gen: GenerationConfig,
+        keys: torch.Tensor,
+        tracker: _RowTracker,
+    ) -> Iterator[_Step]:
+        """Rounds of draft-then-verify on growing caches (see :mod:`trimix.decoding.speculative`)."""
+        device, vocab = self.fusion_device, self.vocab_size
+        chooser = TokenChooser(gen)
+        batch = len(tracker.rows)
+        draft_role = self.drafter(gen)
+        drafter = self.pool.get(draft_role)
+        draft_index = self.roles.index(draft_role) if draft_role in self.roles else None
+        weights = torch.tensor([self.weight_vector()] * batch, dtype=torch.float32, device=device)
+        keys = keys.to(device)
+        prefilled = [
+            s.backend.prefill(e["input_ids"], e["attention_mask"])
+            for s, e in zip(self.sources, encodings, strict=True)
+        ]
+        states = [state for _, state in prefilled]
+        if draft_index is None:
+            enc = self.encode(drafter, prompts)
+            _, draft_state = drafter.backend.prefill(enc["input_ids"], enc["attention_mask"])
+        else:
+            draft_state = states[draft_index]
+        all_states = states + ([draft_state] if draft_index is None else [])
+        backends = [s.backend for s in self.sources] + ([drafter.backend] if draft_index is None else [])
+        # The first token comes from the prefill, as in plain fused decoding.
+        logits = [x.to(device) for x, _ in prefilled]
+        scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha)
+        first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
+        alive = [i for i in range(batch) if not tracker.done[i]]
+        finish = tracker.record(
+            alive, first[alive].tolist(), torch.isin(first[alive], self._eos(tracker)).tolist()
+        )
+        inspection = (
+            self._inspect([x[alive] for x in logits], scores[alive], first[alive], gen.inspect_top_k)
+            if gen.inspect_top_k
+            else None
+        )
+        yield _Step(alive, first[alive].tolist(), finish, inspection)
+        stats = {row: SpeculativeStats() for row in range(batch)}
+        active = [row for row, reason in zip(alive, finish, strict=True) if reason is None]
+        self._keep_all(backends, all_states, torch.tensor(active, dtype=torch.long))
+        pending = first[torch.tensor(active, dtype=torch.long, device=device)]
+        k = gen.speculative.k if gen.speculative.k != "auto" else K_AUTO_START
+        total = SpeculativeStats()
+        while active:
+            rows = torch.tensor(active, dtype=torch.long, device=device)
+            room = min(tracker.budgets[r] - len(tracker.rows[r]) for r in active)
+            k_round = max(0, min(k, room - 1))
+            counters = torch.tensor([len(tracker.rows[r]) for r in active], dtype=torch.long, device=device)
+            before = [state.next_position.clone() for state in all_states]
+            token, draft_logits, drafts = pending, [], []
+            for j in range(k_round + 1):
+                step_logits = drafter.backend.advance(draft_state, token[:, None])[:, -1].to(device)
+                draft_logits.append(step_logits)
+                if j < k_round:
+                    token = self._draft_choice(chooser, step_logits[:, :vocab], keys[rows], counters + j)
+                    drafts.append(token)
+            sequence = torch.stack([pending, *drafts], dim=1)  # (b, k + 1)
+            source_logits = [
+                torch.stack(draft_logits, 1)
+                if i == draft_index
+                else source.backend.advance(states[i], sequence).to(device)
+                for i, source in enumerate(self.sources)
+            ]
+            scores = fused_scores(source_logits, weights[rows], vocab, self.plausibility_index, self._alpha)
+            drafted = torch.stack(drafts, 1) if drafts else sequence[:, :0]
+            target = _warp_positions(chooser, scores)
+            draft_scores = None  # greedy: drafts are checked against the fused argmax
+            if chooser.do_sample:
+                draft_scores = (
+                    _warp_positions(chooser, torch.stack(draft_logits[:k_round], 1)[..., :vocab].float())
+                    if k_round
+                    else scores.new_zeros(len(active), 0, vocab)
+                )
+            accepted, following = verify_drafts(target, drafted, draft_scores, keys[rows], counters)
+            # Row b emits its first accepted[b] drafts, then the token that follows them.
+            emitted = torch.cat([drafted, following[:, None]], 1).scatter(
+                1, accepted[:, None], following[:, None]
+            )
+            counts = accepted + 1
+            yield from self._emit_round(
+                active, emitted, counts, tracker, gen, source_logits, scores, stats, k_round, accepted
+            )
+            for row, a, kept in zip(active, accepted.tolist(), counts.tolist(), strict=True):
+                stats[row].record(k_round, a, kept)
+            continuing = [i for i, row in enumerate(active) if not tracker.done[row]]
+            keep = torch.tensor(continuing, dtype=torch.long)
+            self._keep_all(backends, all_states, keep)
+            for backend, state, old in zip(backends, all_states, before, strict=True):
+                lengths = (old.to(keep.device)[keep] + 1 + accepted.to(keep.device)[keep]).to(old.device)
+                backend.crop(state, lengths)
+            pending = following[keep.to(device)]
+            active = [active[i] for i in continuing]
+            if gen.speculative.k == "auto":
+                merged = SpeculativeStats()
+                for row_stats in stats.values():
+                    merged.merge(row_stats)
+                k = next_k(merged.accepted / merged.drafted if merged.drafted else None, k)
+        for row_stats in stats.values():
+            total.merge(row_stats)
+        summary = total.to_dict()
+        logger.info(
+            "speculative fusion (draft %s): %d rounds, acceptance %s, mean accepted length %s",
+            draft_role,
+            summary["rounds"],
+            f"{summary['acceptance_rate']:.3f}" if summary["acceptance_rate"] is not None else "n/a",
+            f"{summary['mean_accepted_length']:.2f}"
+            if summary["mean_accepted_length"] is not None
+            else "n/a",
+        )
+        yield _Step(
+            [], [], [], stats={row: {"draft": draft_role, **st.to_dict()} for row, st in stats.items()}
+        )
+
+    def _draft_choice(
+        self, chooser: TokenChooser, logits: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
+    ) -> torch.Tensor:
+        if not chooser.do_sample:
+            return logits.float().argmax(-1)
+        warped = chooser.warp(logits.float())
+        return (warped + gumbel_noise(keys, counters, warped.shape[-1], STREAM_DRAFT)).argmax(-1)
+
+    def _emit_round(
+        self,
+        active: list[int],
+        emitted: torch.Tensor,
+        counts: torch.Tensor,
+        tracker: _RowTracker,
+        gen: GenerationConfig,
+        source_logits: list[torch.Tensor],
+        scores: torch.Tensor,
+        stats: dict[int, SpeculativeStats],
+        k_round: int,
+        accepted: torch.Tensor,
+    ) -> Iterator[_Step]:
+        """Hand a round's tokens to the host bookkeeping position by position, so that an end-of-sequence,
+        a stop string, the token budget or the context inside the accepted run ends the row exactly there."""
+        tokens, counts = emitted.tolist(), counts.tolist()
+        eos = set(tracker.eos)
+        for position in range(max(counts)):
+            rows = [i for i, row in enumerate(active) if position < counts[i] and not tracker.done[row]]
+            if not rows:
+                break
+            picked = [tokens[i][position] for i in rows]
+            finish = tracker.record([active[i] for i in rows], picked, [t in eos for t in picked])
+            inspection = None
+            if gen.inspect_top_k:
+                index = torch.tensor(rows, device=scores.device)
+                inspection = self._inspect(
+                    [x[index, position] for x in source_logits],
+                    scores[index, position],
+                    torch.tensor(picked, device=scores.device),
+                    gen.inspect_top_k,
+                )
+            yield _Step([active[i] for i in rows], picked, finish, inspection)
+
+    def _eos(self, tracker: _RowTracker) -> torch.Tensor:
+        return torch.tensor(tracker.eos, dtype=torch.long, device=self.fusion_device)
+
+    @staticmethod
+    def _keep_all(backends: list[Any], states: list[Any], rows: torch.Tensor) -> None:
+        if (
+            rows.numel()
+            and rows.numel() == states[0].batch_size
+            and bool((rows == torch.arange(rows.numel())).all())
+        ):
+            return
+        for backend, state in zip(backends, states, strict=True):
+            backend.keep_rows(state, rows)
 
     def _inspect(
         self, source_logits: Sequence[torch.Tensor], scores: torch.Tensor, tokens: torch.Tensor, k: int
@@ -780,6 +982,14 @@ def _prefix_token(tokenizer: Any) -> int:
     if token is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
     return int(token)
+
+
+def _warp_positions(chooser: TokenChooser, scores: torch.Tensor) -> torch.Tensor:
+    """Apply the chooser's warpers to ``(B, J, V)`` scores, position by position."""
+    if not chooser.do_sample:
+        return scores
+    batch, positions, vocab = scores.shape
+    return chooser.warp(scores.reshape(batch * positions, vocab)).reshape(batch, positions, vocab)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:

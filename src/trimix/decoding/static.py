@@ -107,7 +107,7 @@ class FusedStep:
     def __call__(self) -> None:
         self.choose(
             [
-                b.step_in_place(s, self.tokens, self.compiled)
+                b.step_in_place(s, self.tokens, self.compiled)[:, -1]
                 for b, s in zip(self.backends, self.states, strict=True)
             ]
         )
