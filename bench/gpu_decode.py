@@ -161,6 +161,15 @@ def main() -> None:
         "--skip-eager", action="store_true", help="skip trimix's eager engine (slow at batch 32)"
     )
     parser.add_argument("--skip-plain-graphs", action="store_true", help="skip graphs without torch.compile")
+    parser.add_argument(
+        "--speculative-k",
+        type=int,
+        default=0,
+        help="also time graph-captured draft steps and (k + 1)-token verify steps of each source",
+    )
+    parser.add_argument(
+        "--only", nargs="*", help="measure only these models (trio, paper_0.1_0.9, large, ...)"
+    )
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -202,8 +211,8 @@ def main() -> None:
             batch, args, {"trio": trio, "paper_0.1_0.9": paper} | alone, sources["large"], tokenizer
         )
         row["floor_tok_s"] = batch / (floor_bytes / bandwidth)
-        row["trio_graphs_vs_floor"] = row["trio_graphs"] / row["floor_tok_s"]
-        row["trio_graphs_vs_hf_7b_eager"] = row["trio_graphs"] / row["hf_generate_7b_eager"]
+        row["trio_graphs_vs_floor"] = row.get("trio_graphs", float("nan")) / row["floor_tok_s"]
+        row["trio_graphs_vs_hf_7b_eager"] = row.get("trio_graphs", float("nan")) / row["hf_generate_7b_eager"]
         rows.append(row)
         if args.json:
             Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
@@ -217,8 +226,11 @@ def main() -> None:
     keys = [k for k in rows[0] if k != "batch"]
     print("| figure | " + " | ".join(f"batch {r['batch']}" for r in rows) + " |")
     print("|---" * (len(rows) + 1) + "|")
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "batch"))
     for key in keys:
         print(f"| {key} | " + " | ".join(f"{r.get(key, float('nan')):.2f}" for r in rows) + " |")
+    if args.speculative_k:
+        info["speculative_costs"] = speculative_costs(sources, args.batch_sizes, args.speculative_k)
     if args.search:
         info["search"] = search_cost(trio, tokenizer)
         print(f"\nweight search: {json.dumps(info['search'])}")
@@ -233,7 +245,9 @@ def measure(
     texts = prompts(batch, args.prompt_tokens, seed=batch)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=batch)
     row: dict[str, float] = {"batch": batch}
-    # Eager first: nothing compiled or captured yet, so host-side overhead is measured undisturbed.
+    # Eager first: nothing compiled or captured yet at this batch size, so host-side overhead is measured
+    # undisturbed (transformers' generate of the 7B, then trimix's eager engine).
+    row["hf_generate_7b_eager"] = hf_generate(large, tokenizer, texts, args)
     variants = {} if args.skip_eager else {"eager": {"engine": "eager"}}
     if not args.skip_plain_graphs:
         variants["graphs_nocompile"] = {"engine": "graphs", "compile": False}
@@ -253,10 +267,6 @@ def measure(
                 row[f"{name}_{variant}"],
                 time.perf_counter() - start,
             )
-        if variant == "eager":
-            row["hf_generate_7b_eager"] = hf_generate(large, tokenizer, texts, args)
-    if "hf_generate_7b_eager" not in row:
-        row["hf_generate_7b_eager"] = hf_generate(large, tokenizer, texts, args)
     if batch in args.hf_compile:
         row["hf_generate_7b_static_compile"] = hf_generate(
             large, tokenizer, texts, args, cache_implementation="static"
@@ -280,6 +290,63 @@ def hf_generate(large: Source, tokenizer, texts: list[str], args: argparse.Names
             )
 
     return len(texts) * args.new_tokens / timed(run, args.repeats)
+
+
+def step_cost(source: Source, batch: int, width: int, repeats: int = 30) -> float:
+    """Seconds per replay of one source's compiled, graph-captured forward of ``width`` tokens per row
+    (width 1: a decoding or drafting step; width k + 1: speculative verification of k drafts)."""
+    backend = source.backend
+    prompt = torch.randint(0, VOCAB - 3, (batch, 64), device="cuda")
+    capacity = 64 + width * (repeats + 8)
+    with torch.inference_mode():
+        _, state = backend.prefill(prompt, torch.ones_like(prompt), capacity)
+        cols = torch.arange(state.length, state.length + width, device="cuda")
+        state.cursor.cols = cols
+        tokens = torch.randint(0, VOCAB - 3, (batch, width), device="cuda")
+        snapshot = (state.valid.clone(), state.positions.clone(), state.next_position.clone(), cols.clone())
+
+        def restore() -> None:
+            for target, value in zip(
+                (state.valid, state.positions, state.next_position, cols), snapshot, strict=True
+            ):
+                target.copy_(value)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                backend.step_in_place(state, tokens, compiled=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            backend.step_in_place(state, tokens, compiled=True)
+        restore()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / repeats
+
+
+def speculative_costs(sources: dict[str, Source], batches: list[int], k: int) -> list[dict[str, float]]:
+    """Per batch: the cost of a draft step (small_cpt, width 1) and of a (k + 1)-token verify per source."""
+    rows = []
+    for batch in batches:
+        row = {"batch": batch, "k": k}
+        for role, source in sources.items():
+            row[f"{role}_step_ms"] = 1000 * step_cost(source, batch, 1)
+            row[f"{role}_verify_{k + 1}_ms"] = 1000 * step_cost(source, batch, k + 1)
+        rows.append(row)
+        print(
+            f"speculative costs batch {batch}: "
+            + ", ".join(f"{key} {v:.2f}" for key, v in row.items() if key.endswith("ms")),
+            flush=True,
+        )
+    return rows
 
 
 def search_cost(trio: FusedLM, tokenizer) -> dict[str, float]:
