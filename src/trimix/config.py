@@ -47,6 +47,9 @@ class SourceConfig(_Strict):
     device_map: str | dict[str, Any] | None = None
     trust_remote_code: bool = False
     prompt_format: Literal["raw", "chat"] = "raw"
+    # as_written: when transformers' tokenizer class encodes text differently from the folder's
+    # tokenizer.json, use the file's tokenizer (logged); library: always transformers' class.
+    tokenizer_class: Literal["as_written", "library"] = "as_written"
 
     @field_validator("weight")
     @classmethod
@@ -290,7 +293,12 @@ class MethodSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    """One task family over some languages; ``options`` go to the task (root, path, pivot, direction...)."""
+    """One task family over some languages; ``options`` go to the task (root, path, pivot, direction...).
+
+    Generation settings and the passage budget default to the paper's protocol for each task (first-line
+    answers, 512-character passages, 256 for title generation, 384 for classification prompts in weight
+    selection); set them here to change them. Every prediction row records the settings it was made with.
+    """
 
     task: str
     langs: list[str] = Field(min_length=1)
@@ -300,6 +308,25 @@ class TaskSpec(_Strict):
     scoring: Literal["generate", "loglikelihood"] = "generate"
     shots: int | None = Field(None, ge=0)
     prompt_lang: Literal["en", "zh"] = "en"
+    max_new_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+    max_chars: int | None = Field(None, ge=1)
+    selection_max_chars: int | None = Field(None, ge=1)
+
+    def task_options(self) -> dict[str, Any]:
+        """Everything the task is built with, besides its language."""
+        settings = {
+            "max_new_tokens": self.max_new_tokens,
+            "stop": tuple(self.stop) if self.stop is not None else None,
+            "max_chars": self.max_chars,
+            "selection_max_chars": self.selection_max_chars,
+        }
+        return {
+            "n_shots": self.shots,
+            "prompt_lang": self.prompt_lang,
+            **{k: v for k, v in settings.items() if v is not None},
+            **self.options,
+        }
 
 
 class EvalConfig(_Strict):

@@ -227,6 +227,17 @@ class HFBackend:
         return int(value) if value else None
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if configured is not None:
+            ids.update([configured] if isinstance(configured, int) else configured)
+        return sorted(ids)
+
+    @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from trimix.backends.hf import HFBackend
 from trimix.config import SourceConfig
@@ -195,16 +201,66 @@ def _adapter_base(adapter_dir: Path, cfg: SourceConfig) -> SourceConfig:
     return cfg.model_copy(update={"model": base_name, "gguf_file": None, "adapter": None})
 
 
-def load_tokenizer(cfg: SourceConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer of a source (cheap; used to validate before loading weights)."""
-    cfg, _ = _split_adapter(cfg)
-    location = cfg.tokenizer or _model_location(cfg, resolve_cache_dir(cache_dir))
+# Texts whose encoding reveals a changed pre-tokenizer or normaliser: digit runs, whitespace runs, and the
+# scripts of the bundled languages.
+TOKENIZER_PROBES = (
+    " 800 2024 3.14159 1,000,000",
+    "a  b\t\tc\n\nd    e",
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
+    "བོད་ཡིག་ནི་བོད་ཀྱི་ཡི་གེ་རེད།",
+    "Қазақ тілі — түркі тілдерінің бірі.",
+    "Монгол хэл бол монгол үндэстний хэл юм.",
+    "বাংলা ভাষা একটি ইন্দো-আর্য ভাষা।",
+    "தமிழ் மொழி ஒரு திராவிட மொழி.",
+    "తెలుగు ఒక ద్రావిడ భాష.",
+    "ଓଡ଼ିଆ ଏକ ଭାରତୀୟ ଭାଷା।",
+    "中文是汉语的书面语。",
+    "Hello, world! It's 9am.",
+)
+
+
+def _tokenizer(location: str, cfg: SourceConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer as its files define it.
+
+    transformers 5 picks a tokenizer class from the model type and may replace the pre-tokenizer that
+    ``tokenizer.json`` defines (a Qwen2 folder whose tokenizer.json splits digits differently is re-split
+    with Qwen2's own regex). A model whose tokenizer was changed — a vocabulary extended for a
+    low-resource script, a retrained BPE — would then be fed token sequences it was never trained on.
+    When the library's class encodes the probe texts differently from ``tokenizer.json`` as written,
+    the file's tokenizer is used (``tokenizer_class: library`` keeps the library's class).
+    """
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        return AutoTokenizer.from_pretrained(
-            location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        library = AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError as exc:
         raise _hub_error(cfg, exc) from exc
+    if cfg.tokenizer_class == "library" or not (Path(location) / "tokenizer.json").is_file():
+        return library
+    written = PreTrainedTokenizerFast.from_pretrained(location, **kwargs)
+    differing = [p for p in TOKENIZER_PROBES if library(p)["input_ids"] != written(p)["input_ids"]]
+    if not differing:
+        return library
+    logger.warning(
+        "source %s: transformers' %s encodes text differently from %s as written (e.g. %r); using the "
+        "tokenizer the file defines (set `tokenizer_class: library` to keep %s)",
+        cfg.role,
+        type(library).__name__,
+        Path(location) / "tokenizer.json",
+        differing[0],
+        type(library).__name__,
+    )
+    return written
+
+
+def load_tokenizer(cfg: SourceConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a source (cheap; used to validate before loading weights)."""
+    cfg, adapter_dir = _split_adapter(cfg)
+    location = cfg.tokenizer or (
+        str(adapter_dir)
+        if _has_tokenizer(adapter_dir)
+        else _model_location(cfg, resolve_cache_dir(cache_dir))
+    )
+    return _tokenizer(location, cfg)
 
 
 def _split_adapter(cfg: SourceConfig) -> tuple[SourceConfig, Path | None]:
@@ -266,12 +322,7 @@ def load_source(
     model.eval()
     model.requires_grad_(False)
     tokenizer_location = cfg.tokenizer or (str(adapter_dir) if _has_tokenizer(adapter_dir) else location)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_location, revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code
-        )
-    except OSError as exc:
-        raise _hub_error(base_cfg, exc) from exc
+    tokenizer = _tokenizer(tokenizer_location, base_cfg)
     logger.info(
         "loaded source %s from %s%s in %.1fs (%s, %s)",
         cfg.role,

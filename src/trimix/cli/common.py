@@ -10,6 +10,7 @@ from typing import Any
 
 from trimix.config import TrimixConfig, load_config, parse_weights_arg, read_selected_weights
 from trimix.errors import ConfigError, DataError
+from trimix.fusion import METHODS
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +18,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--weights", help="explicit weights, e.g. large=0.1,small_cpt=0.9,small_base=0.0")
     parser.add_argument("--weights-from", help="the selection.json written by `trimix select`")
-    parser.add_argument(
-        "--method", choices=["weighted", "single", "proxy_tuning", "trimix"], help="fusion method"
-    )
+    parser.add_argument("--method", choices=list(METHODS), help="fusion method (see `trimix ls methods`)")
     parser.add_argument("--role", help="with --method single: the source to use")
     parser.add_argument("--device", help="run-level device (e.g. cpu, cuda:0)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="run-level dtype")

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, str | None]:
+def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, str | None, str]:
     saved = None
     if args.resume and not args.config:
         path = f"{args.output_dir}/config.yaml"
@@ -72,10 +72,16 @@ def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, s
             raise ConfigError(
                 f"--resume: {path} not found; is {args.output_dir!r} a trimix cpt run?"
             ) from exc
-        return SourceConfig(**saved["base"]), CptConfig(**saved["cpt"]), saved.get("device", "cpu"), None
+        return (
+            SourceConfig(**saved["base"]),
+            CptConfig(**saved["cpt"]),
+            saved.get("device", "cpu"),
+            None,
+            saved.get("dtype", "float32"),
+        )
     cpt_raw: dict = {}
     base = None
-    device, cache_dir = "cpu", None
+    device, cache_dir, dtype = "cpu", None, "float32"
     if args.config:
         config = load_config(args.config)
         cpt_raw = config.cpt.model_dump()
@@ -87,6 +93,7 @@ def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, s
                 )
             base = config.source(config.cpt.base_role)
         device, cache_dir = config.device, config.cache_dir
+        dtype = base.dtype if base is not None and base.dtype else config.dtype
     if args.model:
         base = SourceConfig(model=args.model, role="small_base")
     if base is None:
@@ -114,20 +121,32 @@ def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, s
         cpt = CptConfig(**cpt_raw)
     except ValueError as exc:
         raise ConfigError(f"invalid cpt setting: {exc}") from exc
-    return base, cpt, args.device or device, cache_dir
+    return base, cpt, args.device or device, cache_dir, dtype
 
 
 def run(args: argparse.Namespace) -> int:
-    base, cpt, device, cache_dir = _settings(args)
+    base, cpt, device, cache_dir, dtype = _settings(args)
     out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume)
     if not args.resume:
         write_run_info(
             out_dir,
-            {"base": base.model_dump(exclude_none=True), "cpt": cpt.model_dump(), "device": device},
+            {
+                "base": base.model_dump(exclude_none=True),
+                "cpt": cpt.model_dump(),
+                "device": device,
+                "dtype": dtype,
+            },
             cpt.seed,
         )
     report = run_cpt(
-        base, cpt, out_dir, device=device, cache_dir=cache_dir, resume=args.resume, progress=not args.quiet
+        base,
+        cpt,
+        out_dir,
+        dtype=dtype,
+        device=device,
+        cache_dir=cache_dir,
+        resume=args.resume,
+        progress=not args.quiet,
     )
     summary = {
         "output": report.output,

@@ -15,7 +15,7 @@ from trimix.runinfo import prepare_output_dir, write_run_info
 logger = logging.getLogger(__name__)
 
 EXAMPLE = """example:
-  trimix generate -c configs/tiny.yaml --prompt "Hello" --max-new-tokens 16
+  trimix generate -c configs/gemma3_270m_demo_generate.yaml --prompt "Hello" --max-new-tokens 16
   trimix generate -c configs/qwen25_uyghur.yaml --weights-from runs/select/selection.json \\
       --prompts-file prompts.jsonl --output-dir runs/gen
 """

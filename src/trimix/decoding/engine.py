@@ -299,13 +299,7 @@ class FusedLM:
         """EOS ids: the config's, else every source tokenizer's and generation config's EOS."""
         if generation.eos_token_ids is not None:
             return list(generation.eos_token_ids)
-        ids: set[int] = set()
-        for source in self.sources:
-            if source.tokenizer.eos_token_id is not None:
-                ids.add(int(source.tokenizer.eos_token_id))
-            gen_eos = getattr(getattr(source.model, "generation_config", None), "eos_token_id", None)
-            if gen_eos is not None:
-                ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+        ids = {i for source in self.sources for i in source.backend.eos_token_ids}
         return sorted(i for i in ids if i < self.vocab_size)
 
     def engine_for(self, generation: GenerationConfig) -> str:
@@ -855,23 +849,7 @@ class FusedLM:
             One :class:`Loglikelihood` per request (natural log; ``is_greedy``: every continuation token
             is the fused argmax at its position).
         """
-        from trimix.search.scoring import ScoringText
-
-        source = self.sources[0]
-        items = []
-        for i, (context, continuation) in enumerate(requests):
-            context_ids, continuation_ids = split_continuation(source, context, continuation)
-            if not continuation_ids:
-                raise DataError(f"request {i}: the continuation {continuation!r} encodes to no token")
-            items.append(
-                ScoringText(
-                    str(i),
-                    context + continuation,
-                    tokens=context_ids + continuation_ids,
-                    score_last=len(continuation_ids),
-                )
-            )
-        return self._score_items(items, progress)
+        return self.loglikelihood_by_fusion(requests, [self.fusion], progress=progress)[0]
 
     def loglikelihood_rolling(
         self, texts: Sequence[str], *, max_length: int | None = None, progress: bool = False
@@ -882,6 +860,42 @@ class FusedLM:
         disjoint windows of at most ``max_length`` predicted tokens (default: the smallest context among
         the sources), each window conditioned on the tokens just before it.
         """
+        per_text = self.loglikelihood_rolling_by_fusion(
+            texts, [self.fusion], max_length=max_length, progress=progress
+        )
+        return [r.logprob for r in per_text[0]]
+
+    def loglikelihood_by_fusion(
+        self, requests: Sequence[tuple[str, str]], fusions: Sequence[Fusion], *, progress: bool = False
+    ) -> list[list[Loglikelihood]]:
+        """:meth:`loglikelihood` under several fusions of the loaded sources at once: one forward pass per
+        source per request serves them all. Returns one list per fusion."""
+        from trimix.search.scoring import ScoringText
+
+        items = []
+        for i, (context, continuation) in enumerate(requests):
+            context_ids, continuation_ids = split_continuation(self.sources[0], context, continuation)
+            if not continuation_ids:
+                raise DataError(f"request {i}: the continuation {continuation!r} encodes to no token")
+            items.append(
+                ScoringText(
+                    str(i),
+                    context + continuation,
+                    tokens=context_ids + continuation_ids,
+                    score_last=len(continuation_ids),
+                )
+            )
+        return self._score_items(items, fusions, progress)
+
+    def loglikelihood_rolling_by_fusion(
+        self,
+        texts: Sequence[str],
+        fusions: Sequence[Fusion],
+        *,
+        max_length: int | None = None,
+        progress: bool = False,
+    ) -> list[list[Loglikelihood]]:
+        """:meth:`loglikelihood_rolling` under several fusions at once (with each text's token count)."""
         from trimix.search.scoring import ScoringText
 
         source = self.sources[0]
@@ -890,24 +904,41 @@ class FusedLM:
         items, owner = [], []
         for i, text in enumerate(texts):
             tokens = source.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise DataError(f"text {i} encodes to no token")
             for context, targets in rolling_windows(tokens, prefix, limit):
                 items.append(
                     ScoringText(f"{i}:{len(items)}", text, tokens=context + targets, score_last=len(targets))
                 )
                 owner.append(i)
-        totals = [0.0] * len(texts)
-        for i, result in zip(owner, self._score_items(items, progress), strict=True):
-            totals[i] += result.logprob
-        return totals
+        results = []
+        for per_item in self._score_items(items, fusions, progress):
+            totals = [[0.0, True, 0] for _ in texts]
+            for i, result in zip(owner, per_item, strict=True):
+                totals[i][0] += result.logprob
+                totals[i][1] &= result.is_greedy
+                totals[i][2] += result.n_tokens
+            results.append([Loglikelihood(lp, greedy, n) for lp, greedy, n in totals])
+        return results
 
-    def _score_items(self, items: list[Any], progress: bool) -> list[Loglikelihood]:
-        scorer = self.scorer(items, progress=progress, share_prefix=True)
-        totals = scorer.score(torch.tensor([self.weight_vector()]), greedy=True)
+    def _score_items(
+        self, items: list[Any], fusions: Sequence[Fusion], progress: bool
+    ) -> list[list[Loglikelihood]]:
+        used = {r for fusion in fusions for r in fusion.weights if fusion.weight(r) != 0.0}
+        roles = [r for r in self.pool.roles if r in used]
+        scorer = self.scorer(items, roles=roles, progress=progress, share_prefix=True)
+        matrix = torch.tensor([fusion.vector(roles) for fusion in fusions], dtype=torch.float32)
+        totals = scorer.score(matrix, greedy=True)
         return [
-            Loglikelihood(
-                -float(totals.per_text[i, 0]), bool(totals.per_text_greedy[i, 0]), totals.tokens_per_text[i]
-            )
-            for i in range(len(items))
+            [
+                Loglikelihood(
+                    -float(totals.per_text[i, c]),
+                    bool(totals.per_text_greedy[i, c]),
+                    totals.tokens_per_text[i],
+                )
+                for i in range(len(items))
+            ]
+            for c in range(len(fusions))
         ]
 
 

@@ -14,18 +14,17 @@ import logging
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
 from tqdm.auto import tqdm
 
-from trimix.backends.loading import Source
 from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
-from trimix.errors import ConfigError
+from trimix.errors import ConfigError, DataError
 from trimix.fusion import Fusion
-from trimix.search import FusedPerplexityScorer, ScoringText, search_weights, task_selection_texts
+from trimix.search import search_weights, task_selection_texts
 from trimix.tasks import Example, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -34,14 +33,43 @@ SELECTIONS = "selections"
 RESUMED_FROM = (PREDICTIONS, SELECTIONS)  # what a run continues from; `--overwrite` removes them
 
 
+RequestType = Literal["generate", "loglikelihood", "rolling"]
+
+
 def build_task(spec: TaskSpec, lang: str) -> Task:
-    return get_task(spec.task, lang, n_shots=spec.shots, prompt_lang=spec.prompt_lang, **spec.options)
+    return get_task(spec.task, lang, **spec.task_options())
 
 
 def cell_name(spec: TaskSpec, task: Task) -> str:
     """The name a cell's rows carry: the task and language, marked when options are scored by likelihood
     (the same task may also be evaluated by generation in one run)."""
     return f"{task.full_name}:loglik" if spec.scoring == "loglikelihood" else task.full_name
+
+
+def request_type(spec: TaskSpec, task: Task) -> RequestType:
+    """How a cell asks the model (lm-evaluation-harness's request types): generation, the likelihood of
+    each option, or the rolling likelihood of whole texts."""
+    if task.kind == "perplexity":
+        return "rolling"
+    if spec.scoring == "loglikelihood":
+        if task.kind != "choice":
+            raise ConfigError(
+                f"{task.name}: loglikelihood scoring needs a classification or multiple-choice task; "
+                "use `scoring: generate` for it"
+            )
+        return "loglikelihood"
+    return "generate"
+
+
+@dataclass
+class Cell:
+    """One task and language of the matrix: its items and how they are asked."""
+
+    spec: TaskSpec
+    task: Task
+    items: list[Example]
+    name: str
+    request: RequestType
 
 
 def sample_items(task: Task, spec: TaskSpec, seed: int) -> list[Example]:
@@ -95,18 +123,32 @@ class _Sink:
 
 
 class Evaluator:
-    """Evaluates each method on each task and language, with the sources loaded once."""
+    """Evaluates each method on each task and language, with the sources loaded once.
 
-    def __init__(self, config: TrimixConfig, out_dir: Path, progress: bool = True) -> None:
+    Everything that can be checked without models is checked in the constructor, before any weight is
+    loaded: the methods' weights and plausibility roles, the tasks and their options, and every item of
+    every evaluated split.
+    """
+
+    def __init__(
+        self, config: TrimixConfig, out_dir: Path, progress: bool = True, lm: FusedLM | None = None
+    ) -> None:
         if not config.eval.methods or not config.eval.tasks:
             raise ConfigError("the `eval` section needs at least one entry in `methods` and one in `tasks`")
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
-        for method in config.eval.methods:  # fail on bad weights before loading any model
+        roles = [m.role for m in config.models]
+        for method in config.eval.methods:
             if not method.select:
                 self.fixed_weights(method)
-        self.lm = FusedLM.from_config(config, load_all=True)
+            if method.plausibility is not None and method.plausibility.role not in roles:
+                raise ConfigError(
+                    f"eval method {method.name!r}: plausibility.role {method.plausibility.role!r} is not a source; "
+                    f"roles are {', '.join(roles)}"
+                )
+        self.cell_list = list(self.cells())
+        self.lm = lm or FusedLM.from_config(config, load_all=True)
 
     # ---------------------------------------------------------------- weights per method and cell
     def fixed_weights(self, method: MethodSpec) -> dict[str, float]:
@@ -145,61 +187,65 @@ class Evaluator:
         return self.lm.with_fusion(Fusion(weights, method.method, plausibility))
 
     # ---------------------------------------------------------------- the run
-    def cells(self) -> Iterator[tuple[TaskSpec, Task, list[Example]]]:
+    def cells(self) -> Iterator[Cell]:
+        """Every cell of the matrix, its task built and its items read (bad data fails here)."""
         for spec in self.config.eval.tasks:
             for lang in spec.langs:
                 task = build_task(spec, lang)
-                yield spec, task, sample_items(task, spec, self.config.eval.seed)
+                items = sample_items(task, spec, self.config.eval.seed)
+                if not items:
+                    raise DataError(f"{task.full_name}: the {spec.split} split holds no items")
+                yield Cell(spec, task, items, cell_name(spec, task), request_type(spec, task))
 
     def run(self) -> Path:
         path = self.out_dir / PREDICTIONS
         done = {_key(r["method"], r["task"], r["id"]) for r in read_predictions(path)}
-        cells = list(self.cells())
-        total = sum(len(items) for _, _, items in cells) * len(self.config.eval.methods)
+        total = sum(len(c.items) for c in self.cell_list) * len(self.config.eval.methods)
         bar = tqdm(
             total=total, initial=min(len(done), total), desc="eval", unit="item", disable=not self.progress
         )
         sink = _Sink(path)
-
-        def write(
-            method: MethodSpec, cell: str, task: Task, weights: dict[str, float], rows: list[dict]
-        ) -> None:
-            base = {
-                "method": method.name,
-                "task": cell,
-                "task_name": task.name,
-                "lang": task.lang,
-                "metrics": list(task.metric_names),
-                "target_lang": task.target_lang,
-                "weights": weights,
-            }
-            sink.write([{**base, **row} for row in rows])
-            bar.update(len(rows))
-
         try:
-            for spec, task, items in cells:
-                cell = cell_name(spec, task)
+            for cell in self.cell_list:
                 pending = {
-                    m.name: [e for e in items if _key(m.name, cell, e.id) not in done]
+                    m.name: [e for e in cell.items if _key(m.name, cell.name, e.id) not in done]
                     for m in self.config.eval.methods
                 }
                 methods = [m for m in self.config.eval.methods if pending[m.name]]
                 if not methods:
                     continue
                 weights = {
-                    m.name: self._selected_weights(task) if m.select else self.fixed_weights(m)
+                    m.name: self._selected_weights(cell.task) if m.select else self.fixed_weights(m)
                     for m in methods
                 }
-                if task.kind == "perplexity" or spec.scoring == "loglikelihood":
-                    bar.set_description(f"eval {len(methods)} methods | {cell}")
-                    for method, rows in self._score(task, items, methods, weights, pending):
-                        write(method, cell, task, weights[method.name], rows)
+                base = {
+                    "task": cell.name,
+                    "task_name": cell.task.name,
+                    "lang": cell.task.lang,
+                    "metrics": list(cell.task.metric_names),
+                    "target_lang": cell.task.target_lang,
+                    "request": cell.request,
+                    "settings": cell.task.generation_settings(),
+                }
+                if cell.request == "generate":
+                    for method in methods:
+                        bar.set_description(f"eval {method.name} | {cell.name}")
+                        lm = self.fused(weights[method.name], method)
+                        for rows in self._generate(lm, cell.task, pending[method.name]):
+                            sink.write(
+                                [
+                                    {"method": method.name, **base, "weights": weights[method.name], **r}
+                                    for r in rows
+                                ]
+                            )
+                            bar.update(len(rows))
                     continue
-                for method in methods:
-                    bar.set_description(f"eval {method.name} | {cell}")
-                    lm = self.fused(weights[method.name], method)
-                    for rows in self._generate(lm, task, pending[method.name]):
-                        write(method, cell, task, weights[method.name], rows)
+                bar.set_description(f"eval {len(methods)} methods | {cell.name}")
+                for method, rows in self._score(cell, methods, weights, pending):
+                    sink.write(
+                        [{"method": method.name, **base, "weights": weights[method.name], **r} for r in rows]
+                    )
+                    bar.update(len(rows))
         finally:
             sink.close()
             bar.close()
@@ -207,61 +253,53 @@ class Evaluator:
 
     def _score(
         self,
-        task: Task,
-        items: list[Example],
+        cell: Cell,
         methods: list[MethodSpec],
         weights: dict[str, dict[str, float]],
         pending: dict[str, list[Example]],
     ) -> Iterator[tuple[MethodSpec, list[dict]]]:
-        """Log-likelihood and perplexity cells: one forward pass per source per text serves every method.
-
-        A method's fused scores depend on its weights only through the log-partition, so the scorer
-        computes each source's hidden states once and scores all methods' weight vectors together.
-        """
-        if task.kind == "perplexity":
-            scorer_rows = self._perplexity
-        elif task.kind == "choice":
-            scorer_rows = self._choose
-        else:
-            raise ConfigError(
-                f"{task.name}: loglikelihood scoring needs a classification or multiple-choice task; "
-                "use `scoring: generate` for it"
-            )
+        """Likelihood cells: one forward pass per source per text serves every method (a method's weights
+        change only the log-partition), through the fused model's many-fusion likelihood."""
         for method in methods:
             if method.plausibility is not None:
                 logger.warning(
                     "method %r: the plausibility constraint applies to generation only; %s is scored with "
                     "the unconstrained fused distribution",
                     method.name,
-                    task.full_name,
+                    cell.name,
                 )
-        used = [
-            self.lm.pool.get(m.role)
-            for m in self.config.models
-            if any(weights[method.name].get(m.role, 0.0) != 0.0 for method in methods)
-        ]
-        matrix = torch.tensor([[weights[m.name].get(s.role, 0.0) for s in used] for m in methods])
+        fusions = [Fusion(weights[m.name], m.method) for m in methods]
         wanted = [{e.id for e in pending[m.name]} for m in methods]
-        todo = [e for e in items if any(e.id in want for want in wanted)]
-        for example, per_method in scorer_rows(used, task, todo, matrix):
+        todo = [e for e in cell.items if any(e.id in want for want in wanted)]
+        rows_of = self._choose if cell.request == "loglikelihood" else self._perplexity
+        for example, per_method in rows_of(cell.task, todo, fusions):
             for method, want, row in zip(methods, wanted, per_method, strict=True):
                 if example.id in want:
                     yield method, [row]
 
     def _generate(self, lm: FusedLM, task: Task, items: list[Example]) -> Iterator[list[dict]]:
         size = self.config.eval.batch_size
+        settings = task.generation_settings()
         for start in range(0, len(items), size):
             batch = items[start : start + size]
-            prompts = [task.render(e).text for e in batch]
-            outputs = lm.generate(prompts, max_new_tokens=task.max_new_tokens, stop=["\n"], batch_size=size)
+            prompts = [task.render(e) for e in batch]
+            outputs = lm.generate(
+                [p.text for p in prompts],
+                max_new_tokens=settings["max_new_tokens"],
+                stop=settings["stop"],
+                batch_size=size,
+                on_context_limit="stop",  # one over-long item stops at the context, counted in the report
+            )
             rows = []
-            for example, output in zip(batch, outputs, strict=True):
+            for example, prompt, output in zip(batch, prompts, outputs, strict=True):
                 prediction = task.extract(output.text)
                 row = {
                     "id": example.id,
                     "output": output.text,
                     "prediction": prediction,
                     "reference": example.target,
+                    "finish_reason": output.finish_reason,
+                    "clipped": prompt.clipped,
                 }
                 if "accuracy" in task.metric_names:
                     row["correct"] = task.is_correct(prediction, example)
@@ -269,16 +307,17 @@ class Evaluator:
             yield rows
 
     def _choose(
-        self, sources: list[Source], task: Task, items: list[Example], weights: torch.Tensor
+        self, task: Task, items: list[Example], fusions: list[Fusion]
     ) -> Iterator[tuple[Example, list[dict]]]:
-        """Each option scored as a continuation of the prompt, for every row of ``weights`` at once."""
+        """Each option's log-likelihood as the continuation of the prompt, for every fusion at once."""
         for example in items:
-            prompt = task.render(example).text
-            texts = [ScoringText(c, f"{prompt} {c}", len(prompt)) for c in example.choices]
-            totals = FusedPerplexityScorer(sources, self.lm.vocab_size, texts, progress=False).score(weights)
+            prompt = task.render(example)
+            requests = [(prompt.text, f" {choice}") for choice in example.choices]
+            results = self.lm.loglikelihood_by_fusion(requests, fusions)
             rows = []
-            for nll in totals.per_text.T.tolist():  # one (options,) list per method
-                best = example.choices[min(range(len(nll)), key=nll.__getitem__)]
+            for per_option in results:
+                nll = {c: -r.logprob for c, r in zip(example.choices, per_option, strict=True)}
+                best = min(example.choices, key=nll.__getitem__)
                 rows.append(
                     {
                         "id": example.id,
@@ -286,23 +325,20 @@ class Evaluator:
                         "prediction": best,
                         "reference": example.target,
                         "correct": task.is_correct(best, example),
-                        "choice_nll": dict(zip(example.choices, nll, strict=True)),
+                        "choice_nll": nll,
+                        "clipped": prompt.clipped,
                     }
                 )
             yield example, rows
 
     def _perplexity(
-        self, sources: list[Source], task: Task, items: list[Example], weights: torch.Tensor
+        self, task: Task, items: list[Example], fusions: list[Fusion]
     ) -> Iterator[tuple[Example, list[dict]]]:
-        texts = [ScoringText(e.id, e.fields["text"]) for e in items]
-        totals = FusedPerplexityScorer(sources, self.lm.vocab_size, texts, progress=self.progress).score(
-            weights
+        results = self.lm.loglikelihood_rolling_by_fusion(
+            [e.fields["text"] for e in items], fusions, progress=self.progress
         )
         for i, example in enumerate(items):
             yield (
                 example,
-                [
-                    {"id": example.id, "nll": float(nll), "n_tokens": totals.tokens_per_text[i]}
-                    for nll in totals.per_text[i].tolist()
-                ],
+                [{"id": example.id, "nll": -r[i].logprob, "n_tokens": r[i].n_tokens} for r in results],
             )

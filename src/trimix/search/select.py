@@ -185,7 +185,7 @@ def task_selection_texts(
     picked = random.Random(search.seed).sample(pool, min(search.n_prompts, len(pool)))
     texts = []
     for example in picked:
-        prompt = task.render(example)
+        prompt = task.render(example, selection=True)
         texts.append(
             ScoringText(example.id, prompt.text, prompt.input_start if search.score == "input" else 0)
         )

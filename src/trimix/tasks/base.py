@@ -8,7 +8,9 @@ ending with the answer label, separated by blank lines (the MiLiC-Eval / TriMix 
 from __future__ import annotations
 
 import random
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -72,13 +74,39 @@ class Example:
     choices: tuple[str, ...] = ()
 
 
+_FIELD_OPEN, _FIELD_CLOSE = "\x02", "\x03"  # mark a field's own text inside a block while rendering
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt and the character offset where its unlabeled input block starts."""
+    """A prompt, where its unlabeled input block starts, where the task's own text lies, and what was cut.
 
-    id: str
+    Attributes:
+        text: the prompt.
+        input_start: character offset of the item's block (after the instruction and exemplars).
+        spans: ``(start, end)`` character spans of the fields' own text (passages, questions, options,
+            exemplar answers): everything else is template (instruction, field labels, separators).
+        clipped: how many fields were cut to the passage budget.
+    """
+
     text: str
     input_start: int
+    spans: tuple[tuple[int, int], ...] = ()
+    clipped: int = 0
+
+
+def stratified_sample(
+    pool: list[Example], n: int | None, seed: int, labels: Sequence[str] | None = None
+) -> list[Example]:
+    """Few-shot exemplars drawn with ``seed``: ``n`` of the pool, or, with ``labels``, one per label in that
+    order, shuffled and cut to ``n`` when given (the paper's one-per-label classification exemplars)."""
+    rng = random.Random(seed)
+    if labels is None:
+        return rng.sample(pool, min(n if n is not None else 3, len(pool)))
+    groups = {label: [e for e in pool if e.target == label] for label in labels}
+    picked = [rng.choice(items) for items in groups.values() if items]
+    rng.shuffle(picked)
+    return picked if n is None else picked[:n]
 
 
 @dataclass
@@ -90,6 +118,12 @@ class Task(ABC):
         prompt_lang: language of the instructions and labels, ``en`` or ``zh``.
         n_shots: number of exemplars (None: the task's default).
         shot_seed: seed for drawing exemplars from the train split.
+        max_chars: the passage budget: a field's text is cut to this many characters (the paper's 512;
+            256 for title generation).
+        selection_max_chars: the budget when rendering prompts for label-free weight selection (the
+            paper's 384 for classification); None: ``max_chars``.
+        max_new_tokens: generation budget (None: the task's default, ``default_max_new_tokens``).
+        stop: generation stops at these strings; the paper's protocol keeps the first line.
     """
 
     lang: str
@@ -97,16 +131,38 @@ class Task(ABC):
     n_shots: int | None = None
     shot_seed: int = 0
     max_chars: int = 512
+    selection_max_chars: int | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ("\n",)
     name: ClassVar[str] = "task"
     kind: ClassVar[Literal["generate", "choice", "perplexity"]] = "generate"
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy",)
-    max_new_tokens: ClassVar[int] = 16
+    default_max_new_tokens: ClassVar[int] = 16
     description: ClassVar[str] = ""
     _shot_cache: list[Example] | None = field(default=None, init=False, repr=False)
+    _budget: int | None = field(default=None, init=False, repr=False)
+    _cut: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_chars < 1 or (self.selection_max_chars is not None and self.selection_max_chars < 1):
+            raise ValueError(f"max_chars must be positive; got {self.max_chars}, {self.selection_max_chars}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive; got {self.max_new_tokens}")
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
     @property
     def full_name(self) -> str:
         return f"{self.name}_{self.lang}"
+
+    def generation_settings(self) -> dict[str, Any]:
+        """What generation cells decode with (recorded in every prediction row)."""
+        return {
+            "max_new_tokens": self.max_new_tokens or self.default_max_new_tokens,
+            "stop": list(self.stop),
+            "max_chars": self.max_chars,
+        }
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:
@@ -118,30 +174,49 @@ class Task(ABC):
 
     @abstractmethod
     def block(self, example: Example) -> str:
-        """The item's fields under their labels, ending with the answer label (no answer)."""
+        """The item's fields under their labels, ending with the answer label (no answer); field text goes
+        through :meth:`field` (or :meth:`clip`) so that renders know where it lies and what was cut."""
 
     def answer_text(self, example: Example) -> str:
         """What follows the answer label in an exemplar."""
         return example.target
 
     def shots(self) -> list[Example]:
-        """Few-shot exemplars drawn with ``shot_seed`` from the train split (cached)."""
+        """Few-shot exemplars drawn with ``shot_seed`` from the train split (cached); classification tasks
+        take one per label (:meth:`shot_labels`)."""
         if self._shot_cache is None:
-            pool = self.examples("train")
-            rng = random.Random(self.shot_seed)
-            n = self.default_shots() if self.n_shots is None else self.n_shots
-            self._shot_cache = rng.sample(pool, min(n, len(pool)))
+            labels = self.shot_labels()
+            n = self.default_shots() if self.n_shots is None and labels is None else self.n_shots
+            self._shot_cache = stratified_sample(self.examples("train"), n, self.shot_seed, labels)
         return self._shot_cache
+
+    def shot_labels(self) -> list[str] | None:
+        """The labels to draw one exemplar each for (None: draw exemplars regardless of label)."""
+        return None
 
     def default_shots(self) -> int:
         return 3
 
-    def render(self, example: Example) -> RenderedPrompt:
-        """The full prompt for an item: instruction, exemplars with answers, then the item."""
+    def render(self, example: Example, selection: bool = False) -> RenderedPrompt:
+        """The full prompt for an item: instruction, exemplars with answers, then the item.
+
+        Args:
+            example: the item.
+            selection: render for label-free weight selection (its passage budget).
+        """
+        self._budget = (self.selection_max_chars or self.max_chars) if selection else self.max_chars
+        self._cut = 0
         parts = [self.instruction()]
-        parts += [f"{self.block(s)} {self.answer_text(s)}" for s in self.shots()]
+        parts += [f"{self.block(s)} {self.field(self.answer_text(s), clip=False)}" for s in self.shots()]
         head = "\n\n".join(parts) + "\n\n"
-        return RenderedPrompt(example.id, head + self.block(example), len(head))
+        marked = head + self.block(example)
+        text, spans = _strip_fields(marked)
+        start = len(_strip_fields(head)[0])
+        return RenderedPrompt(text, start, spans, self._cut)
+
+    def field(self, value: str, clip: bool = True) -> str:
+        """A field's own text inside a block: cut to the passage budget (when ``clip``) and marked."""
+        return f"{_FIELD_OPEN}{self.clip(value) if clip else value}{_FIELD_CLOSE}"
 
     def extract(self, generated: str) -> str:
         """The answer in a generation: its first line, stripped (the paper's rule)."""
@@ -158,4 +233,26 @@ class Task(ABC):
         return self.lang
 
     def clip(self, text: str) -> str:
-        return text if len(text) <= self.max_chars else text[: self.max_chars]
+        """Cut ``text`` to the passage budget (counted in the render's ``clipped``)."""
+        budget = self._budget or self.max_chars
+        if len(text) <= budget:
+            return text
+        self._cut += 1
+        return text[:budget]
+
+
+def _strip_fields(marked: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """Remove field markers; return the clean text and the spans the markers enclosed."""
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length, start = 0, 0
+    for piece in re.split(f"([{_FIELD_OPEN}{_FIELD_CLOSE}])", marked):
+        if piece == _FIELD_OPEN:
+            start = length
+        elif piece == _FIELD_CLOSE:
+            if length > start:
+                spans.append((start, length))
+        else:
+            out.append(piece)
+            length += len(piece)
+    return "".join(out), tuple(spans)

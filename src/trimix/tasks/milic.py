@@ -9,8 +9,6 @@ rejected with its file, item number and field.
 from __future__ import annotations
 
 import json
-import random
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,8 +16,7 @@ from typing import Any, ClassVar
 from trimix.errors import DataError
 from trimix.metrics import last_number
 from trimix.tasks.base import Example, Task, language_name
-
-LETTERS = string.ascii_uppercase[:5]
+from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt
 
 
 def read_json_items(path: Path) -> list[dict[str, Any]]:
@@ -53,15 +50,11 @@ def require(item: dict[str, Any], field: str, kind: type | tuple[type, ...], whe
     return value
 
 
-def lettered(options: list[str]) -> str:
-    return "\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=False))
-
-
 @dataclass
 class MilicTask(Task):
     """Shared reading and prompting of MiLiC-Eval items; subclasses parse one task's fields."""
 
-    root: str | None = None
+    root: str | Path | None = None
     exemplar_file: int = 1
     folder: ClassVar[str] = ""
 
@@ -71,7 +64,7 @@ class MilicTask(Task):
                 f"task {self.name!r} needs the MiLiC-Eval data folder: pass root: PATH (holding {self.folder}/<lang>/)"
             )
         name = f"train_{self.exemplar_file}.json" if split == "train" else f"{split}.json"
-        return Path(self.root) / self.folder / self.lang / name
+        return Path(self.root).expanduser() / self.folder / self.lang / name
 
     def examples(self, split: str) -> list[Example]:
         path = self._path(split)
@@ -98,20 +91,11 @@ class MilicTask(Task):
             )
         return options, answer
 
-    def extract(self, generated: str) -> str:
-        if self.kind != "choice" or not getattr(self, "letter_answers", False):
-            return super().extract(generated)
-        first = super().extract(generated)[:1].upper()
-        return first if first in LETTERS else ""
-
 
 @dataclass
-class MilicReadingComprehension(MilicTask):
+class MilicReadingComprehension(MultipleChoicePrompt, MilicTask):
     name: ClassVar[str] = "milic_reading_comprehension"
     folder: ClassVar[str] = "reading_comprehension"
-    kind: ClassVar[str] = "choice"
-    letter_answers: ClassVar[bool] = True
-    max_new_tokens: ClassVar[int] = 2
     description: ClassVar[str] = "MiLiC-Eval reading comprehension, options A-D (accuracy)"
 
     def parse(self, item, where, item_id):
@@ -120,22 +104,6 @@ class MilicReadingComprehension(MilicTask):
         options, answer = self.parse_choice(item, where)
         fields = {"context": "\n".join(map(str, context)), "question": question, "options": options}
         return Example(item_id, fields, answer, tuple(LETTERS[: len(options)]))
-
-    def instruction(self):
-        name = language_name(self.lang, self.prompt_lang)
-        if self.prompt_lang == "zh":
-            return f"阅读以下{name}材料，回答选择题。只输出选项字母。"
-        return f"Read the {name} passage and answer the multiple-choice question with the option letter."
-
-    def block(self, example):
-        f = example.fields
-        zh = self.prompt_lang == "zh"
-        parts = [f"{'材料：' if zh else 'Context:'}\n{self.clip(f['context'])}"]
-        if "question" in f:
-            parts.append(f"{'问题：' if zh else 'Question: '}{f['question']}")
-        parts.append(f"{'选项：' if zh else 'Options:'}\n{lettered(f['options'])}")
-        parts.append("答案：" if zh else "Answer:")
-        return "\n".join(parts)
 
 
 @dataclass
@@ -163,10 +131,11 @@ class MilicResponseSelection(MilicReadingComprehension):
 
 @dataclass
 class MilicTextClassification(MilicTask):
+    selection_max_chars: int | None = 384  # the paper's classification budget in weight selection
     name: ClassVar[str] = "milic_text_classification"
     folder: ClassVar[str] = "text_classification"
     kind: ClassVar[str] = "choice"
-    max_new_tokens: ClassVar[int] = 8
+    default_max_new_tokens: ClassVar[int] = 8
     description: ClassVar[str] = "MiLiC-Eval topic classification; labels in the prompt language (accuracy)"
 
     def parse(self, item, where, item_id):
@@ -188,17 +157,8 @@ class MilicTextClassification(MilicTask):
             )
         return [Example(e.id, e.fields, e.target, labels) for e in items]
 
-    def shots(self):
-        if self._shot_cache is None:
-            pool = self.examples("train")
-            rng = random.Random(self.shot_seed)
-            by_label: dict[str, list[Example]] = {}
-            for e in pool:
-                by_label.setdefault(e.target, []).append(e)
-            picked = [rng.choice(v) for _, v in sorted(by_label.items())]
-            rng.shuffle(picked)
-            self._shot_cache = picked[: self.n_shots] if self.n_shots is not None else picked
-        return self._shot_cache
+    def shot_labels(self):
+        return sorted({e.target for e in self.examples("train")})
 
     def instruction(self):
         name = language_name(self.lang, self.prompt_lang)
@@ -208,7 +168,7 @@ class MilicTextClassification(MilicTask):
         return f"Classify the following {name} text. Candidate labels: {', '.join(labels)}."
 
     def block(self, example):
-        text = self.clip(example.fields["text"])
+        text = self.field(example.fields["text"])
         return f"文本：{text}\n类别：" if self.prompt_lang == "zh" else f"Text: {text}\nLabel:"
 
 
@@ -217,7 +177,7 @@ class MilicTitleGeneration(MilicTask):
     name: ClassVar[str] = "milic_title_generation"
     folder: ClassVar[str] = "title_generation_200"
     metric_names: ClassVar[tuple[str, ...]] = ("rouge_l_f",)
-    max_new_tokens: ClassVar[int] = 64
+    default_max_new_tokens: ClassVar[int] = 64
     description: ClassVar[str] = "MiLiC-Eval title generation for LRL articles (ROUGE-L F1, Unicode-aware)"
     max_chars: int = 256
 
@@ -233,7 +193,7 @@ class MilicTitleGeneration(MilicTask):
         return f"Write a title in {name} for the following {name} article."
 
     def block(self, example):
-        content = self.clip(example.fields["content"])
+        content = self.field(example.fields["content"])
         return f"文章：{content}\n标题：" if self.prompt_lang == "zh" else f"Article: {content}\nTitle:"
 
 
@@ -241,7 +201,7 @@ class MilicTitleGeneration(MilicTask):
 class MilicMath(MilicTask):
     name: ClassVar[str] = "milic_math"
     folder: ClassVar[str] = "math"
-    max_new_tokens: ClassVar[int] = 256
+    default_max_new_tokens: ClassVar[int] = 256
     description: ClassVar[str] = "MiLiC-Eval math word problems; the last number of the output (accuracy)"
 
     def parse(self, item, where, item_id):
@@ -263,7 +223,7 @@ class MilicMath(MilicTask):
         return f"Solve the following math problem written in {name}. Reason step by step and end with the number."
 
     def block(self, example):
-        q = example.fields["question"]
+        q = self.field(example.fields["question"], clip=False)
         return (
             f"题目：{q}\n逐步解答：" if self.prompt_lang == "zh" else f"Problem: {q}\nStep-by-step solution:"
         )
@@ -278,13 +238,14 @@ class MilicMath(MilicTask):
 
 
 @dataclass
-class MilicTranslation(MilicTask):
+class MilicTranslation(TranslationPrompt, MilicTask):
     """MiLiC-Eval translation; ``source`` and ``target`` are language codes present in the items."""
 
     name: ClassVar[str] = "milic_translation"
     folder: ClassVar[str] = "translation_dialogue"
     metric_names: ClassVar[tuple[str, ...]] = ("chrf_pp", "bleu")
-    max_new_tokens: ClassVar[int] = 200
+    default_max_new_tokens: ClassVar[int] = 200
+    unit: ClassVar[tuple[str, str]] = ("text", "文本")
     description: ClassVar[str] = "MiLiC-Eval translation between the LRL and en/zh (chrF++, BLEU)"
     source: str | None = None
     target: str = "en"
@@ -293,34 +254,13 @@ class MilicTranslation(MilicTask):
     def pair(self) -> tuple[str, str]:
         return (self.source or self.lang, self.target)
 
-    @property
-    def full_name(self) -> str:
-        return f"{self.name}_{self.pair[0]}-{self.pair[1]}"
-
-    @property
-    def target_lang(self) -> str:
-        return self.pair[1]
-
     def parse(self, item, where, item_id):
         src, tgt = self.pair
         return Example(item_id, {"source": require(item, src, str, where)}, require(item, tgt, str, where))
 
-    def instruction(self):
-        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
-        return (
-            f"将以下{src}文本翻译成{tgt}。"
-            if self.prompt_lang == "zh"
-            else f"Translate the following {src} text into {tgt}."
-        )
-
-    def block(self, example):
-        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
-        sep = "：" if self.prompt_lang == "zh" else ":"
-        return f"{src}{sep} {self.clip(example.fields['source'])}\n{tgt}{sep}"
-
 
 @dataclass
-class Belebele(Task):
+class Belebele(MultipleChoicePrompt, Task):
     """Belebele-format multiple choice: passage, question, four options, the correct option's number.
 
     Fields (as released): ``flores_passage``, ``question``, ``mc_answer1`` ... ``mc_answer4``,
@@ -331,16 +271,13 @@ class Belebele(Task):
     path: str | None = None
     train_path: str | None = None
     name: ClassVar[str] = "belebele"
-    kind: ClassVar[str] = "choice"
-    letter_answers: ClassVar[bool] = True
-    max_new_tokens: ClassVar[int] = 2
     description: ClassVar[str] = "Belebele-format reading comprehension, 4 options (accuracy)"
 
     def _read(self, path: str | None) -> list[Example]:
         if not path:
             raise DataError("task 'belebele' needs path: FILE (JSON list or JSONL in the Belebele format)")
         items = []
-        for number, item in enumerate(read_json_items(Path(path)), start=1):
+        for number, item in enumerate(read_json_items(Path(path).expanduser()), start=1):
             where = f"{path}: item {number}"
             options = [require(item, f"mc_answer{i}", str, where) for i in range(1, 5)]
             answer = str(require(item, "correct_answer_num", (str, int), where)).strip()
@@ -362,10 +299,3 @@ class Belebele(Task):
             return self._read(self.train_path) if self.train_path else items
         held = set() if self.train_path else {e.id for e in self.shots()}
         return [e for e in items if e.id not in held]
-
-    def extract(self, generated: str) -> str:
-        first = super().extract(generated)[:1].upper()
-        return first if first in LETTERS else ""
-
-    instruction = MilicReadingComprehension.instruction
-    block = MilicReadingComprehension.block

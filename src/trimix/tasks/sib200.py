@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from trimix.data import read_sib200, sib200_labels
 from trimix.tasks.base import Example, Task, language_name
+from trimix.tasks.shapes import TranslationPrompt
 
 _ZH_LABELS = {
     "science/technology": "科学/技术",
@@ -25,11 +25,16 @@ _ZH_LABELS = {
 class Sib200Topic(Task):
     """Topic classification over the 7 SIB-200 labels; exemplars: one per label (as in the paper)."""
 
-    root: Path | None = None
+    root: Path | str | None = None
+    selection_max_chars: int | None = 384  # the paper's classification budget in weight selection
     name: ClassVar[str] = "sib200_topic"
     kind: ClassVar[str] = "choice"
-    max_new_tokens: ClassVar[int] = 8
+    default_max_new_tokens: ClassVar[int] = 8
     description: ClassVar[str] = "SIB-200 topic classification, 7 labels (accuracy)"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.root = _folder(self.root)
 
     def label(self, category: str) -> str:
         return _ZH_LABELS.get(category, category) if self.prompt_lang == "zh" else category
@@ -44,19 +49,8 @@ class Sib200Topic(Task):
             for r in read_sib200(self.lang, split, self.root)
         ]
 
-    def default_shots(self) -> int:
-        return len(self.labels())
-
-    def shots(self) -> list[Example]:
-        if self._shot_cache is None:
-            pool = self.examples("train")
-            rng = random.Random(self.shot_seed)
-            n = self.default_shots() if self.n_shots is None else self.n_shots
-            by_label = {label: [e for e in pool if e.target == label] for label in self.labels()}
-            picked = [rng.choice(items) for items in by_label.values() if items][:n]
-            rng.shuffle(picked)
-            self._shot_cache = picked
-        return self._shot_cache
+    def shot_labels(self) -> list[str]:
+        return self.labels()
 
     def instruction(self) -> str:
         name = language_name(self.lang, self.prompt_lang)
@@ -67,12 +61,17 @@ class Sib200Topic(Task):
         )
 
     def block(self, example: Example) -> str:
-        text = self.clip(example.fields["text"])
+        text = self.field(example.fields["text"])
         return f"文本：{text}\n主题：" if self.prompt_lang == "zh" else f"Text: {text}\nTopic:"
 
 
+def _folder(root: Path | str | None) -> Path | None:
+    """A user's data folder (relative to the working directory, ``~`` expanded), or None for the bundled data."""
+    return None if root is None else Path(root).expanduser()
+
+
 @dataclass
-class Sib200Translation(Task):
+class Sib200Translation(TranslationPrompt, Task):
     """Sentence translation between two SIB-200 languages (parallel FLORES rows), scored with chrF++ and BLEU.
 
     ``lang`` is the low-resource side; ``direction`` says whether it is the source (``to``) or the
@@ -81,15 +80,17 @@ class Sib200Translation(Task):
 
     pivot: str = "eng_Latn"
     direction: str = "to"
-    root: Path | None = None
+    root: Path | str | None = None
     name: ClassVar[str] = "sib200_mt"
     metric_names: ClassVar[tuple[str, ...]] = ("chrf_pp", "bleu")
-    max_new_tokens: ClassVar[int] = 128
+    default_max_new_tokens: ClassVar[int] = 128
     description: ClassVar[str] = (
         "FLORES sentence translation LRL<->pivot from SIB-200's parallel rows (chrF++, BLEU)"
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.root = _folder(self.root)
         if self.direction not in {"to", "from"}:
             raise ValueError(
                 f"direction must be 'to' (LRL -> pivot) or 'from' (pivot -> LRL); got {self.direction!r}"
@@ -117,14 +118,3 @@ class Sib200Translation(Task):
             Example(f"{s.index_id}", {"source": s.text}, t.text)
             for s, t in zip(source_rows, target_rows, strict=True)
         ]
-
-    def instruction(self) -> str:
-        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
-        if self.prompt_lang == "zh":
-            return f"将以下{src}句子翻译成{tgt}。"
-        return f"Translate the following {src} sentence into {tgt}."
-
-    def block(self, example: Example) -> str:
-        src, tgt = (language_name(c, self.prompt_lang) for c in self.pair)
-        sep = "：" if self.prompt_lang == "zh" else ":"
-        return f"{src}{sep} {self.clip(example.fields['source'])}\n{tgt}{sep}"
