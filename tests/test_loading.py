@@ -155,3 +155,67 @@ def test_prompt_longer_than_context(trio) -> None:
         lm.generate(["hello " * n], max_new_tokens=8)
     out = lm.generate(["hello " * n], max_new_tokens=8, ignore_eos=True, on_context_limit="stop")[0]
     assert out.finish_reason == "context" and len(out.token_ids) == 1024 - tokens
+
+
+def _same_vocabulary_other_behaviour(tokenizer, **change):
+    """A copy of the tiny tokenizer with one property changed (normaliser or special tokens)."""
+    import copy
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    if change.get("lowercase"):
+        backend.normalizer = normalizers.Lowercase()
+    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    specials.update(change.get("specials", {}))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+def test_same_vocabulary_but_other_normaliser_is_refused(tokenizer) -> None:
+    lowered = _same_vocabulary_other_behaviour(tokenizer, lowercase=True)
+    with pytest.raises(VocabularyMismatchError, match="encode the same text differently"):
+        check_vocabularies({"a": tokenizer, "b": lowered}, {"a": 200, "b": 200})
+
+
+def test_special_token_mismatch_is_named(tokenizer) -> None:
+    other = _same_vocabulary_other_behaviour(tokenizer, specials={"eos_token": "<pad>"})
+    with pytest.raises(VocabularyMismatchError, match=r"special token eos_token_id is 2 for a but 0 for b"):
+        check_vocabularies({"a": tokenizer, "b": other}, {"a": 200, "b": 200})
+
+
+def _byte_level_qwen2_folder(folder):
+    """A tiny Qwen2 model whose tokenizer.json has a plain byte-level pre-tokenizer (digits merged), the
+    case transformers' Qwen2Tokenizer would silently re-split with its own regex."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trimix.testing import build_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*CORPUS, " 800 800 800 1000 2000 x x"] * 5, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    build_model("qwen2", len(fast)).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return tok
+
+
+def test_tokenizer_is_loaded_as_its_file_defines_it(tmp_path, caplog) -> None:
+    raw = _byte_level_qwen2_folder(tmp_path)
+    with caplog.at_level("WARNING", logger="trimix.backends.loading"):
+        source = load_source(SourceConfig(model=str(tmp_path), role="large"))
+    written = raw.encode(" 800 x").ids
+    assert source.tokenizer(" 800 x", add_special_tokens=False)["input_ids"] == written
+    assert "encodes text differently" in caplog.text and "tokenizer_class: library" in caplog.text
+    library = load_source(SourceConfig(model=str(tmp_path), role="large", tokenizer_class="library"))
+    assert library.tokenizer(" 800 x", add_special_tokens=False)["input_ids"] != written

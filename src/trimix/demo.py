@@ -130,14 +130,19 @@ def train_instruct_adapter(budget: DemoBudget, cache_root: Path, progress: bool)
 
 
 def demo_config(
-    cpt_adapter: Path, instruct_adapter: Path, heldout: Path, heldout_dev: Path, budget: DemoBudget
+    cpt_adapter: Path,
+    instruct_adapter: Path,
+    heldout: Path,
+    heldout_dev: Path,
+    budget: DemoBudget,
+    base_model: str = BASE_MODEL,
 ) -> dict:
     """The run config the demo evaluates: sources, search and the evaluation matrix."""
     return {
         "models": [
             {"model": str(instruct_adapter), "role": "large", "weight": 0.1},
             {"model": str(cpt_adapter), "role": "small_cpt", "weight": 0.9},
-            {"model": BASE_MODEL, "role": "small_base"},
+            {"model": base_model, "role": "small_base"},
         ],
         "fusion": {"method": "trimix"},
         "search": {

@@ -54,6 +54,9 @@ def score_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n": len(items),
                 "scores": scores,
                 "weights": items[0].get("weights"),
+                "settings": items[0].get("settings"),
+                "clipped": sum(1 for r in items if r.get("clipped")),
+                "stopped_at_context": sum(1 for r in items if r.get("finish_reason") == "context"),
             }
         )
     return cells
@@ -92,7 +95,27 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
             row.append(f"{sum(percents) / len(percents):.2f}" if percents else "–")
             out.append(f"| {method} | " + " | ".join(row) + " |")
         counts = sorted({(c["task"], c["n"]) for c in mine})
-        out += ["", "items: " + ", ".join(f"{t} {n}" for t, n in counts), ""]
+        out += ["", "items: " + ", ".join(f"{t} {n}" for t, n in counts)]
+        cut = sorted({(c["task"], c.get("clipped", 0)) for c in mine if c.get("clipped")})
+        if cut:
+            out.append(
+                "inputs cut to the passage budget (items per method): "
+                + ", ".join(f"{t} {n}" for t, n in cut)
+            )
+        stopped = sorted(
+            {(c["method"], c["task"], c["stopped_at_context"]) for c in mine if c.get("stopped_at_context")}
+        )
+        if stopped:
+            out.append(
+                "generations stopped at a source's context: "
+                + ", ".join(f"{m} on {t}: {n}" for m, t, n in stopped)
+            )
+        settings = sorted(
+            {(c["task"], json.dumps(c["settings"], ensure_ascii=False)) for c in mine if c.get("settings")}
+        )
+        if settings:
+            out.append("settings: " + "; ".join(f"{t} {v}" for t, v in settings))
+        out.append("")
     return "\n".join(out)
 
 
