@@ -12,7 +12,6 @@ from trimix.cli.main import main
 from trimix.config import load_config
 from trimix.errors import DataError
 from trimix.evaluation import Evaluator, read_predictions, write_report
-from trimix.evaluation import runner as runner_module
 from trimix.tasks import get_task
 
 UG = [
@@ -341,6 +340,18 @@ def test_overwrite_starts_afresh_and_resume_continues(trio, milic_root, tmp_path
     assert read_predictions(out / "predictions.jsonl") == fresh
 
 
+def _killed_at(point: str, monkeypatch, run) -> None:
+    """Run ``run`` with the process 'dying' at fault point ``point`` (see trimix.faults)."""
+    from trimix import faults
+
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, point)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.delenv(faults.ENV)
+    faults.reset()
+
+
 def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_path, monkeypatch) -> None:
     raw = _eval_config(trio, milic_root, tmp_path)
     clean = tmp_path / "clean"
@@ -350,24 +361,10 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_pa
 
     killed = tmp_path / "killed"
     killed.mkdir()
-    original = runner_module._Sink.write
-    calls = {"n": 0}
-
-    def dying_write(self, rows):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            # The process dies in the middle of writing a line.
-            self.handle.write(json.dumps(rows[0])[:25])
-            self.handle.flush()
-            raise KeyboardInterrupt
-        original(self, rows)
-
-    monkeypatch.setattr(runner_module._Sink, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        Evaluator(load_config(raw), killed, progress=False).run()
-    partial = len(read_predictions(killed / "predictions.jsonl"))
-    assert 0 < partial < 30
-    monkeypatch.setattr(runner_module._Sink, "write", original)
+    # The process dies in the middle of writing the 4th row: half a line is on disk.
+    _killed_at("eval.row:4", monkeypatch, lambda: Evaluator(load_config(raw), killed, progress=False).run())
+    assert not (killed / "predictions.jsonl").read_bytes().endswith(b"\n")
+    assert len(read_predictions(killed / "predictions.jsonl")) == 3  # the torn line is dropped
     Evaluator(load_config(raw), killed, progress=False).run()
     rows = read_predictions(killed / "predictions.jsonl")
     keys = [(r["method"], r["task"], r["id"]) for r in rows]
@@ -376,6 +373,67 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_pa
     assert sorted(resumed, key=lambda c: (c["method"], c["task"])) == sorted(
         expected, key=lambda c: (c["method"], c["task"])
     )
+
+
+def test_resume_refuses_changed_cells_and_reruns_them_when_asked(trio, milic_root, tmp_path, capsys) -> None:
+    tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
+    method = {"name": "trimix", "method": "trimix", "weights": {"large": 0.1, "small_cpt": 0.9}}
+    raw = _eval_config(trio, milic_root, tmp_path, [method], tasks)
+    path, out = tmp_path / "eval.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 0
+    first = read_predictions(out / "predictions.jsonl")
+    config_before = (out / "config.yaml").read_text()
+    method["weights"] = {"large": 0.5, "small_cpt": 0.5}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trimix on text_ppl_uig_Arab: weights.large: 0.1 -> 0.5; weights.small_cpt: 0.9 -> 0.5" in err
+    assert "--rerun-changed" in err
+    assert read_predictions(out / "predictions.jsonl") == first  # nothing mixed, nothing touched
+    assert (out / "config.yaml").read_text() == config_before
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume", "--rerun-changed"]) == 0
+    redone = read_predictions(out / "predictions.jsonl")
+    assert len(redone) == len(first) and all(r["weights"]["large"] == 0.5 for r in redone)
+
+
+def test_resume_refuses_a_folder_without_fingerprints(trio, milic_root, tmp_path, capsys) -> None:
+    tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
+    raw = _eval_config(trio, milic_root, tmp_path, tasks=tasks)
+    path, out = tmp_path / "eval.yaml", tmp_path / "old"
+    path.write_text(yaml.safe_dump(raw))
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(
+        json.dumps({"method": "large", "task": "text_ppl_uig_Arab", "id": "line1"}) + "\n"
+    )
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume"]) == 2
+    assert "without run fingerprints" in capsys.readouterr().err
+
+
+def test_one_folder_one_run(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from trimix.errors import ConfigError
+    from trimix.runinfo import LOCK, folder_lock
+
+    with (
+        folder_lock(tmp_path),
+        pytest.raises(ConfigError, match=r"in use by another trimix run \(process"),
+        folder_lock(tmp_path),
+    ):
+        pass
+    assert not (tmp_path / LOCK).exists()  # released
+    # A lock left by a process that is gone is taken over.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    import socket
+
+    (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with folder_lock(tmp_path):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
 
 
 def test_text_perplexity_never_selects_on_evaluated_lines(tmp_path) -> None:

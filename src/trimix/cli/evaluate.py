@@ -6,8 +6,9 @@ import argparse
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
+from trimix.errors import ConfigError
 from trimix.evaluation import RESUMED_FROM, Evaluator, write_report
-from trimix.runinfo import prepare_output_dir, write_run_info
+from trimix.runinfo import folder_lock, prepare_output_dir, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue a run in --output-dir, skipping finished items"
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh, removing the predictions of a previous run"
+    )
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="with --resume: redo the cells whose settings changed since their rows were written",
+    )
     p.add_argument("--limit", type=int, help="evaluate at most N items per task and language")
     p.set_defaults(func=run_eval)
 
@@ -49,17 +57,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit must be a positive number of items; got {args.limit}")
         for spec in config.eval.tasks:
             spec.limit = args.limit
+    if args.rerun_changed and not args.resume:
+        raise ConfigError("--rerun-changed goes with --resume")
     out_dir = prepare_output_dir(
         args.output_dir,
         overwrite=args.overwrite,
         resume=args.resume,
         progress_files=RESUMED_FROM,
     )
-    write_run_info(out_dir, config, config.eval.seed)
-    Evaluator(config, out_dir, progress=not args.quiet).run()
-    table, _ = write_report(out_dir)
+    with folder_lock(out_dir):
+        evaluator = Evaluator(config, out_dir, progress=not args.quiet, rerun_changed=args.rerun_changed)
+        write_run_info(out_dir, config, config.eval.seed, resumed=args.resume)
+        evaluator.run()
+        table, _ = write_report(out_dir)
     print(table)
     print(f"report.md, report.json, report.png and predictions.jsonl in {out_dir}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,10 +44,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a job scheduler, `kill`) stops a run as Ctrl-C does
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -59,8 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
-        print(f"trimix {args.command}: interrupted", file=sys.stderr)
+        resumable = args.command in {"eval", "generate", "demo", "cpt"} and getattr(args, "output_dir", None)
+        hint = (
+            f"; the work finished so far is kept in {args.output_dir}: run the same command with --resume to continue"
+            if resumable
+            else ""
+        )
+        print(f"trimix {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

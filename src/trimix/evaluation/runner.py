@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,13 +23,16 @@ from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import Fusion
+from trimix.io import JsonlSink, atomic_write_json, read_jsonl, read_text
+from trimix.runinfo import describe_change, fingerprint
 from trimix.search import search_weights, task_selection_texts
 from trimix.tasks import Example, Task, get_task
 
 logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 SELECTIONS = "selections"
-RESUMED_FROM = (PREDICTIONS, SELECTIONS)  # what a run continues from; `--overwrite` removes them
+CELLS = "cells.json"  # fingerprint -> the description it was computed from, for every cell with rows
+RESUMED_FROM = (PREDICTIONS, SELECTIONS, CELLS)  # what a run continues from; `--overwrite` removes them
 
 
 RequestType = Literal["generate", "loglikelihood", "rolling"]
@@ -82,44 +84,17 @@ def sample_items(task: Task, spec: TaskSpec, seed: int) -> list[Example]:
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a predictions file; a last line cut short by a kill is removed from the file."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines, good_bytes = [], 0
-    for chunk in raw.splitlines(keepends=True):
-        if not chunk.endswith(b"\n"):
-            break
-        try:
-            lines.append(json.loads(chunk))
-        except json.JSONDecodeError:
-            break
-        good_bytes += len(chunk)
-    if good_bytes < len(raw):
-        logger.warning("dropping an incomplete last line of %s (the previous run was interrupted)", path)
-        with path.open("r+b") as handle:
-            handle.truncate(good_bytes)
-    return lines
+    """The complete rows of a predictions file; a last line cut short by a kill is removed from the file."""
+    return read_jsonl(path)
 
 
 def _key(method: str, task: str, item_id: str) -> tuple[str, str, str]:
     return (method, task, str(item_id))
 
 
-class _Sink:
-    """Appends JSON lines and makes each durable before the next item starts."""
-
-    def __init__(self, path: Path) -> None:
-        self.handle = path.open("a", encoding="utf-8")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-    def close(self) -> None:
-        self.handle.close()
+def _items_digest(items: list[Example]) -> str:
+    """The identity of a cell's data: its items' ids, fields and references."""
+    return fingerprint({"items": [[e.id, e.fields, e.target, list(e.choices)] for e in items]})
 
 
 class Evaluator:
@@ -131,7 +106,12 @@ class Evaluator:
     """
 
     def __init__(
-        self, config: TrimixConfig, out_dir: Path, progress: bool = True, lm: FusedLM | None = None
+        self,
+        config: TrimixConfig,
+        out_dir: Path,
+        progress: bool = True,
+        lm: FusedLM | None = None,
+        rerun_changed: bool = False,
     ) -> None:
         if not config.eval.methods or not config.eval.tasks:
             raise ConfigError("the `eval` section needs at least one entry in `methods` and one in `tasks`")
@@ -148,7 +128,95 @@ class Evaluator:
                     f"roles are {', '.join(roles)}"
                 )
         self.cell_list = list(self.cells())
+        self.descriptions = {
+            (method.name, cell.name): self.describe(cell, method)
+            for cell in self.cell_list
+            for method in config.eval.methods
+        }
+        self._check_resume(rerun_changed)
         self.lm = lm or FusedLM.from_config(config, load_all=True)
+
+    # ---------------------------------------------------------------- fingerprints
+    def describe(self, cell: Cell, method: MethodSpec) -> dict[str, Any]:
+        """Everything that determines a cell's rows for one method (its fingerprint is recorded in each row)."""
+        description: dict[str, Any] = {
+            "method": method.model_dump(mode="json", exclude={"name", "weights"}),  # weights: resolved below
+            "task": cell.spec.model_dump(mode="json", exclude={"langs"}),
+            "lang": cell.task.lang,
+            "request": cell.request,
+            "settings": cell.task.generation_settings(),
+            "data": _items_digest(cell.items),
+            "models": [m.model_dump(mode="json", exclude={"weight"}) for m in self.config.models],
+            "dtype": self.config.dtype,
+            "vocab": self.config.fusion.vocab,
+        }
+        if method.select:
+            description["search"] = self.config.search.model_dump(mode="json")
+        else:
+            description["weights"] = self.fixed_weights(method)
+        return description
+
+    def _check_resume(self, rerun_changed: bool) -> None:
+        """Continue only rows whose cell fingerprint matches this config; name what changed otherwise."""
+        path = self.out_dir / PREDICTIONS
+        rows = read_predictions(path)
+        if not rows:
+            return
+        if any("cell" not in r for r in rows):
+            raise ConfigError(
+                f"{path} was written by a trimix without run fingerprints, so --resume cannot check that its rows "
+                "match this config; start afresh with --overwrite (or choose another --output-dir)"
+            )
+        stored = self._stored_descriptions()
+        changed: dict[tuple[str, str], str] = {}
+        for row in rows:
+            key = (row["method"], row["task"])
+            if key in self.descriptions and row["cell"] != fingerprint(self.descriptions[key]):
+                changed[key] = row["cell"]
+        unknown = sorted({(r["method"], r["task"]) for r in rows} - set(self.descriptions))
+        if unknown:
+            logger.warning(
+                "%s holds rows of %d cell(s) this config does not evaluate (e.g. %s on %s); they stay in the report",
+                path,
+                len(unknown),
+                *unknown[0],
+            )
+        if not changed:
+            return
+        if not rerun_changed:
+            lines = []
+            for (method, task), old in sorted(changed.items()):
+                before = stored.get(old)
+                diff = (
+                    describe_change(before, self.descriptions[(method, task)])
+                    if before
+                    else ["(not recorded)"]
+                )
+                lines.append(f"  {method} on {task}: " + "; ".join(diff))
+            raise ConfigError(
+                f"--resume: {len(changed)} cell(s) in {path} were produced with other settings than this config:\n"
+                + "\n".join(lines)
+                + "\nPass --rerun-changed to redo these cells (their rows are removed first), or --overwrite to start afresh."
+            )
+        kept = [r for r in rows if (r["method"], r["task"]) not in changed]
+        logger.warning(
+            "--rerun-changed: removing %d rows of %d changed cell(s)", len(rows) - len(kept), len(changed)
+        )
+        sink = JsonlSink(path)
+        sink.rewrite(kept)
+        sink.close()
+        for cell in self.cell_list:
+            if any((m.name, cell.name) in changed for m in self.config.eval.methods if m.select):
+                (self.out_dir / SELECTIONS / f"{cell.task.full_name}.json").unlink(missing_ok=True)
+
+    def _stored_descriptions(self) -> dict[str, Any]:
+        path = self.out_dir / CELLS
+        return json.loads(read_text(path, "cell descriptions")) if path.is_file() else {}
+
+    def _record_descriptions(self) -> None:
+        stored = self._stored_descriptions()
+        stored.update({fingerprint(d): d for d in self.descriptions.values()})
+        atomic_write_json(self.out_dir / CELLS, stored)
 
     # ---------------------------------------------------------------- weights per method and cell
     def fixed_weights(self, method: MethodSpec) -> dict[str, float]:
@@ -204,7 +272,8 @@ class Evaluator:
         bar = tqdm(
             total=total, initial=min(len(done), total), desc="eval", unit="item", disable=not self.progress
         )
-        sink = _Sink(path)
+        self._record_descriptions()
+        sink = JsonlSink(path, fault="eval.row")
         try:
             for cell in self.cell_list:
                 pending = {
@@ -218,6 +287,7 @@ class Evaluator:
                     m.name: self._selected_weights(cell.task) if m.select else self.fixed_weights(m)
                     for m in methods
                 }
+                cells = {m.name: fingerprint(self.descriptions[(m.name, cell.name)]) for m in methods}
                 base = {
                     "task": cell.name,
                     "task_name": cell.task.name,
@@ -232,24 +302,29 @@ class Evaluator:
                         bar.set_description(f"eval {method.name} | {cell.name}")
                         lm = self.fused(weights[method.name], method)
                         for rows in self._generate(lm, cell.task, pending[method.name]):
-                            sink.write(
-                                [
-                                    {"method": method.name, **base, "weights": weights[method.name], **r}
-                                    for r in rows
-                                ]
-                            )
+                            sink.write([self._row(method, cells, base, weights, r) for r in rows])
                             bar.update(len(rows))
                     continue
                 bar.set_description(f"eval {len(methods)} methods | {cell.name}")
                 for method, rows in self._score(cell, methods, weights, pending):
-                    sink.write(
-                        [{"method": method.name, **base, "weights": weights[method.name], **r} for r in rows]
-                    )
+                    sink.write([self._row(method, cells, base, weights, r) for r in rows])
                     bar.update(len(rows))
         finally:
             sink.close()
             bar.close()
         return path
+
+    @staticmethod
+    def _row(
+        method: MethodSpec, cells: dict[str, str], base: dict[str, Any], weights: dict[str, dict], row: dict
+    ) -> dict[str, Any]:
+        return {
+            "method": method.name,
+            "cell": cells[method.name],
+            **base,
+            "weights": weights[method.name],
+            **row,
+        }
 
     def _score(
         self,

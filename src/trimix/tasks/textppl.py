@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from trimix.errors import DataError
+from trimix.io import read_documents
 from trimix.tasks.base import Example, Task
-from trimix.training.corpus import read_documents
 
 
 @dataclass

@@ -2,56 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from trimix.errors import DataError
+from trimix.io import read_documents
+
+__all__ = ["BlockDataset", "CorpusSplit", "pack_blocks", "read_documents", "split_corpus"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents of a ``.txt`` file (one per line) or ``.jsonl`` file (``text_field`` of each object).
-
-    Raises:
-        DataError: a missing or non-text file, bad JSON, or a missing field (file and line named).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"corpus file {str(path)!r} does not exist")
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"corpus file {str(path)!r} is not a text file (it contains NUL bytes)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"
-        ) from exc
-    docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            docs.append(line.strip())
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        value = row.get(text_field) if isinstance(row, dict) else None
-        if not isinstance(value, str):
-            raise DataError(
-                f"{path}:{number}: no string field {text_field!r}; set `cpt.text_field` to the text key"
-            )
-        if value.strip():
-            docs.append(value.strip())
-    return docs
 
 
 @dataclass
