@@ -138,3 +138,59 @@ def test_ls_lists_what_errors_point_to(capsys) -> None:
     assert "sib200_topic" in listed and "milic_title_generation" in listed and "belebele" in listed
     assert main(["ls", "models"]) == 0
     assert "embedded:gemma-3-270m" in capsys.readouterr().out
+
+
+def test_killed_generation_resumes_to_the_uninterrupted_result(
+    config_file, tmp_path, capsys, monkeypatch
+) -> None:
+    from trimix import faults
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(
+        "\n".join(["Hello world", "The", "ئۇيغۇر تىلى", "Numbers 0 1", "Translate", "A B C"]) + "\n"
+    )
+    common = [
+        "generate",
+        "-c",
+        str(config_file),
+        "-f",
+        str(prompts),
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "2",
+    ]
+    sampled = ["--do-sample", "--temperature", "1.5", "--seed", "7"]
+    assert main(["-q", *common, *sampled, "-o", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "generations.jsonl").read_text().splitlines()
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "generate.row:3")  # dies while writing the second batch
+    assert main(["-q", *common, *sampled, "-o", str(tmp_path / "cut")]) == 130
+    assert "--resume to continue" in capsys.readouterr().err
+    monkeypatch.delenv(faults.ENV)
+    kept = (tmp_path / "cut" / "generations.jsonl").read_text()
+    assert kept.count("\n") == 2 and not kept.endswith("\n")  # one batch durable, a torn line after it
+    assert main(["-q", *common, *sampled, "-o", str(tmp_path / "cut"), "--resume"]) == 0
+    assert (tmp_path / "cut" / "generations.jsonl").read_text().splitlines() == whole
+    # Other settings on --resume are refused, naming the change.
+    assert main(["-q", *common, "-o", str(tmp_path / "cut"), "--resume"]) == 2
+    assert "generation.do_sample: true -> false" in capsys.readouterr().err
+
+
+def test_overlong_prompt_is_refused_before_any_model_loads(trio, tmp_path, capsys) -> None:
+    import shutil
+
+    weightless = tmp_path / "weightless"
+    shutil.copytree(trio["large"], weightless)
+    (weightless / "model.safetensors").unlink()  # loading weights would fail: the check must come first
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"model": str(weightless), "role": "large"}],
+                "fusion": {"method": "single", "role": "large"},
+            }
+        )
+    )
+    assert main(["generate", "-c", str(path), "-p", "hello " * 1200, "--max-new-tokens", "4"]) == 2
+    assert "more than the source's context of 1024" in capsys.readouterr().err

@@ -15,7 +15,6 @@ from trimix.config import CptConfig, SourceConfig
 from trimix.errors import ConfigError, DataError
 from trimix.testing import CORPUS
 from trimix.training import CptInterrupted, pack_blocks, read_documents, run_cpt, split_corpus
-from trimix.training.cpt import _StopOnSignal
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +59,47 @@ def test_loss_and_heldout_perplexity_fall(base, corpus, tmp_path) -> None:
     assert "held-out perplexity" in card and "forgetting check" in card
 
 
-def test_interrupt_then_resume_equals_uninterrupted(base, corpus, tmp_path) -> None:
-    straight = tmp_path / "straight"
-    run_cpt(base, _cpt(corpus), straight, progress=False)
+def _interrupted(point: str, monkeypatch, run) -> None:
+    from trimix import faults
 
-    class StopAtTwo(_StopOnSignal):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                self.request()  # what Ctrl-C does
-            return super().on_step_end(args, state, control, **kwargs)
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, point)
+    try:
+        run()
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.reset()
 
-    broken = tmp_path / "broken"
-    with pytest.raises(CptInterrupted, match=r"interrupted at step 2/6.*--resume"):
-        run_cpt(base, _cpt(corpus), broken, progress=False, stopper=StopAtTwo())
-    assert (broken / "checkpoints" / "checkpoint-2").is_dir()
-    report = run_cpt(base, _cpt(corpus), broken, progress=False, resume=True)
-    assert report.resumed_from.endswith("checkpoint-2") and report.steps == 6
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(broken / "adapter" / "adapter_model.safetensors")
+
+def _same_adapters(a_dir, b_dir) -> None:
+    a = load_file(a_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupt_then_resume_equals_uninterrupted(base, corpus, tmp_path, monkeypatch, caplog) -> None:
+    straight = tmp_path / "straight"
+    run_cpt(base, _cpt(corpus), straight, progress=False)
+
+    broken = tmp_path / "broken"
+    with pytest.raises(CptInterrupted, match=r"interrupted at step 2/6.*--resume"):  # Ctrl-C after step 2
+        _interrupted("cpt.step:2", monkeypatch, lambda: run_cpt(base, _cpt(corpus), broken, progress=False))
+    assert (broken / "checkpoints" / "checkpoint-2").is_dir()
+    # Resumed, it dies again while writing the checkpoint of step 3: that folder is left incomplete.
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted(
+            "cpt.checkpoint:1",
+            monkeypatch,
+            lambda: run_cpt(base, _cpt(corpus), broken, progress=False, resume=True),
+        )
+    assert (broken / "checkpoints" / "checkpoint-3").is_dir()
+    with caplog.at_level("WARNING", logger="trimix.training.cpt"):
+        report = run_cpt(base, _cpt(corpus), broken, progress=False, resume=True)
+    assert "ignoring the incomplete checkpoint" in caplog.text and "checkpoint-3" in caplog.text
+    assert report.resumed_from.endswith("checkpoint-2") and report.steps == 6
+    _same_adapters(straight, broken)
 
 
 def test_saved_adapter_reloads_as_a_source_with_the_same_logits(base, corpus, tmp_path) -> None:
@@ -176,6 +195,9 @@ def test_cpt_cli_runs_and_refuses_to_clobber(base, corpus, tmp_path, capsys) -> 
     assert (out / "config.yaml").is_file() and (out / "cpt_report.json").is_file()
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --resume keeps the run's own settings: a flag that disagrees is refused, naming both values.
+    assert main(["cpt", "-o", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "cpt.learning_rate: null -> 0.5" in capsys.readouterr().err
     assert (
         main(
             ["cpt", "--model", base.model, "--corpus", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "x")]

@@ -7,6 +7,7 @@ continual pretraining (``cpt``) and evaluation (``eval``) sections. Defaults liv
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trimix.errors import ConfigError
 from trimix.fusion.methods import LARGE, PAPER_ROLES, SMALL_BASE, SMALL_CPT, get_method
 from trimix.fusion.spec import PLAUSIBILITY_ALPHA, Fusion, Plausibility
+from trimix.io import read_text
 
 __all__ = ["LARGE", "PAPER_ROLES", "SMALL_BASE", "SMALL_CPT"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -50,6 +52,13 @@ class SourceConfig(_Strict):
     # as_written: when transformers' tokenizer class encodes text differently from the folder's
     # tokenizer.json, use the file's tokenizer (logged); library: always transformers' class.
     tokenizer_class: Literal["as_written", "library"] = "as_written"
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _numeric_weight(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"weight must be a number; got {value!r} (write 1 or 0, not true or false)")
+        return value
 
     @field_validator("weight")
     @classmethod
@@ -393,15 +402,50 @@ def resolve_weights(fusion: FusionConfig, given: dict[str, float | None]) -> dic
     return dict(fusion.resolve(given).weights)
 
 
-def format_validation_error(error: ValidationError, origin: str) -> str:
-    """Render a pydantic error as 'origin: field.path: message' lines."""
+def _sections() -> dict[str, type[BaseModel]]:
+    """The config model a key's value is validated by, keyed by the key (for "did you mean" hints)."""
+    return {
+        "": TrimixConfig,
+        "models": SourceConfig,
+        "fusion": FusionConfig,
+        "plausibility": PlausibilityConfig,
+        "generation": GenerationConfig,
+        "speculative": SpeculativeConfig,
+        "search": SearchConfig,
+        "grid": GridRange,
+        "cpt": CptConfig,
+        "lora": LoraSettings,
+        "eval": EvalConfig,
+        "methods": MethodSpec,
+        "tasks": TaskSpec,
+    }
+
+
+def _did_you_mean(location: tuple[Any, ...]) -> str:
+    """For an unknown key: the closest known key of the section it sits in."""
+    parents = [str(p) for p in location[:-1] if not isinstance(p, int)]
+    model = _sections().get(parents[-1] if parents else "")
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(model.model_fields)}"
+
+
+def format_validation_error(error: ValidationError, origin: str, flags: dict[str, str] | None = None) -> str:
+    """Render a pydantic error as 'origin: field.path: message' lines; a value set by a command-line flag
+    is named by the flag (``flags``: dotted key -> flag)."""
     lines = [f"invalid configuration in {origin}:"]
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
-        suffix = f" (got {got!r})" if item["type"] in {"extra_forbidden", "literal_error"} else ""
-        lines.append(f"  {where}: {message}{suffix}")
+        flag = next(
+            (f for key, f in (flags or {}).items() if where == key or where.startswith(key + ".")), None
+        )
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key{_did_you_mean(tuple(item['loc']))}"
+        suffix = f" (got {got!r})" if item["type"] in {"literal_error"} or flag else ""
+        lines.append(f"  {flag or where}: {message}{suffix}")
     return "\n".join(lines)
 
 
@@ -413,7 +457,7 @@ def read_selected_weights(path: str | Path) -> dict[str, float]:
             f"weights file {str(path)!r} does not exist; pass the selection.json of `trimix select`"
         )
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(read_text(path, "weights file"))
         weights = payload["selected"]["weights"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(
@@ -502,6 +546,7 @@ def load_config(
     source: str | Path | dict[str, Any],
     overrides: dict[str, Any] | None = None,
     weights: dict[str, float] | None = None,
+    flags: dict[str, str] | None = None,
 ) -> TrimixConfig:
     """Read, merge and validate a run config.
 
@@ -509,6 +554,7 @@ def load_config(
         source: a YAML path or an already-parsed dict.
         overrides: dotted keys to set before validation, e.g. ``{"generation.max_new_tokens": 8}``.
         weights: explicit per-role weights (see :func:`apply_weights` for how a partial set is read).
+        flags: dotted key -> the command-line flag that set it, so that errors name the flag.
 
     Returns:
         The validated config with every source's weight resolved.
@@ -525,7 +571,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {origin!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(read_text(path, "config file")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
@@ -543,7 +589,7 @@ def load_config(
     try:
         return TrimixConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin)) from exc
+        raise ConfigError(format_validation_error(exc, origin, flags)) from exc
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,21 +91,42 @@ class Source:
 
     def format_prompt(self, prompt: str) -> str:
         """The text this source reads for ``prompt`` (raw, or wrapped in the chat template)."""
-        if self.config.prompt_format == "raw":
-            return prompt
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise SourceLoadError(
-                f"source {self.role!r} has prompt_format 'chat' but its tokenizer ({self.config.model}) "
-                "has no chat template; set prompt_format: raw"
-            )
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return format_prompt(self.tokenizer, self.config, prompt)
 
     @property
     def adds_special_tokens(self) -> bool:
         """Chat templates already contain BOS; raw prompts get the tokenizer's own specials."""
         return self.config.prompt_format == "raw"
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, cfg: SourceConfig, prompt: str) -> str:
+    """The text a source reads for ``prompt``: as is, or in its chat template (``prompt_format: chat``)."""
+    if cfg.prompt_format == "raw":
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise SourceLoadError(
+            f"source {cfg.role!r} has prompt_format 'chat' but its tokenizer ({cfg.model}) "
+            "has no chat template; set prompt_format: raw"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def source_context(cfg: SourceConfig, cache_dir: str | None = None) -> int | None:
+    """The context length a source's model config states, read without loading any weight."""
+    from transformers import AutoConfig
+
+    base_cfg, _ = _split_adapter(cfg)
+    location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
+    try:
+        model_config = AutoConfig.from_pretrained(
+            location, revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise _hub_error(base_cfg, exc) from exc
+    value = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 def resolve_cache_dir(cache_dir: str | None) -> Path:
@@ -126,6 +148,16 @@ def _hub_error(cfg: SourceConfig, exc: Exception) -> SourceLoadError:
     )
 
 
+def _check_gguf(gguf_path: Path) -> None:
+    with gguf_path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise SourceLoadError(
+            f"{gguf_path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); point `model` at the .gguf "
+            "file itself, or at a Hugging Face folder"
+        )
+
+
 def _dequantized_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantise a GGUF file once and keep it as a safetensors folder; return that folder."""
     stat = gguf_path.stat()
@@ -138,10 +170,17 @@ def _dequantized_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
         "dequantising %s once (about a minute for 270M parameters); cached at %s", gguf_path.name, target
     )
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    _check_gguf(gguf_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # the GGUF reader fails in many ways on damaged files; name the file instead
+        raise SourceLoadError(
+            f"could not read the GGUF file {gguf_path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "it may be truncated or damaged: download it again"
+        ) from exc
     # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer; the weights
     # are already dequantised fp32, so dropping that bookkeeping is safe.
     model.hf_quantizer = None
@@ -180,7 +219,31 @@ def _model_location(cfg: SourceConfig, cache_dir: Path) -> str:
             f"model path {cfg.model!r} for source {cfg.role!r} does not exist (or is not a folder); "
             "check the path, which is relative to the config file when it starts with ./"
         )
+    _require_hub(cfg, name)
     return name  # a hub id
+
+
+def _require_hub(cfg: SourceConfig, repo_id: str) -> None:
+    """A hub id must be in the local cache or the hub reachable; fail at once otherwise (transformers would
+    retry for about a minute first)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=cfg.revision)
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    reason = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        except OSError as exc:
+            reason = f"huggingface.co is unreachable ({exc.__class__.__name__})"
+    if reason:
+        raise SourceLoadError(
+            f"could not load {cfg.model!r} (source {cfg.role!r}): it is not a local folder, not in the local "
+            f"Hugging Face cache, and {reason}. Download it where the hub is reachable "
+            f"(`hf download {cfg.model} --local-dir DIR`) and set `model: DIR`."
+        )
 
 
 def _adapter_base(adapter_dir: Path, cfg: SourceConfig) -> SourceConfig:

@@ -11,6 +11,7 @@ from typing import Any
 from trimix.config import TrimixConfig, load_config, parse_weights_arg, read_selected_weights
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import METHODS
+from trimix.io import decode_stdin, read_text
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -42,25 +43,25 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
         weights = parse_weights_arg(args.weights)
     elif args.weights_from:
         weights = read_selected_weights(args.weights_from)
-    return load_config(args.config, overrides=overrides, weights=weights)
+    # Errors about a value a flag set name the flag (generation.max_new_tokens -> --max-new-tokens).
+    flags = {key: "--" + key.split(".")[-1].replace("_", "-") for key in overrides}
+    return load_config(args.config, overrides=overrides, weights=weights, flags=flags)
 
 
 def read_prompts(texts: list[str] | None, file: str | None) -> list[dict[str, Any]]:
-    """Prompts from --prompt arguments, a text/JSONL file, or stdin; each as {"id", "prompt"}."""
+    """Prompts from --prompt arguments, a text/JSONL file, or stdin; each as {"id", "prompt", "index"}
+    (``index``: its position, which keys its sampling noise, so a resumed run samples as an unbroken one)."""
     if texts:
-        return [{"id": i, "prompt": t} for i, t in enumerate(texts)]
+        return [{"id": i, "prompt": t, "index": i} for i, t in enumerate(texts)]
     if file:
-        path = Path(file)
-        if not path.is_file():
-            raise DataError(f"prompts file {file!r} does not exist")
-        return _parse_prompt_lines(
-            path.read_text(encoding="utf-8").splitlines(), file, path.suffix == ".jsonl"
-        )
+        text = read_text(file, "prompts file")
+        return _parse_prompt_lines(text.splitlines(), file, Path(file).suffix == ".jsonl")
     if sys.stdin is None or sys.stdin.isatty():
         raise DataError(
             "no prompts: pass --prompt TEXT, --prompts-file FILE (.txt or .jsonl), or pipe text on stdin"
         )
-    return _parse_prompt_lines(sys.stdin.read().splitlines(), "<stdin>", jsonl=False)
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    return _parse_prompt_lines(decode_stdin(raw).splitlines(), "<stdin>", jsonl=False)
 
 
 def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict[str, Any]]:
@@ -80,4 +81,12 @@ def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict
         prompts.append({"id": row.get("id", len(prompts)), "prompt": row["prompt"]})
     if not prompts:
         raise DataError(f"{origin} holds no prompts")
+    for index, prompt in enumerate(prompts):
+        prompt["index"] = index
+    ids = [str(p["id"]) for p in prompts]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise DataError(
+            f"{origin}: prompt ids must be unique (results are keyed by them); {duplicated[:5]} repeat"
+        )
     return prompts

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import yaml
 
 from trimix.config import CptConfig, SourceConfig, load_config
 from trimix.errors import ConfigError
-from trimix.runinfo import prepare_output_dir, write_run_info
+from trimix.io import read_text
+from trimix.runinfo import describe_change, fingerprint, folder_lock, prepare_output_dir, write_run_info
 from trimix.training import run_cpt
 
 logger = logging.getLogger(__name__)
@@ -61,24 +63,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, str | None, str]:
-    saved = None
-    if args.resume and not args.config:
-        path = f"{args.output_dir}/config.yaml"
-        try:
-            with open(path, encoding="utf-8") as handle:
-                saved = yaml.safe_load(handle)
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"--resume: {path} not found; is {args.output_dir!r} a trimix cpt run?"
-            ) from exc
-        return (
-            SourceConfig(**saved["base"]),
-            CptConfig(**saved["cpt"]),
-            saved.get("device", "cpu"),
-            None,
-            saved.get("dtype", "float32"),
-        )
+_CPT_FLAGS = {
+    "text_field": "--text-field",
+    "method": "--method",
+    "max_steps": "--max-steps",
+    "max_tokens": "--max-tokens",
+    "block_size": "--block-size",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "learning_rate": "--lr",
+    "save_every": "--save-every",
+    "seed": "--seed",
+    "gradient_checkpointing": "--gradient-checkpointing",
+    "merge": "--merge",
+}
+
+
+def _saved_run(output_dir: str) -> dict:
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found; is {output_dir!r} a trimix cpt run?")
+    saved = yaml.safe_load(read_text(path, "run config"))
+    if not isinstance(saved, dict) or "cpt" not in saved or "base" not in saved:
+        raise ConfigError(f"--resume: {path} is not the config of a trimix cpt run")
+    return saved
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The run's settings (base, cpt, device, dtype, cache_dir): from -c, --model and the flags; with
+    --resume, the saved ones, and any flag or config that disagrees with them is refused."""
+    saved = _saved_run(args.output_dir) if args.resume else None
     cpt_raw: dict = {}
     base = None
     device, cache_dir, dtype = "cpu", None, "float32"
@@ -94,25 +108,16 @@ def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, s
             base = config.source(config.cpt.base_role)
         device, cache_dir = config.device, config.cache_dir
         dtype = base.dtype if base is not None and base.dtype else config.dtype
+    elif saved is not None:
+        cpt_raw = dict(saved["cpt"])
+        base = SourceConfig(**saved["base"])
+        device, dtype = saved.get("device", "cpu"), saved.get("dtype", "float32")
     if args.model:
         base = SourceConfig(model=args.model, role="small_base")
     if base is None:
         raise ConfigError("name the base model: --model MODEL, or --config with a small_base source")
-    fields = (
-        "text_field",
-        "method",
-        "max_steps",
-        "max_tokens",
-        "block_size",
-        "batch_size",
-        "grad_accum",
-        "learning_rate",
-        "save_every",
-        "seed",
-        "gradient_checkpointing",
-        "merge",
-    )
-    cpt_raw.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    flags = {f: getattr(args, f) for f in _CPT_FLAGS if getattr(args, f) is not None}
+    cpt_raw.update(flags)
     if args.corpus:
         cpt_raw["corpus"] = args.corpus
     if args.max_tokens is not None and args.max_steps is None:
@@ -120,34 +125,42 @@ def _settings(args: argparse.Namespace) -> tuple[SourceConfig, CptConfig, str, s
     try:
         cpt = CptConfig(**cpt_raw)
     except ValueError as exc:
-        raise ConfigError(f"invalid cpt setting: {exc}") from exc
-    return base, cpt, args.device or device, cache_dir, dtype
+        bad = next((flag for field, flag in _CPT_FLAGS.items() if field in str(exc) and field in flags), None)
+        raise ConfigError(f"invalid {bad or 'cpt setting'}: {exc}") from exc
+    settings = {
+        "base": base.model_dump(exclude_none=True),
+        "cpt": cpt.model_dump(),
+        "device": args.device or device,
+        "dtype": dtype,
+    }
+    if saved is not None:
+        stored = {key: saved.get(key) for key in settings}
+        if fingerprint(stored) != fingerprint(settings):
+            changes = "; ".join(describe_change(stored, settings))
+            raise ConfigError(
+                f"--resume continues the run in {args.output_dir!r} with the settings it was started with; these "
+                f"differ: {changes}. Drop them to continue, or start a new run with --overwrite"
+            )
+    return settings | {"cache_dir": cache_dir}
 
 
 def run(args: argparse.Namespace) -> int:
-    base, cpt, device, cache_dir, dtype = _settings(args)
+    settings = _settings(args)
+    cpt = CptConfig(**settings["cpt"])
     out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume)
-    if not args.resume:
-        write_run_info(
+    with folder_lock(out_dir):
+        recorded = {k: settings[k] for k in ("base", "cpt", "device", "dtype")}
+        write_run_info(out_dir, recorded, cpt.seed, resumed=args.resume, fingerprint=fingerprint(recorded))
+        report = run_cpt(
+            SourceConfig(**settings["base"]),
+            cpt,
             out_dir,
-            {
-                "base": base.model_dump(exclude_none=True),
-                "cpt": cpt.model_dump(),
-                "device": device,
-                "dtype": dtype,
-            },
-            cpt.seed,
+            dtype=settings["dtype"],
+            device=settings["device"],
+            cache_dir=settings["cache_dir"],
+            resume=args.resume,
+            progress=not args.quiet,
         )
-    report = run_cpt(
-        base,
-        cpt,
-        out_dir,
-        dtype=dtype,
-        device=device,
-        cache_dir=cache_dir,
-        resume=args.resume,
-        progress=not args.quiet,
-    )
     summary = {
         "output": report.output,
         "steps": report.steps,

@@ -8,9 +8,21 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from trimix.backends.loading import format_prompt, load_tokenizer, source_context
 from trimix.cli.common import add_config_args, config_from_args, read_prompts
 from trimix.decoding import FusedLM
-from trimix.runinfo import prepare_output_dir, write_run_info
+from trimix.errors import ConfigError, DataError
+from trimix.io import JsonlSink, read_jsonl
+from trimix.runinfo import (
+    describe_change,
+    fingerprint,
+    folder_lock,
+    prepare_output_dir,
+    read_run_json,
+    write_run_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts-file", "-f", help="a .txt file (one prompt per line) or .jsonl with a 'prompt' field"
     )
-    p.add_argument("--output-dir", "-o", help="write generations.jsonl, config.yaml and run.json here")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --output-dir")
+    p.add_argument(
+        "--output-dir",
+        "-o",
+        help="write generations.jsonl (as batches finish), config.yaml and run.json here",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --output-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run in --output-dir: generate only the prompts not done yet",
+    )
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--do-sample", action="store_true", default=None)
     p.add_argument("--temperature", type=float)
@@ -48,7 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--inspect", type=int, dest="inspect_top_k", help="record each source's top-K candidates per token"
     )
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--engine", choices=["auto", "eager", "static", "graphs"], help="decoding engine (see README)"
+    )
+    p.add_argument(
+        "--speculative",
+        metavar="K",
+        help="speculative fusion: the largest-weight source drafts K tokens (or 'auto'), all sources verify them",
+    )
     p.set_defaults(func=run)
+
+
+GENERATIONS = "generations.jsonl"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,40 +93,140 @@ def run(args: argparse.Namespace) -> int:
         "seed",
         "batch_size",
         "inspect_top_k",
+        "engine",
     )
     extra = {f"generation.{f}": getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.stop:
         extra["generation.stop"] = args.stop
+    if args.speculative is not None:
+        extra["generation.speculative"] = {
+            "k": args.speculative if args.speculative == "auto" else int(args.speculative)
+        }
     config = config_from_args(args, extra)
     prompts = read_prompts(args.prompt, args.prompts_file)
-    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite) if args.output_dir else None
-    if out_dir is not None:
-        write_run_info(out_dir, config, config.generation.seed)
-    lm = FusedLM.from_config(config)
-    texts = [p["prompt"] for p in prompts]
-    if args.stream:
-        for event in lm.stream(texts, config.generation):
-            if len(texts) == 1:
-                sys.stdout.write(event.text + ("\n" if event.finished else ""))
-            else:
-                print(
-                    json.dumps(
-                        {"id": prompts[event.index]["id"], "text": event.text, "finished": event.finished}
-                    )
-                )
-            sys.stdout.flush()
+    if args.resume and not args.output_dir:
+        raise ConfigError("--resume continues a run folder: pass it as --output-dir")
+    refuse_overlong(config, prompts)  # tokenizers and configs only: before any weight loads
+    if args.output_dir is None:
+        lm = FusedLM.from_config(config)
+        _print_or_stream(lm, config, prompts, args, sink=None)
         return 0
-    sink = (out_dir / "generations.jsonl").open("w", encoding="utf-8") if out_dir else None
-    try:
-        generations = lm.generate(texts, config.generation, progress=not args.quiet)
-        for prompt, generation in zip(prompts, generations, strict=True):
-            line = json.dumps({"id": prompt["id"], **generation.to_dict()}, ensure_ascii=False)
-            print(line)
-            if sink:
-                sink.write(line + "\n")
-    finally:
-        if sink:
+    out_dir = prepare_output_dir(
+        args.output_dir, overwrite=args.overwrite, resume=args.resume, progress_files=(GENERATIONS,)
+    )
+    with folder_lock(out_dir):
+        description = run_description(config, prompts)
+        check_resume(out_dir, description, args.resume)
+        done = {str(r["id"]) for r in read_jsonl(out_dir / GENERATIONS)}
+        pending = [p for p in prompts if str(p["id"]) not in done]
+        if done:
+            logger.info("--resume: %d of %d prompts already generated", len(done), len(prompts))
+        write_run_info(
+            out_dir,
+            config,
+            config.generation.seed,
+            resumed=args.resume,
+            fingerprint=fingerprint(description),
+            description=description,
+        )
+        lm = FusedLM.from_config(config)
+        sink = JsonlSink(out_dir / GENERATIONS, fault="generate.row")
+        try:
+            _print_or_stream(lm, config, pending, args, sink)
+        finally:
             sink.close()
-    if out_dir:
-        logger.info("wrote %s", Path(out_dir) / "generations.jsonl")
+    logger.info("wrote %s", out_dir / GENERATIONS)
     return 0
+
+
+def _print_or_stream(
+    lm: FusedLM, config, prompts: list[dict], args: argparse.Namespace, sink: JsonlSink | None
+) -> None:
+    """Decode batch by batch; each finished batch is printed and appended (durably) to the results file."""
+    gen = config.generation
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=args.quiet or args.stream)
+    for start in range(0, len(prompts), gen.batch_size):
+        batch = prompts[start : start + gen.batch_size]
+        texts, ids = [p["prompt"] for p in batch], [p["index"] for p in batch]
+        if args.stream:
+            generations = _stream(lm, texts, ids, gen, batch, single=len(prompts) == 1)
+        else:
+            generations = lm.generate(texts, gen, row_ids=ids)
+        rows = [{"id": p["id"], **g.to_dict()} for p, g in zip(batch, generations, strict=True)]
+        if not args.stream:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+            sys.stdout.flush()
+        if sink is not None:
+            sink.write(rows)
+        bar.update(len(batch))
+    bar.close()
+
+
+def _stream(lm: FusedLM, texts: list[str], ids: list[int], gen, batch: list[dict], single: bool) -> list:
+    """Print tokens as they come (one prompt: plain text; several: one JSON event per token)."""
+    results = [None] * len(texts)
+    for event in lm.stream(texts, gen, row_ids=ids):
+        if event.generation is not None:
+            results[event.index] = event.generation
+        if single:
+            sys.stdout.write(event.text + ("\n" if event.finished else ""))
+        else:
+            line = {"id": batch[event.index]["id"], "text": event.text, "finished": event.finished}
+            print(json.dumps(line, ensure_ascii=False))
+        sys.stdout.flush()
+    return results
+
+
+def run_description(config, prompts: list[dict]) -> dict:
+    """What determines a generation run's results (its fingerprint guards --resume)."""
+    generation = config.generation.model_dump(mode="json", exclude={"batch_size", "engine", "compile"})
+    return {
+        "fusion": config.resolved_fusion().to_dict(),
+        "generation": generation,
+        "models": [m.model_dump(mode="json", exclude={"weight"}) for m in config.models],
+        "dtype": config.dtype,
+        "prompts": fingerprint({"prompts": [[str(p["id"]), p["prompt"]] for p in prompts]}),
+    }
+
+
+def check_resume(out_dir: Path, description: dict, resume: bool) -> None:
+    """Refuse to continue generations made with other settings or other prompts (naming the changes)."""
+    if not resume or not (out_dir / GENERATIONS).is_file():
+        return
+    info = read_run_json(out_dir) or {}
+    before = info.get("description")
+    if before is None:
+        raise ConfigError(
+            f"{out_dir / GENERATIONS} was written without a run fingerprint, so --resume cannot check it matches; "
+            "start afresh with --overwrite (or choose another --output-dir)"
+        )
+    if fingerprint(before) != fingerprint(description):
+        changes = "; ".join(describe_change(before, description))
+        raise ConfigError(
+            f"--resume: {out_dir} was generated with other settings or prompts ({changes}); "
+            "use the same settings, or --overwrite to start afresh"
+        )
+
+
+def refuse_overlong(config, prompts: list[dict]) -> None:
+    """A prompt whose length plus max_new_tokens exceeds a source's context is refused before models load
+    (only tokenizers and model configs are read)."""
+    gen = config.generation
+    if gen.on_context_limit != "error":
+        return
+    for role in config.resolved_fusion().roles:
+        source = config.source(role)
+        context = source_context(source, config.cache_dir)
+        if context is None:
+            continue
+        tokenizer = load_tokenizer(source, config.cache_dir)
+        for prompt in prompts:
+            text = format_prompt(tokenizer, source, prompt["prompt"])
+            length = len(tokenizer(text, add_special_tokens=source.prompt_format == "raw")["input_ids"])
+            if length + gen.max_new_tokens > context:
+                raise DataError(
+                    f"prompt {prompt['id']!r} has {length} tokens for source {role!r}; with max_new_tokens "
+                    f"{gen.max_new_tokens} it needs {length + gen.max_new_tokens} positions, more than the source's "
+                    f"context of {context}. Shorten it or lower --max-new-tokens"
+                )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trimix.errors import DataError
+from trimix.io import read_text
 
 DATA_DIR = Path(__file__).parent
 SIB200_DIR = DATA_DIR / "sib200"
@@ -23,27 +24,43 @@ class SibRow:
     index_id: str
     category: str
     text: str
+    where: str = ""  # file:line, for messages
 
 
-def sib200_languages(root: Path | None = None) -> list[str]:
+def _root(root: Path | str | None) -> Path:
+    if root is None:
+        return SIB200_DIR
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"SIB-200 data folder {str(folder)!r} does not exist (relative paths are relative to the config file "
+            "when they start with ./, else to the working directory)"
+        )
+    return folder
+
+
+def sib200_languages(root: Path | str | None = None) -> list[str]:
     """Language codes (FLORES style, e.g. ``uig_Arab``) available under ``root``."""
-    root = root or SIB200_DIR
-    return sorted(p.name for p in root.iterdir() if (p / "test.tsv").is_file())
+    return sorted(p.name for p in _root(root).iterdir() if (p / "test.tsv").is_file())
 
 
-def sib200_labels(root: Path | None = None) -> list[str]:
+def sib200_labels(root: Path | str | None = None) -> list[str]:
     """The 7 topic labels, in file order."""
-    path = (root or SIB200_DIR) / "labels.txt"
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = _root(root) / "labels.txt"
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: a SIB-200 folder needs labels.txt (one topic label per line)"
+        )
+    return [line.strip() for line in read_text(path, "SIB-200 labels file").splitlines() if line.strip()]
 
 
-def read_sib200(lang: str, split: str, root: Path | None = None) -> list[SibRow]:
+def read_sib200(lang: str, split: str, root: Path | str | None = None) -> list[SibRow]:
     """Read one SIB-200 split (tab-separated, no quoting: texts contain quote characters).
 
     Raises:
         DataError: unknown language or split, or a malformed row (file, line and field named).
     """
-    root = root or SIB200_DIR
+    root = _root(root)
     if split not in SIB200_SPLITS:
         raise DataError(f"SIB-200 split must be one of {', '.join(SIB200_SPLITS)}; got {split!r}")
     path = root / lang / f"{split}.tsv"
@@ -51,7 +68,7 @@ def read_sib200(lang: str, split: str, root: Path | None = None) -> list[SibRow]
         raise DataError(
             f"no SIB-200 data for language {lang!r} at {path}; available: {', '.join(sib200_languages(root))}"
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "SIB-200 file").splitlines()
     if not lines or lines[0].split("\t") != ["index_id", "category", "text"]:
         raise DataError(f"{path}:1: expected the header 'index_id<TAB>category<TAB>text'")
     rows = []
@@ -63,5 +80,5 @@ def read_sib200(lang: str, split: str, root: Path | None = None) -> list[SibRow]
         for field, value in (("index_id", index_id), ("category", category), ("text", text)):
             if not value:
                 raise DataError(f"{path}:{number}: field '{field}' is empty")
-        rows.append(SibRow(index_id, category, text))
+        rows.append(SibRow(index_id, category, text, f"{path}:{number}"))
     return rows

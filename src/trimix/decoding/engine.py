@@ -97,6 +97,7 @@ class StreamEvent:
     text: str
     finished: bool
     finish_reason: FinishReason | None = None
+    generation: Generation | None = None  # the whole result, on a prompt's last event
 
 
 @dataclass(frozen=True)
@@ -372,25 +373,39 @@ class FusedLM:
         return results
 
     def stream(
-        self, prompts: Sequence[str], generation: GenerationConfig | None = None, **overrides: Any
+        self,
+        prompts: Sequence[str],
+        generation: GenerationConfig | None = None,
+        *,
+        row_ids: Sequence[int] | None = None,
+        **overrides: Any,
     ) -> Iterator[StreamEvent]:
-        """Yield each generated token as soon as it is chosen, with its decoded text delta."""
+        """Yield each generated token as soon as it is chosen, with its decoded text delta; a prompt's last
+        event carries its whole :class:`Generation`."""
         gen = merge_generation(generation, overrides)
+        all_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         for start in range(0, len(prompts), gen.batch_size):
             batch = list(prompts[start : start + gen.batch_size])
             rows = [_RowText() for _ in batch]
             shown = [""] * len(batch)
-            ids = list(range(start, start + len(batch)))
-            for step in self._decode_batch(batch, gen, ids):
+            for step in self._decode_batch(batch, gen, all_ids[start : start + len(batch)]):
                 for row, reason in step.closed:
-                    yield StreamEvent(start + row, -1, "", True, reason)
+                    rows[row].finish_reason = reason
+                    yield StreamEvent(
+                        start + row, -1, "", True, reason, self._finish(batch[row], rows[row], gen)
+                    )
+                for row, stats in (step.stats or {}).items():
+                    rows[row].stats = stats
                 for row, token, reason in zip(step.rows, step.tokens, step.finish, strict=True):
                     rows[row].token_ids.append(token)
                     rows[row].finish_reason = reason
-                    text = self._finish(batch[row], rows[row], gen).text
-                    delta = text[len(shown[row]) :] if text.startswith(shown[row]) else text
-                    shown[row] = text
-                    yield StreamEvent(start + row, token, delta, reason is not None, reason)
+                    result = self._finish(batch[row], rows[row], gen)
+                    delta = (
+                        result.text[len(shown[row]) :] if result.text.startswith(shown[row]) else result.text
+                    )
+                    shown[row] = result.text
+                    final = result if reason is not None else None
+                    yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
 
     def encode(self, source: Source, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise prompts for one source: left-padded ids and attention mask."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trimix.data import read_sib200, sib200_labels
+from trimix.errors import DataError
 from trimix.tasks.base import Example, Task, language_name
 from trimix.tasks.shapes import TranslationPrompt
 
@@ -43,11 +44,16 @@ class Sib200Topic(Task):
         return [self.label(c) for c in sib200_labels(self.root)]
 
     def examples(self, split: str) -> list[Example]:
-        choices = tuple(self.labels())
-        return [
-            Example(r.index_id, {"text": r.text}, self.label(r.category), choices)
-            for r in read_sib200(self.lang, split, self.root)
-        ]
+        known = sib200_labels(self.root)
+        choices = tuple(self.label(c) for c in known)
+        rows = read_sib200(self.lang, split, self.root)
+        for row in rows:
+            if row.category not in known:
+                raise DataError(
+                    f"{row.where}: category {row.category!r} is not in labels.txt ({', '.join(known)}); "
+                    "no answer could match it: fix the row or add the label"
+                )
+        return [Example(r.index_id, {"text": r.text}, self.label(r.category), choices) for r in rows]
 
     def shot_labels(self) -> list[str]:
         return self.labels()
@@ -66,7 +72,7 @@ class Sib200Topic(Task):
 
 
 def _folder(root: Path | str | None) -> Path | None:
-    """A user's data folder (relative to the working directory, ``~`` expanded), or None for the bundled data."""
+    """A user's data folder (``~`` expanded), or None for the bundled data."""
     return None if root is None else Path(root).expanduser()
 
 

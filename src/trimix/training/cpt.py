@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from trimix.backends.hf import HFBackend
 from trimix.backends.loading import SOURCE_CARD, Source, load_source
 from trimix.config import CptConfig, SourceConfig
 from trimix.data import read_sib200
 from trimix.errors import ConfigError, TrimixError
+from trimix.faults import SimulatedKill, fault_point
+from trimix.io import atomic_write_json
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
 from trimix.training.corpus import BlockDataset, pack_blocks, read_documents, split_corpus
 
@@ -118,8 +119,12 @@ class _Progress(TrainerCallback):
         self.bar.close()
 
 
+COMPLETE = "trimix_complete"  # written into a checkpoint folder once every file of it is on disk
+
+
 class _StopOnSignal(TrainerCallback):
-    """Turn Ctrl-C into 'save a checkpoint at the end of this step, then stop'."""
+    """Turn Ctrl-C (or SIGTERM) into 'save a checkpoint at the end of this step, then stop'; mark saved
+    checkpoints complete; and honour the ``cpt.step`` / ``cpt.checkpoint`` fault points (trimix.faults)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -133,10 +138,38 @@ class _StopOnSignal(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
+        if fault_point("cpt.step"):
+            self.request()  # exactly what Ctrl-C does
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+        if control.should_save and fault_point("cpt.checkpoint"):
+            # A kill while the checkpoint is written leaves a folder with some of its files.
+            partial = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "adapter_model.safetensors").write_bytes(b"")
+            raise SimulatedKill("fault injected at cpt.checkpoint")
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).write_text("ok\n")
+        return control
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint whose every file was written; incomplete ones (a kill mid-save) are skipped
+    with a warning."""
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for candidate in reversed(found):
+        if (candidate / COMPLETE).is_file():
+            return str(candidate)
+        logger.warning("ignoring the incomplete checkpoint %s (interrupted while it was written)", candidate)
+    return None
 
 
 def _lora_targets(model: torch.nn.Module, settings: list[str] | None) -> list[str] | None:
@@ -155,7 +188,6 @@ def run_cpt(
     cache_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
-    stopper: _StopOnSignal | None = None,
 ) -> CptReport:
     """Continually pretrain ``base`` on ``cpt.corpus`` and save an adapter (or model) that loads as a source.
 
@@ -168,7 +200,6 @@ def run_cpt(
         cache_dir: GGUF conversion cache.
         resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
         progress: show the progress bar.
-        stopper: the Ctrl-C handler (tests pass one to simulate an interrupt).
 
     Returns:
         The :class:`CptReport`.
@@ -198,9 +229,9 @@ def run_cpt(
     blocks = pack_blocks(split.train, tokenizer, cpt.block_size)
     hrl = forgetting_texts(cpt.forgetting_text, cpt.max_forgetting_lines)
     checkpoints = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     if resume and last is None:
-        raise ConfigError(f"--resume: no checkpoint in {checkpoints}; start without --resume")
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}; start afresh with --overwrite")
     report_path = out_dir / "cpt_report.json"
     before = (
         json.loads(report_path.read_text())["perplexity_before"] if resume and report_path.is_file() else None
@@ -257,7 +288,7 @@ def run_cpt(
     )
     tokens_per_step = cpt.batch_size * cpt.grad_accum * cpt.block_size
     progress_cb = _Progress(tokens_per_step, progress)
-    stopper = stopper or _StopOnSignal()
+    stopper = _StopOnSignal()
     trainer = Trainer(
         model=model,
         args=args,
@@ -267,11 +298,12 @@ def run_cpt(
     )
     # With its own bar disabled, Trainer prints every log dict to stdout; ours reports them instead.
     trainer.remove_callback(PrinterCallback)
-    previous = signal.signal(signal.SIGINT, stopper.request)
+    previous = {sig: signal.signal(sig, stopper.request) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.train(resume_from_checkpoint=last if resume else None)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopper.requested:
         raise CptInterrupted(
             f"interrupted at step {trainer.state.global_step}/{steps}; checkpoint saved in {checkpoints}. "
@@ -346,4 +378,4 @@ def _write_card(folder: Path, report: CptReport) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(path, payload)

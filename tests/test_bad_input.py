@@ -1,0 +1,231 @@
+"""Bad input and awkward situations through the CLI's entry point: each case exits with a clear message
+(exit 2) or a correct result, never a traceback from library internals, and leaves the disk as stated."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import trio_config
+from trimix.cli.main import main
+
+SIB_HEADER = "index_id\tcategory\ttext\n"
+
+
+@pytest.fixture
+def cfg(trio, tmp_path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(trio_config(trio)))
+    return path
+
+
+def _sib_folder(root: Path, bad_label: bool = False) -> Path:
+    """A user's SIB-200 folder (a language the bundled data lacks) in the released layout."""
+    (root / "xyz_Latn").mkdir(parents=True)
+    (root / "labels.txt").write_text("sports\nhealth\n")
+    rows = [("1", "sports", "The team won."), ("2", "health", "Eat well."), ("3", "sports", "A goal.")]
+    if bad_label:
+        rows[1] = ("2", "helth", "Eat well.")
+    for split in ("train", "dev", "test"):
+        body = "".join(f"{i}\t{c}\t{t}\n" for i, c, t in rows)
+        (root / "xyz_Latn" / f"{split}.tsv").write_text(SIB_HEADER + body)
+    return root
+
+
+def _eval_cfg(trio, tmp_path: Path, root: str) -> Path:
+    raw = trio_config(trio)
+    raw["generation"] = {"max_new_tokens": 2}
+    raw["eval"] = {
+        "methods": [{"name": "large", "method": "single", "role": "large"}],
+        "tasks": [{"task": "sib200_topic", "langs": ["xyz_Latn"], "options": {"root": root}, "shots": 1}],
+    }
+    path = tmp_path / "conf" / "eval.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(capsys, args: list[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("where", ["relative_to_config", "absolute"])
+def test_a_users_own_sib200_folder_evaluates(trio, tmp_path, capsys, where) -> None:
+    _sib_folder(tmp_path / "conf" / "my_sib200")
+    root = "./my_sib200" if where == "relative_to_config" else str(tmp_path / "conf" / "my_sib200")
+    code, _ = _run(
+        capsys, ["-q", "eval", "-c", str(_eval_cfg(trio, tmp_path, root)), "-o", str(tmp_path / "o")]
+    )
+    assert code == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["lang"] == "xyz_Latn"
+
+
+def test_an_unknown_label_is_named_with_file_and_line_before_models_load(trio, tmp_path, capsys) -> None:
+    _sib_folder(tmp_path / "conf" / "my_sib200", bad_label=True)
+    path = _eval_cfg(trio, tmp_path, "./my_sib200")
+    code, err = _run(capsys, ["eval", "-c", str(path), "-o", str(tmp_path / "o")])
+    assert code == 2 and "test.tsv:3: category 'helth' is not in labels.txt" in err
+    assert not (tmp_path / "o" / "predictions.jsonl").exists()
+
+
+CASES = {
+    "config_not_utf8": (
+        lambda d, c: d.joinpath("bad.yaml").write_bytes(b"models: \xff\xfe\n"),
+        ["generate", "-c", "{d}/bad.yaml", "-p", "x"],
+        "is not UTF-8 text",
+    ),
+    "unknown_key": (
+        lambda d, c: d.joinpath("k.yaml").write_text(c.read_text().replace("fusion:", "fusoin:")),
+        ["generate", "-c", "{d}/k.yaml", "-p", "x"],
+        "did you mean 'fusion'",
+    ),
+    "weight_true": (
+        lambda d, c: d.joinpath("w.yaml").write_text(
+            c.read_text().replace("role: large", "role: large\n  weight: true")
+        ),
+        ["generate", "-c", "{d}/w.yaml", "-p", "x"],
+        "weight must be a number",
+    ),
+    "flag_value": (None, ["generate", "-c", "{c}", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens: "),
+    "partial_weights": (
+        None,
+        ["generate", "-c", "{c}", "-p", "x", "--weights", "large=0.3,small_cpt=0.9"],
+        "read as TriMix (small_base derived)",
+    ),
+    "prompts_not_utf8": (
+        lambda d, c: d.joinpath("p.txt").write_bytes("caf\xe9\n".encode("latin-1")),
+        ["generate", "-c", "{c}", "-f", "{d}/p.txt"],
+        "prompts file",
+    ),
+    "output_under_a_file": (
+        lambda d, c: d.joinpath("afile").write_text("x"),
+        ["generate", "-c", "{c}", "-p", "x", "-o", "{d}/afile/out"],
+        "which is a file",
+    ),
+    "overwrite_and_resume": (
+        None,
+        ["eval", "-c", "{c}", "-o", "{d}/o", "--overwrite", "--resume"],
+        "not both",
+    ),
+    "not_gguf": (
+        lambda d, c: d.joinpath("fake.gguf").write_bytes(b"PK\x03\x04" + b"0" * 64),
+        ["generate", "-c", "{d}/g.yaml", "-p", "x"],
+        "is not a GGUF file",
+    ),
+    "truncated_gguf": (
+        lambda d, c: d.joinpath("fake.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 8),
+        ["generate", "-c", "{d}/g.yaml", "-p", "x"],
+        "could not read the GGUF file",
+    ),
+    "missing_folder": (None, ["generate", "-c", "{d}/m.yaml", "-p", "x"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_a_message(case, cfg, tmp_path, capsys, monkeypatch) -> None:
+    prepare, args, message = CASES[case]
+    monkeypatch.setenv("TRIMIX_CACHE", str(tmp_path / "cache"))
+    if prepare:
+        prepare(tmp_path, cfg)
+    for name, model in (
+        ("g.yaml", str(tmp_path / "fake.gguf")),
+        ("m.yaml", str(tmp_path / "nowhere" / "model")),
+    ):
+        tmp_path.joinpath(name).write_text(
+            yaml.safe_dump(
+                {"models": [{"model": model, "role": "a"}], "fusion": {"method": "single", "role": "a"}}
+            )
+        )
+    code, err = _run(capsys, [a.format(d=tmp_path, c=cfg) for a in args])
+    assert code == 2, err
+    assert message in err
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_non_utf8_stdin_fails_before_models_load(cfg, capsys, monkeypatch) -> None:
+    class Stdin(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(sys, "stdin", Stdin(io.BytesIO("café".encode("latin-1"))))
+    code, err = _run(capsys, ["generate", "-c", str(cfg)])
+    assert code == 2 and "standard input is not UTF-8" in err
+
+
+def test_offline_hub_id_fails_at_once(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "hub.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": [{"model": "some-org/not-cached-model", "role": "a"}],
+                "fusion": {"method": "single", "role": "a"},
+            }
+        )
+    )
+    start = time.perf_counter()
+    code, err = _run(capsys, ["generate", "-c", str(path), "-p", "x"])
+    assert code == 2 and "HF_HUB_OFFLINE is set" in err and "hf download some-org/not-cached-model" in err
+    assert time.perf_counter() - start < 10
+
+
+def test_a_failed_run_leaves_nothing_a_rerun_must_override(cfg, tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    code, _ = _run(
+        capsys, ["generate", "-c", str(cfg), "-p", "hello " * 1200, "-o", str(out)]
+    )  # too long: refused
+    assert code == 2 and not (out / "generations.jsonl").exists()
+    code, _ = _run(
+        capsys, ["-q", "generate", "-c", str(cfg), "-p", "hello", "--max-new-tokens", "2", "-o", str(out)]
+    )
+    assert code == 0 and (out / "generations.jsonl").is_file()
+
+
+def test_weights_flag_keeps_trimix_and_writes_the_derived_weight(cfg, tmp_path, capsys) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(cfg.read_text().replace("method: proxy_tuning", "method: trimix"))
+    code, _ = _run(
+        capsys,
+        [
+            "-q",
+            "generate",
+            "-c",
+            str(path),
+            "-p",
+            "x",
+            "--max-new-tokens",
+            "1",
+            "--weights",
+            "large=0.3,small_cpt=0.9",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert code == 0
+    resolved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())
+    assert resolved["fusion"]["method"] == "trimix"
+    assert [m["weight"] for m in resolved["models"]] == pytest.approx([0.3, 0.9, -0.2])
+
+
+def test_tasks_import_on_their_own() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from trimix.tasks import get_task; print(get_task('sib200_topic', 'uig_Arab').name)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "sib200_topic"
