@@ -46,9 +46,9 @@ def test_demo_matrix_runs_end_to_end_on_tiny_models(trio, tmp_path) -> None:
     assert {(c["method"], c["task"]) for c in cells} == {(m, t) for m in methods for t in tasks}
     selected = json.loads((tmp_path / "selections" / "sib200_topic_uig_Arab.json").read_text())
     row = next(
-        c for c in cells if c["method"] == "trimix (selected)" and c["task"] == "sib200_topic_uig_Arab"
+        c for c in cells if c["method"] == "trimix (selected, text)" and c["task"] == "sib200_topic_uig_Arab"
     )
-    assert row["weights"] == selected["selected"]["weights"]
+    assert row["weights"] == selected["by_mode"]["input"]["weights"]
     assert all(role in ROLES_NOTE for role in ("small_base", "small_cpt", "large"))
 
 
@@ -58,4 +58,4 @@ def test_demo_end_to_end(tmp_path) -> None:
     from trimix.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", scale=0.25, progress=False)  # shares the conversion cache
-    assert "trimix (selected)" in summary and (tmp_path / "demo" / "report.png").is_file()
+    assert "trimix (selected, text)" in summary and (tmp_path / "demo" / "report.png").is_file()

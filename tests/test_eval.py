@@ -222,7 +222,7 @@ def test_end_to_end_matrix_and_report(trio, milic_root, tmp_path, capsys) -> Non
     assert {r["method"] for r in rows} == {"large", "proxy_tuning", "trimix"}
     for name in ("report.md", "report.json", "report.png", "config.yaml", "run.json"):
         assert (out / name).is_file()
-    cells = json.loads((out / "report.json").read_text())
+    cells = json.loads((out / "report.json").read_text())["cells"]
     mt = next(c for c in cells if c["task"] == "sib200_mt_uig_Arab-eng_Latn" and c["method"] == "trimix")
     assert set(mt["scores"]) == {"chrf_pp", "bleu"} and mt["weights"]["small_base"] == pytest.approx(0.0)
     ppl = next(c for c in cells if c["task"] == "text_ppl_uig_Arab" and c["method"] == "large")

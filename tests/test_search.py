@@ -194,14 +194,17 @@ def test_refinement_never_worse_and_selection_is_seeded(lm) -> None:
     assert set(result.singles) == {"large", "small_cpt", "small_base"} and result.proxy_tuning is not None
 
 
-def test_prompts_never_contain_the_answer_and_input_scoring_counts_less(lm) -> None:
+def test_prompts_never_contain_the_answer_and_tokens_split_into_template_and_task_text(lm) -> None:
     search = SearchConfig(task="sib200_topic", lang="uig_Arab", n_prompts=4, shots=2)
     texts, _ = selection_texts(search)
     assert all(t.text.endswith("Topic:") for t in texts)
-    inputs, _ = selection_texts(search.model_copy(update={"score": "input"}))
-    whole = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
-    part = FusedPerplexityScorer(lm.sources, lm.vocab_size, inputs, progress=False)
-    assert 0 < part.n_tokens < whole.n_tokens
+    scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
+    template, task_text = scorer.token_groups()
+    assert template > 0 and task_text > 0 and template + task_text == scorer.n_tokens
+    assert "ARABIC" in scorer.script_counts(group=1) and "LATIN" in scorer.script_counts(group=0)
+    result = search_weights(scorer, search.model_copy(update={"refine_rounds": 0}), {})
+    assert set(result.by_mode) == {"prompt", "input"}
+    assert result.token_split["template"] == template and result.token_split["task_text"] == task_text
 
 
 def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:

@@ -205,6 +205,8 @@ class SearchConfig(_Strict):
     text_file: str | None = None
     n_prompts: int = Field(50, ge=1)
     seed: int = 0
+    # prompt: every token of the rendered prompts; input: only the task's own text (passages, questions,
+    # options, exemplar answers), not the template (instruction, field labels). Both are reported.
     score: Literal["prompt", "input"] = "prompt"
     refine_rounds: int = Field(2, ge=0)
     # Memory for one block of the sources' logits while scoring. Larger blocks feed the output
@@ -282,6 +284,9 @@ class MethodSpec(_Strict):
     alpha: float = 1.0
     weights: dict[str, float] | None = None
     select: bool = False
+    # With select: which tokens the selection scores (default: search.score): the whole prompt, or only
+    # the task's own text; both come from the same forward passes.
+    select_score: Literal["prompt", "input"] | None = None
     plausibility: PlausibilityConfig | None = None
 
     @field_validator("method")

@@ -163,7 +163,18 @@ def demo_config(
                     "method": "trimix",
                     "weights": {"large": 0.1, "small_cpt": 0.9},
                 },
-                {"name": "trimix (selected)", "method": "trimix", "select": True},
+                {
+                    "name": "trimix (selected, prompt)",
+                    "method": "trimix",
+                    "select": True,
+                    "select_score": "prompt",
+                },
+                {
+                    "name": "trimix (selected, text)",
+                    "method": "trimix",
+                    "select": True,
+                    "select_score": "input",
+                },
             ],
             "tasks": [
                 {
@@ -205,7 +216,13 @@ ROLES_NOTE = """Roles (only one pretrained model installs offline, so all three 
 Proxy Tuning = large + (small_cpt - small_base); TriMix weights are chosen on unlabeled Uyghur dev prompts."""
 
 
-def run_demo(out_dir: Path, scale: float = 1.0, cache_dir: str | None = None, progress: bool = True) -> str:
+def run_demo(
+    out_dir: Path,
+    scale: float = 1.0,
+    cache_dir: str | None = None,
+    progress: bool = True,
+    resumed: bool = False,
+) -> str:
     """Run the five steps and return the report table (also written under ``out_dir``)."""
     start = time.perf_counter()
     budget = DemoBudget().scaled(scale)
@@ -222,18 +239,28 @@ def run_demo(out_dir: Path, scale: float = 1.0, cache_dir: str | None = None, pr
     heldout.write_text("\n".join(evaluated) + "\n", encoding="utf-8")
     heldout_dev.write_text("\n".join(split.validation[-DEV_LINES:]) + "\n", encoding="utf-8")
     config = load_config(demo_config(cpt_adapter, instruct_adapter, heldout, heldout_dev, budget))
-    write_run_info(out_dir, config, config.eval.seed, demo_budget=budget.__dict__, scale=scale)
-    logger.info("steps 4-5/5: weight selection on Uyghur dev prompts, then evaluation of 6 methods")
-    Evaluator(config, out_dir, progress=progress).run()
+    evaluator = Evaluator(config, out_dir, progress=progress)
+    write_run_info(
+        out_dir, config, config.eval.seed, resumed=resumed, demo_budget=budget.__dict__, scale=scale
+    )
+    logger.info(
+        "steps 4-5/5: weight selection on Uyghur dev prompts, then evaluation of %d methods",
+        len(config.eval.methods),
+    )
+    evaluator.run()
     table, _ = write_report(out_dir)
-    selection = json.loads(next((out_dir / SELECTIONS).glob("*.json")).read_text())
+    selection = json.loads((out_dir / SELECTIONS / f"sib200_topic_{LANG}.json").read_text(encoding="utf-8"))
+    split = selection["token_split"]
+    modes = selection["by_mode"]
     lines = [
         ROLES_NOTE,
         "",
         f"CPT: {cpt_report['steps']} steps, {cpt_report['tokens_seen']:,} tokens; held-out Uyghur perplexity of the "
         f"small model {cpt_report['perplexity_before']['heldout_lrl']:.1f} -> {cpt_report['perplexity_after']['heldout_lrl']:.1f}",
-        f"selected weights: {selection['selected']['weights']} (fused ppl {selection['selected']['perplexity']:.2f} on "
-        f"{selection['n_tokens']} dev-prompt tokens; proxy tuning {selection['proxy_tuning']:.2f})",
+        f"topic selection on {len(selection['prompt_ids'])} Uyghur dev prompts: {split['template'] + split['task_text']} "
+        f"tokens, {split['template_share']:.0%} of them prompt template (English instruction and labels); scoring the "
+        f"whole prompt selects {modes['prompt']['weights']}, scoring only the Uyghur text selects {modes['input']['weights']}",
+        *[f"warning: {w}" for w in selection.get("warnings", [])],
         "",
         table,
         f"wall time {time.perf_counter() - start:.0f} s; everything is in {out_dir}",

@@ -6,7 +6,7 @@ import argparse
 
 from trimix.demo import run_demo
 from trimix.evaluation import RESUMED_FROM
-from trimix.runinfo import prepare_output_dir
+from trimix.runinfo import folder_lock, prepare_output_dir
 
 EXAMPLE = """example:
   trimix demo                      # about 15 minutes on 2 CPU cores the first time; reruns reuse the adapters
@@ -49,5 +49,14 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress_files=RESUMED_FROM,
     )
-    print(run_demo(out_dir, scale=args.scale, cache_dir=args.cache_dir, progress=not args.quiet))
+    with folder_lock(out_dir):
+        print(
+            run_demo(
+                out_dir,
+                scale=args.scale,
+                cache_dir=args.cache_dir,
+                progress=not args.quiet,
+                resumed=args.resume,
+            )
+        )
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
 from trimix.decoding import FusedLM
+from trimix.io import atomic_write_json
 from trimix.runinfo import prepare_output_dir, write_run_info
 from trimix.search import build_candidates, search_weights, selection_texts
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     result = search_weights(scorer, search, origin, config.fusion.method)
-    (out_dir / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(out_dir / "selection.json", result.to_dict())
     axes = list(search.axes())
     result.plot(out_dir / "heatmap.png", axes)
     _print_summary(result)
@@ -75,12 +75,26 @@ def _print_summary(result) -> None:
     def fmt(weights: dict[str, float]) -> str:
         return ", ".join(f"{r}={w:g}" for r, w in weights.items())
 
+    split = result.token_split
     print(
         f"fused perplexity on {result.n_tokens} tokens of {len(result.prompt_ids)} prompts ({result.prompts})"
     )
+    if split:
+        scripts = ", ".join(f"{k} {v}" for k, v in split["by_script"].items())
+        print(
+            f"  scored tokens: {split['template']} prompt template, {split['task_text']} task text "
+            f"({split['template_share']:.0%} template); by script: {scripts}"
+        )
     for role, ppl in result.singles.items():
         print(f"  {role + ' alone':<28} {ppl:10.3f}")
     if result.proxy_tuning is not None:
         print(f"  {'proxy tuning (1, 1, -1)':<28} {result.proxy_tuning:10.3f}")
     print(f"  {'best grid point':<28} {result.grid_best.perplexity:10.3f}  {fmt(result.grid_best.weights)}")
-    print(f"  {'selected':<28} {result.selected.perplexity:10.3f}  {fmt(result.selected.weights)}")
+    print(
+        f"  {'selected (' + result.score + ')':<28} {result.selected.perplexity:10.3f}  {fmt(result.selected.weights)}"
+    )
+    for mode, chosen in result.by_mode.items():
+        label = "whole prompt" if mode == "prompt" else "task text only"
+        print(f"  {'scoring ' + label:<28} {chosen['perplexity']:10.3f}  {fmt(chosen['weights'])}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}")

@@ -1,16 +1,30 @@
-"""Scores, tables and plots rebuilt from a run's ``predictions.jsonl`` alone."""
+"""Scores with uncertainty, tables and plots, rebuilt from a run's ``predictions.jsonl`` alone.
+
+Every score comes with a seeded bootstrap 95% interval over items (:mod:`trimix.metrics.bootstrap`),
+or with its item count alone below the minimum number of items. Each TriMix row is compared, on the
+same items (paired bootstrap), with Proxy Tuning and with the single source that was best on the
+*dev* split by the label-free selection's perplexity (never chosen on the test items).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from trimix.errors import DataError
-from trimix.evaluation.runner import PREDICTIONS, read_predictions
-from trimix.metrics import HIGHER_IS_BETTER, accuracy, bleu, corpus_metric
+from trimix.evaluation.runner import PREDICTIONS, SELECTIONS, read_predictions
+from trimix.metrics import HIGHER_IS_BETTER, metric_statistics
+from trimix.metrics.bootstrap import (
+    LEVEL,
+    MIN_ITEMS,
+    N_RESAMPLES,
+    SEED,
+    Interval,
+    bootstrap,
+    paired_bootstrap,
+)
 
 METRIC_LABELS = {
     "accuracy": "acc",
@@ -22,37 +36,33 @@ METRIC_LABELS = {
 }
 
 
-def score_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (method, task, language): every metric of the task and the item count."""
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["task"], row["lang"])].append(row)
+    return groups
+
+
+def score_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, task, language): every metric with its interval, and the item count."""
     cells = []
-    for (method, task, lang), items in groups.items():
+    for (method, task, lang), items in _groups(rows).items():
+        items = sorted(items, key=lambda r: str(r["id"]))
         scores: dict[str, float] = {}
+        intervals: dict[str, dict[str, Any]] = {}
         for metric in items[0]["metrics"]:
-            if metric == "accuracy":
-                scores[metric] = accuracy([r["correct"] for r in items])
-            elif metric == "perplexity":
-                tokens = sum(r["n_tokens"] for r in items)
-                scores[metric] = math.exp(sum(r["nll"] for r in items) / max(tokens, 1))
-            elif metric == "bleu":
-                scores[metric] = bleu(
-                    [r["prediction"] for r in items],
-                    [r["reference"] for r in items],
-                    items[0].get("target_lang"),
-                )
-            else:
-                scores[metric] = corpus_metric(metric)(
-                    [r["prediction"] for r in items], [r["reference"] for r in items]
-                )
+            interval = bootstrap(metric_statistics(metric, items, items[0].get("target_lang")))
+            scores[metric] = interval.value
+            intervals[metric] = interval.to_dict()
         cells.append(
             {
                 "method": method,
+                "fusion_method": items[0].get("fusion_method"),
                 "task": task,
                 "lang": lang,
                 "n": len(items),
                 "scores": scores,
+                "intervals": intervals,
                 "weights": items[0].get("weights"),
                 "settings": items[0].get("settings"),
                 "clipped": sum(1 for r in items if r.get("clipped")),
@@ -62,14 +72,80 @@ def score_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cells
 
 
-def markdown_table(cells: list[dict[str, Any]]) -> str:
-    """Per language: methods as rows, task metrics as columns, plus the average of the 0-100 metrics."""
+def _best_single_on_dev(run_dir: Path | None, task: str) -> str | None:
+    """The role whose single-source perplexity was lowest on the task's dev prompts (label-free selection)."""
+    if run_dir is None:
+        return None
+    path = run_dir / SELECTIONS / f"{task.removesuffix(':loglik')}.json"
+    if not path.is_file():
+        return None
+    singles = json.loads(path.read_text(encoding="utf-8")).get("singles") or {}
+    return min(singles, key=singles.get) if singles else None
+
+
+def compare_methods(
+    rows: list[dict[str, Any]], cells: list[dict[str, Any]], run_dir: Path | None
+) -> list[dict]:
+    """Paired differences of each TriMix row against Proxy Tuning and the best single source on dev."""
+    groups = _groups(rows)
+    out = []
+    for cell in cells:
+        if cell.get("fusion_method") != "trimix":
+            continue
+        peers = [c for c in cells if c["task"] == cell["task"] and c["lang"] == cell["lang"]]
+        baselines = [(c, "proxy_tuning") for c in peers if c.get("fusion_method") == "proxy_tuning"]
+        best = _best_single_on_dev(run_dir, cell["task"])
+        if best is not None:
+            single = next(
+                (
+                    c
+                    for c in peers
+                    if c.get("fusion_method") == "single" and (c.get("weights") or {}).get(best) == 1.0
+                ),
+                None,
+            )
+            if single is not None:
+                baselines.append((single, f"best single on dev ({best})"))
+        mine = {str(r["id"]): r for r in groups[(cell["method"], cell["task"], cell["lang"])]}
+        for baseline, kind in baselines:
+            theirs = {str(r["id"]): r for r in groups[(baseline["method"], cell["task"], cell["lang"])]}
+            shared = sorted(set(mine) & set(theirs))
+            for metric in cell["scores"]:
+                a = metric_statistics(metric, [mine[i] for i in shared], mine[shared[0]].get("target_lang"))
+                b = metric_statistics(metric, [theirs[i] for i in shared], mine[shared[0]].get("target_lang"))
+                diff = paired_bootstrap(a, b)
+                out.append(
+                    {
+                        "task": cell["task"],
+                        "lang": cell["lang"],
+                        "metric": metric,
+                        "method": cell["method"],
+                        "baseline": baseline["method"],
+                        "baseline_kind": kind,
+                        "difference": diff.to_dict(),
+                        "excludes_zero": diff.excludes_zero(),
+                    }
+                )
+    return out
+
+
+def _fmt(cell: dict[str, Any], metric: str) -> str:
+    return (
+        Interval(**cell["intervals"][metric]).format()
+        if "intervals" in cell
+        else f"{cell['scores'][metric]:.2f}"
+    )
+
+
+def markdown_table(cells: list[dict[str, Any]], comparisons: list[dict[str, Any]] | None = None) -> str:
+    """Per language: methods as rows, task metrics as columns (score [95% interval]), then the paired
+    differences and what the intervals mean."""
     out = []
     methods = list(dict.fromkeys(c["method"] for c in cells))
     for lang in dict.fromkeys(c["lang"] for c in cells):
         mine = [c for c in cells if c["lang"] == lang]
         columns = list(dict.fromkeys((c["task"], m) for c in mine for m in c["scores"]))
-        header = [f"{task} {METRIC_LABELS.get(m, m)}" for task, m in columns] + ["avg (0-100 metrics)"]
+        header = [f"{task} {METRIC_LABELS.get(m, m)}" for task, m in columns]
         out += [
             f"### {lang}",
             "",
@@ -81,18 +157,14 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
             values = [c["scores"][metric] for c in mine if c["task"] == task and metric in c["scores"]]
             best[(task, metric)] = (max if HIGHER_IS_BETTER.get(metric, True) else min)(values)
         for method in methods:
-            row, percents = [], []
+            row = []
             for task, metric in columns:
                 cell = next((c for c in mine if c["method"] == method and c["task"] == task), None)
                 if cell is None or metric not in cell["scores"]:
                     row.append("–")
                     continue
-                value = cell["scores"][metric]
-                text = f"{value:.2f}"
-                row.append(f"**{text}**" if value == best[(task, metric)] else text)
-                if metric != "perplexity":
-                    percents.append(value)
-            row.append(f"{sum(percents) / len(percents):.2f}" if percents else "–")
+                text = _fmt(cell, metric)
+                row.append(f"**{text}**" if cell["scores"][metric] == best[(task, metric)] else text)
             out.append(f"| {method} | " + " | ".join(row) + " |")
         counts = sorted({(c["task"], c["n"]) for c in mine})
         out += ["", "items: " + ", ".join(f"{t} {n}" for t, n in counts)]
@@ -116,11 +188,32 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
         if settings:
             out.append("settings: " + "; ".join(f"{t} {v}" for t, v in settings))
         out.append("")
+        pairs = [p for p in comparisons or [] if p["lang"] == lang]
+        if pairs:
+            out += ["Paired differences (TriMix minus baseline, same items):", ""]
+            out += [
+                "| method | baseline | task | metric | difference [95% interval] | excludes 0 |",
+                "|---|---|---|---|---|---|",
+            ]
+            for p in pairs:
+                diff = Interval(**p["difference"])
+                verdict = "n/a" if p["excludes_zero"] is None else ("yes" if p["excludes_zero"] else "no")
+                out.append(
+                    f"| {p['method']} | {p['baseline']} ({p['baseline_kind']}) | {p['task']} | "
+                    f"{METRIC_LABELS.get(p['metric'], p['metric'])} | {diff.format()} | {verdict} |"
+                )
+            out.append("")
+    out.append(
+        f"Intervals: {int(LEVEL * 100)}% percentile bootstrap over items ({N_RESAMPLES} resamples, seed {SEED}; "
+        "corpus metrics recomputed on each resample); cells with fewer than "
+        f"{MIN_ITEMS} items show their n and no interval. Many pairwise comparisons are shown: correct for "
+        "multiplicity (e.g. Bonferroni: divide 5% by the number of comparisons) before calling one significant."
+    )
     return "\n".join(out)
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> Path:
-    """Grouped bars: one group per (task, language), one bar per method, on each task's first metric."""
+    """Grouped bars with 95% interval error bars: one group per (task, language), one bar per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,16 +221,31 @@ def plot(cells: list[dict[str, Any]], path: Path) -> Path:
 
     groups = list(dict.fromkeys((c["task"], c["lang"]) for c in cells))
     methods = list(dict.fromkeys(c["method"] for c in cells))
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(4.0, 3.2 * len(groups)), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(4.0, 3.4 * len(groups)), 4.0), squeeze=False)
     for ax, (task, lang) in zip(axes[0], groups, strict=True):
         mine = {c["method"]: c for c in cells if c["task"] == task and c["lang"] == lang}
         metric = next(iter(next(iter(mine.values()))["scores"]))
-        values = [mine[m]["scores"][metric] if m in mine else 0.0 for m in methods]
-        bars = ax.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        values, low, high = [], [], []
+        for m in methods:
+            cell = mine.get(m)
+            value = cell["scores"][metric] if cell else 0.0
+            interval = (cell or {}).get("intervals", {}).get(metric, {})
+            values.append(value)
+            low.append(value - interval["low"] if interval.get("low") is not None else 0.0)
+            high.append(interval["high"] - value if interval.get("high") is not None else 0.0)
+        bars = ax.bar(
+            range(len(methods)),
+            values,
+            color=[f"C{i}" for i in range(len(methods))],
+            yerr=[low, high],
+            capsize=3,
+        )
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=8)
         arrow = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
-        ax.set_title(f"{task}\n{METRIC_LABELS.get(metric, metric)} ({arrow} is better)", fontsize=8)
+        n = next(iter(mine.values()))["n"]
+        ax.set_title(f"{task}\n{METRIC_LABELS.get(metric, metric)} ({arrow} is better), n={n}", fontsize=8)
+    fig.suptitle("error bars: 95% bootstrap intervals (none below 20 items)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -151,10 +259,12 @@ def write_report(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     if not rows:
         raise DataError(f"{run_dir / PREDICTIONS} holds no predictions; run `trimix eval` first")
     cells = score_cells(rows)
-    table = markdown_table(cells)
+    comparisons = compare_methods(rows, cells, run_dir)
+    table = markdown_table(cells, comparisons)
     (run_dir / "report.md").write_text(table + "\n", encoding="utf-8")
+    payload = {"cells": cells, "comparisons": comparisons}
     (run_dir / "report.json").write_text(
-        json.dumps(cells, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     plot(cells, run_dir / "report.png")
     return table, cells

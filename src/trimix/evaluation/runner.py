@@ -234,20 +234,24 @@ class Evaluator:
         except ValueError as exc:
             raise ConfigError(f"eval method {method.name!r}: {exc}") from exc
 
-    def _selected_weights(self, task: Task) -> dict[str, float]:
-        """TriMix weights chosen by fused perplexity on the task's dev prompts, cached beside the results."""
+    def _selected_weights(self, task: Task, mode: str | None = None) -> dict[str, float]:
+        """TriMix weights chosen by fused perplexity on the task's dev prompts (scoring the whole prompt or
+        only the task's text: ``mode``, default ``search.score``), cached beside the results."""
+        mode = mode or self.config.search.score
         path = self.out_dir / SELECTIONS / f"{task.full_name}.json"
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))["selected"]["weights"]
+            saved = json.loads(read_text(path, "selection"))
+            by_mode = saved.get("by_mode") or {}
+            return by_mode[mode]["weights"] if mode in by_mode else saved["selected"]["weights"]
         search = self.config.search
         texts, origin = task_selection_texts(task, search, "dev")
         scorer = self.lm.scorer(texts, roles=[m.role for m in self.config.models], progress=self.progress)
         result = search_weights(scorer, search, origin)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_json(path, result.to_dict())
         result.plot(path.with_suffix(".png"), list(search.axes()))
         logger.info("selected %s for %s", result.selected.weights, task.full_name)
-        return result.selected.weights
+        return result.by_mode[mode]["weights"] if mode in result.by_mode else result.selected.weights
 
     def fused(self, weights: dict[str, float], method: MethodSpec) -> FusedLM:
         """The method's fused model over the loaded sources (no reload)."""
@@ -284,7 +288,9 @@ class Evaluator:
                 if not methods:
                     continue
                 weights = {
-                    m.name: self._selected_weights(cell.task) if m.select else self.fixed_weights(m)
+                    m.name: self._selected_weights(cell.task, m.select_score)
+                    if m.select
+                    else self.fixed_weights(m)
                     for m in methods
                 }
                 cells = {m.name: fingerprint(self.descriptions[(m.name, cell.name)]) for m in methods}

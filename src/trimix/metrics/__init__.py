@@ -125,6 +125,29 @@ HIGHER_IS_BETTER = {
 }
 
 
+def metric_statistics(name: str, rows: Sequence[dict], target_lang: str | None = None):
+    """Per-item sufficient statistics of a metric over prediction rows (see :mod:`trimix.metrics.bootstrap`):
+    the score of their sum is the metric, and resampling the rows gives its uncertainty."""
+    from trimix.metrics import bootstrap as b
+
+    predictions = [r.get("prediction", "") for r in rows]
+    references = [r.get("reference", "") for r in rows]
+    if name == "accuracy":
+        return b.accuracy_stats([r["correct"] for r in rows])
+    if name == "perplexity":
+        return b.perplexity_stats([r["nll"] for r in rows], [r["n_tokens"] for r in rows])
+    if name == "rouge_l_f":
+        return b.mean_stats([rouge_l_f(p, ref) for p, ref in zip(predictions, references, strict=True)])
+    if name in {"chrf", "chrf_pp"}:
+        return b.sacrebleu_stats(CHRF(word_order=2 if name == "chrf_pp" else 0), predictions, references)
+    if name == "bleu":
+        tokenize = "zh" if target_lang in {"zh", "zho_Hans", "zho_Hant"} else "13a"
+        return b.sacrebleu_stats(BLEU(tokenize=tokenize), predictions, references)
+    raise ConfigError(
+        f"unknown metric {name!r}; available: accuracy, perplexity, {', '.join(sorted(CORPUS_METRICS))}"
+    )
+
+
 def corpus_metric(name: str) -> CorpusMetric:
     """Look a corpus-level metric up by name."""
     if name not in CORPUS_METRICS:

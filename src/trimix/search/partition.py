@@ -17,7 +17,11 @@ _TABLE_ENTRIES = {"cpu": 2**19, "cuda": 2**26}
 
 
 def combination_nll(
-    source_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+    source_logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    n_groups: int = 1,
 ) -> torch.Tensor:
     """Summed negative log-likelihood of ``targets`` under each fused combination.
 
@@ -35,9 +39,11 @@ def combination_nll(
         source_logits: ``(N, T, V)`` raw logits of N sources at T positions.
         targets: ``(T,)`` the token ids that follow each position.
         weights: ``(C, N)`` one weight vector per combination.
+        groups: optional ``(T,)`` group index of each position (e.g. template vs the task's own text).
+        n_groups: how many groups.
 
     Returns:
-        ``(C,)`` float64 NLL sums (natural log).
+        ``(C,)`` float64 NLL sums (natural log), or ``(n_groups, C)`` sums per group with ``groups``.
     """
     logits = source_logits.float()
     weights = weights.to(device=logits.device, dtype=torch.float32)
@@ -48,7 +54,11 @@ def combination_nll(
     for c in torch.isnan(log_z).any(dim=-1).nonzero().squeeze(-1).tolist():
         where = torch.isnan(log_z[c]).nonzero().squeeze(-1)
         log_z[c, where] = torch.logsumexp(fuse_logits(logits[:, where], weights[c]), dim=-1).double()
-    return (log_z - chosen.double()).sum(-1).cpu()
+    per_position = log_z - chosen.double()  # (C, T)
+    if groups is None:
+        return per_position.sum(-1).cpu()
+    sums = per_position.new_zeros(n_groups, per_position.shape[0])
+    return sums.index_add_(0, groups.to(sums.device), per_position.T).cpu()
 
 
 def _factorised_log_partition(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,19 @@ class ScoringText:
     score_from: int = 0
     tokens: Sequence[int] | None = None
     score_last: int | None = None
+    spans: tuple[tuple[int, int], ...] = ()  # character spans of the task's own text (the rest: template)
+
+
+def token_script(text: str) -> str:
+    """The writing system of a token's text: the Unicode script name of its first letter ("LATIN",
+    "ARABIC", "TIBETAN", "CJK", ...), "digit", or "other" (spaces, punctuation)."""
+    for char in text:
+        if char.isalpha():
+            name = unicodedata.name(char, "")
+            return "CJK" if name.startswith("CJK") else (name.split(" ")[0] if name else "other")
+        if char.isdigit():
+            return "digit"
+    return "other"
 
 
 def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +71,8 @@ class _Encoded:
     positions: torch.Tensor  # (P,) positions whose next token counts
     targets: torch.Tensor  # (P,)
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> (P, H) hidden states
+    groups: torch.Tensor | None = None  # (P,) 1 where the scored token is the task's own text, 0 template
+    scripts: list[str] = field(default_factory=list)  # (P,) the writing system of each scored token
 
 
 @dataclass
@@ -68,6 +84,8 @@ class ScoreTotals:
     per_text: torch.Tensor | None = None  # (texts, C) float64
     tokens_per_text: list[int] | None = None
     per_text_greedy: torch.Tensor | None = None  # (texts, C) bool: every scored token is the fused argmax
+    per_group: torch.Tensor | None = None  # (2, C) float64: NLL of template tokens (0) and task text (1)
+    tokens_per_group: tuple[int, int] | None = None
 
     @property
     def perplexity(self) -> torch.Tensor:
@@ -135,10 +153,17 @@ class FusedPerplexityScorer:
         enc = tokenizer(item.text, return_offsets_mapping=True)
         ids = torch.tensor(enc["input_ids"])
         self._check_length(item, ids)
-        starts = torch.tensor([start for start, _ in enc["offset_mapping"]])
+        offsets = enc["offset_mapping"]
+        starts = torch.tensor([start for start, _ in offsets])
         # Token j is predicted at position j - 1; the first token (BOS) is never predicted.
         counted = (starts[1:] >= item.score_from).nonzero().squeeze(-1)
-        return _Encoded(item.id, ids, counted, ids[1:][counted])
+        spans = item.spans
+        scored = [offsets[int(p) + 1] for p in counted]
+        groups = torch.tensor(
+            [int(any(a <= start < b for a, b in spans)) for start, _ in scored], dtype=torch.long
+        )
+        scripts = [token_script(item.text[start:end]) for start, end in scored]
+        return _Encoded(item.id, ids, counted, ids[1:][counted], groups=groups, scripts=scripts)
 
     def _check_length(self, item: ScoringText, ids: torch.Tensor) -> None:
         for source in self.sources:
@@ -223,6 +248,7 @@ class FusedPerplexityScorer:
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
         weights = weights.to(self.device)
         per_text = torch.zeros(len(self.encoded), n_combos, dtype=torch.float64)
+        per_group = torch.zeros(2, n_combos, dtype=torch.float64)
         all_greedy = torch.ones(len(self.encoded), n_combos, dtype=torch.bool)
         for text_index, item in enumerate(
             tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False)
@@ -234,18 +260,45 @@ class FusedPerplexityScorer:
                 for n, source in enumerate(self.sources):
                     head_logits(source, item.features[source.role][p0:p1], out=logits[n])
                 targets = item.targets[p0:p1].to(self.device)
-                per_text[text_index] += combination_nll(logits, targets, weights)
+                if item.groups is not None and item.groups.numel():
+                    sums = combination_nll(logits, targets, weights, item.groups[p0:p1], n_groups=2)
+                    per_group += sums
+                    per_text[text_index] += sums.sum(0)
+                else:
+                    per_text[text_index] += combination_nll(logits, targets, weights)
                 if greedy:
                     for c in range(n_combos):
                         picked = fuse_logits(logits, weights[c]).argmax(-1)
                         all_greedy[text_index, c] &= bool((picked == targets).all())
+        grouped = [e.groups for e in self.encoded if e.groups is not None and e.groups.numel()]
+        counts = (
+            (sum(int((g == 0).sum()) for g in grouped), sum(int((g == 1).sum()) for g in grouped))
+            if grouped
+            else None
+        )
         return ScoreTotals(
             per_text.sum(0),
             self.n_tokens,
             per_text,
             [int(e.targets.numel()) for e in self.encoded],
             all_greedy if greedy else None,
+            per_group if grouped else None,
+            counts,
         )
+
+    def token_groups(self) -> tuple[int, int]:
+        """Scored tokens of the prompt template and of the task's own text."""
+        groups = [e.groups for e in self.encoded if e.groups is not None]
+        return (sum(int((g == 0).sum()) for g in groups), sum(int((g == 1).sum()) for g in groups))
+
+    def script_counts(self, group: int | None = None) -> dict[str, int]:
+        """How many scored tokens each writing system has (in one group, or all)."""
+        counts: dict[str, int] = {}
+        for item in self.encoded:
+            for position, script in enumerate(item.scripts):
+                if group is None or (item.groups is not None and int(item.groups[position]) == group):
+                    counts[script] = counts.get(script, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     @property
     def text_ids(self) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 from trimix.config import SearchConfig
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import get_method
+from trimix.io import read_text
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
 from trimix.tasks import Task, get_task
 
@@ -30,19 +31,29 @@ logger = logging.getLogger(__name__)
 _MIN_TOKENS = 16
 
 
+MODES = ("prompt", "input")  # what is scored: every prompt token, or only the task's own text
+
+
 @dataclass
 class Candidate:
-    """One weight vector and its fused perplexity on the selection prompts."""
+    """One weight vector and its fused perplexity on the selection prompts (in the run's scoring mode,
+    and in each mode under ``by_mode``)."""
 
     weights: dict[str, float]
     kind: str  # grid | refine | single | proxy_tuning
     perplexity: float
     nll: float
+    by_mode: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class SelectionResult:
-    """Every scored candidate, the selected weights, and how the prompts were drawn."""
+    """Every scored candidate, the selected weights, and how the prompts were drawn.
+
+    ``by_mode`` holds the weights each scoring mode selects (from the same forward passes), and
+    ``token_split`` how the scored tokens divide between the prompt template and the task's own text
+    and by writing system; ``warnings`` says when the modes disagree.
+    """
 
     roles: list[str]
     candidates: list[Candidate]
@@ -54,6 +65,10 @@ class SelectionResult:
     prompt_ids: list[str]
     prompts: dict[str, Any]
     timing: dict[str, float] = field(default_factory=dict)
+    score: str = "prompt"
+    by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_split: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,11 +169,11 @@ def selection_texts(
         path = Path(search.text_file)
         if not path.is_file():
             raise DataError(f"search.text_file {str(path)!r} does not exist")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in read_text(path, "search.text_file").splitlines() if line.strip()]
         if not lines:
             raise DataError(f"{path} holds no text")
         picked = sorted(rng.sample(range(len(lines)), min(search.n_prompts, len(lines))))
-        texts = [ScoringText(f"line{i + 1}", lines[i]) for i in picked]
+        texts = [ScoringText(f"line{i + 1}", lines[i], spans=((0, len(lines[i])),)) for i in picked]
         return texts, {"text_file": str(path), "n": len(texts), "seed": search.seed}
     lang = search.lang or default_lang
     if not search.task or not lang:
@@ -186,9 +201,9 @@ def task_selection_texts(
     texts = []
     for example in picked:
         prompt = task.render(example, selection=True)
-        texts.append(
-            ScoringText(example.id, prompt.text, prompt.input_start if search.score == "input" else 0)
-        )
+        # Every token is scored; which ones count is the scoring mode's choice (prompt: all, input: the
+        # task's own text), so both selections come from the same forward passes.
+        texts.append(ScoringText(example.id, prompt.text, 0, spans=prompt.spans))
     source = {
         "task": task.full_name,
         "lang": task.lang,
@@ -205,7 +220,7 @@ def search_weights(
     scorer: FusedPerplexityScorer, search: SearchConfig, prompts: dict[str, Any], method: str = "trimix"
 ) -> SelectionResult:
     """Score the grid and the method's baselines (each source alone, Proxy Tuning), then refine around
-    the best grid point."""
+    the best grid point, in the configured scoring mode and in the other one (no extra forward pass)."""
     roles = [s.role for s in scorer.sources]
     if scorer.n_tokens < _MIN_TOKENS:
         raise DataError(
@@ -219,19 +234,38 @@ def search_weights(
         grid + [weights for _, weights in baselines],
         roles,
         ["grid"] * len(grid) + [kind for kind, _ in baselines],
+        search.score,
     )
     grid_scoring = time.perf_counter() - start
     candidates = [c for c in scored if c.kind == "grid"]
-    grid_best = min(candidates, key=lambda c: c.perplexity)
-    best = _refine(scorer, search, axes, roles, grid_best, candidates)
+    modes = {}
+    for mode in MODES:
+        if not scored[0].by_mode.get(mode):
+            continue
+        history = list(candidates)
+        best_grid = min(candidates, key=lambda c: c.by_mode[mode])
+        best = _refine(scorer, search, axes, roles, best_grid, history, mode)
+        modes[mode] = {
+            "weights": best.weights,
+            "perplexity": best.by_mode[mode],
+            "grid_best": best_grid.weights,
+        }
+        if mode == search.score:
+            selected, grid_best = best, best_grid
+            refined = [c for c in history if c.kind == "refine"]
+    split = _token_split(scorer)
+    warnings = _disagreement(modes, search, split)
+    for warning in warnings:
+        logger.warning("%s", warning)
     result = SelectionResult(
         roles=roles,
-        candidates=candidates,
-        selected=best,
+        candidates=candidates + refined,
+        selected=selected,
         grid_best=grid_best,
         singles={
-            role: c.perplexity
-            for role, c in zip(roles, (c for c in scored if c.kind == "single"), strict=True)
+            c.weights and next(r for r in roles if c.weights[r] == 1.0): c.perplexity
+            for c in scored
+            if c.kind == "single"
         },
         proxy_tuning=next((c.perplexity for c in scored if c.kind == "proxy_tuning"), None),
         n_tokens=scorer.n_tokens,
@@ -242,14 +276,50 @@ def search_weights(
             "grid_scoring_seconds": grid_scoring,
             "refine_seconds": time.perf_counter() - start - grid_scoring,
         },
+        score=search.score,
+        by_mode=modes,
+        token_split=split,
+        warnings=warnings,
     )
     logger.info(
         "selected %s (ppl %.3f; best grid point ppl %.3f)",
-        best.weights,
-        best.perplexity,
+        selected.weights,
+        selected.perplexity,
         grid_best.perplexity,
     )
     return result
+
+
+def _token_split(scorer: FusedPerplexityScorer) -> dict[str, Any]:
+    totals = scorer.token_groups()
+    return {
+        "template": totals[0],
+        "task_text": totals[1],
+        "template_share": totals[0] / max(sum(totals), 1),
+        "by_script": scorer.script_counts(),
+        "task_text_by_script": scorer.script_counts(group=1),
+    }
+
+
+def _disagreement(modes: dict[str, dict[str, Any]], search: SearchConfig, split: dict[str, Any]) -> list[str]:
+    """A warning when the two scoring modes select weights more than one grid step apart."""
+    if len(modes) < 2:
+        return []
+    axes = search.axes()
+    steps = {
+        a: min((y - x for x, y in itertools.pairwise(sorted(set(v)))), default=0.0) for a, v in axes.items()
+    }
+    a, b = modes["prompt"]["weights"], modes["input"]["weights"]
+    apart = [r for r in axes if steps[r] and abs(a[r] - b[r]) > steps[r] + 1e-9]
+    if not apart:
+        return []
+    fmt = lambda w: ", ".join(f"{r}={w[r]:g}" for r in w)  # noqa: E731
+    return [
+        f"scoring the whole prompt selects {fmt(a)} but scoring only the task's own text selects {fmt(b)} "
+        f"(more than one grid step apart on {', '.join(apart)}); {split['template_share']:.0%} of the scored "
+        "tokens are prompt template (instruction, field labels), which favours the source that reads the "
+        "template well. Exemplars in the task's language (`search.shots`) make the scored text mostly that language."
+    ]
 
 
 def _score(
@@ -257,14 +327,28 @@ def _score(
     points: list[dict[str, float]],
     roles: list[str],
     kinds: list[str],
+    mode: str = "prompt",
     desc: str = "search: scoring",
 ) -> list[Candidate]:
     matrix = torch.tensor([[p[r] for r in roles] for p in points], dtype=torch.float32)
     totals = scorer.score(matrix, desc=desc)
-    ppl = totals.perplexity.tolist()
+    by_mode: list[dict[str, float]] = [{} for _ in points]
+    counts = {"prompt": totals.n_tokens}
+    sums = {"prompt": totals.nll}
+    if totals.per_group is not None and totals.tokens_per_group and totals.tokens_per_group[1]:
+        counts["input"] = totals.tokens_per_group[1]
+        sums["input"] = totals.per_group[1]
+    for name, total in sums.items():
+        for i, value in enumerate(torch.exp(total / counts[name]).tolist()):
+            by_mode[i][name] = float(value)
+    if mode not in sums:
+        raise DataError(
+            "`score: input` needs prompts with the task's own text marked (task prompts or a text file)"
+        )
+    nll = sums[mode].tolist()
     return [
-        Candidate(p, k, float(x), float(n))
-        for p, k, x, n in zip(points, kinds, ppl, totals.nll.tolist(), strict=True)
+        Candidate(p, k, modes[mode], float(n), modes)
+        for p, k, n, modes in zip(points, kinds, nll, by_mode, strict=True)
     ]
 
 
@@ -275,6 +359,7 @@ def _refine(
     roles: list[str],
     incumbent: Candidate,
     history: list[Candidate],
+    mode: str,
 ) -> Candidate:
     """Local grid search with a halving step, inside the grid's bounding box; never returns a worse point."""
     if search.refine_rounds == 0 or not axes:
@@ -307,10 +392,15 @@ def _refine(
         if not points:
             break
         scored = _score(
-            scorer, points, roles, ["refine"] * len(points), desc=f"search: refine round {round_index + 1}"
+            scorer,
+            points,
+            roles,
+            ["refine"] * len(points),
+            mode,
+            desc=f"search: refine round {round_index + 1}",
         )
         history.extend(scored)
-        challenger = min(scored, key=lambda c: c.perplexity)
-        if challenger.perplexity < incumbent.perplexity:
+        challenger = min(scored, key=lambda c: c.by_mode[mode])
+        if challenger.by_mode[mode] < incumbent.by_mode[mode]:
             incumbent = challenger
     return incumbent

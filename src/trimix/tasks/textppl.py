@@ -43,4 +43,4 @@ class TextPerplexity(Task):
         return ""
 
     def block(self, example: Example) -> str:
-        return example.fields["text"]
+        return self.field(example.fields["text"], clip=False)
