@@ -86,6 +86,7 @@ class ScoreTotals:
     per_text_greedy: torch.Tensor | None = None  # (texts, C) bool: every scored token is the fused argmax
     per_group: torch.Tensor | None = None  # (2, C) float64: NLL of template tokens (0) and task text (1)
     tokens_per_group: tuple[int, int] | None = None
+    per_text_group: torch.Tensor | None = None  # (texts, 2, C) float64
 
     @property
     def perplexity(self) -> torch.Tensor:
@@ -248,7 +249,7 @@ class FusedPerplexityScorer:
         block = torch.empty(n_sources, min(positions_per_chunk, longest), self.vocab_size, device=self.device)
         weights = weights.to(self.device)
         per_text = torch.zeros(len(self.encoded), n_combos, dtype=torch.float64)
-        per_group = torch.zeros(2, n_combos, dtype=torch.float64)
+        per_text_group = torch.zeros(len(self.encoded), 2, n_combos, dtype=torch.float64)
         all_greedy = torch.ones(len(self.encoded), n_combos, dtype=torch.bool)
         for text_index, item in enumerate(
             tqdm(self.encoded, desc=desc, unit="text", disable=not self.progress, leave=False)
@@ -262,7 +263,7 @@ class FusedPerplexityScorer:
                 targets = item.targets[p0:p1].to(self.device)
                 if item.groups is not None and item.groups.numel():
                     sums = combination_nll(logits, targets, weights, item.groups[p0:p1], n_groups=2)
-                    per_group += sums
+                    per_text_group[text_index] += sums
                     per_text[text_index] += sums.sum(0)
                 else:
                     per_text[text_index] += combination_nll(logits, targets, weights)
@@ -282,8 +283,9 @@ class FusedPerplexityScorer:
             per_text,
             [int(e.targets.numel()) for e in self.encoded],
             all_greedy if greedy else None,
-            per_group if grouped else None,
+            per_text_group.sum(0) if grouped else None,
             counts,
+            per_text_group if grouped else None,
         )
 
     def token_groups(self) -> tuple[int, int]:
