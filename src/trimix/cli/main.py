@@ -17,7 +17,7 @@ logger = logging.getLogger("trimix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trimix.cli import cpt, demo, evaluate, generate, ls, select
+    from trimix.cli import cpt, demo, evaluate, generate, lm_eval, ls, select
 
     parser = argparse.ArgumentParser(
         prog="trimix",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, select, cpt, evaluate, demo, ls):
+    for module in (generate, select, cpt, evaluate, demo, lm_eval, ls):
         module.register(subparsers)
     return parser
 
@@ -50,7 +50,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "lm-eval":  # everything after it belongs to lm-evaluation-harness
+        args.lm_eval_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _setup_logging(args.verbose, args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

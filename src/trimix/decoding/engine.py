@@ -902,6 +902,22 @@ class FusedLM:
             )
         return self._score_items(items, fusions, progress)
 
+    def loglikelihood_tokens(
+        self, requests: Sequence[tuple[Sequence[int], int]], *, progress: bool = False
+    ) -> list[Loglikelihood]:
+        """Token-level likelihood: each request is ``(ids, n)``, the fused log-probability of the last ``n``
+        ids given the ones before (for callers that tokenise themselves, such as lm-evaluation-harness)."""
+        from trimix.search.scoring import ScoringText
+
+        items = []
+        for i, (ids, n) in enumerate(requests):
+            if not 0 < n < len(ids):
+                raise DataError(
+                    f"request {i}: scoring the last {n} of {len(ids)} tokens needs 0 < n < len(ids)"
+                )
+            items.append(ScoringText(str(i), "", tokens=list(ids), score_last=n))
+        return self._score_items(items, [self.fusion], progress)[0]
+
     def loglikelihood_rolling_by_fusion(
         self,
         texts: Sequence[str],

@@ -1,0 +1,135 @@
+"""lm-evaluation-harness backend: the real lm-eval entry points on tiny models, checked against lm-eval's
+own ``hf`` model (which runs with this transformers) and against trimix's own likelihood."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import trio_config
+from trimix import FusedLM, load_config
+from trimix.cli.main import main
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+import trimix.lm_eval as backend  # noqa: E402
+
+LOGLIK = [
+    ("Topic: science, travel, politics. Answer:", " sports"),
+    ("ئۇيغۇر تىلى تۈركىي", " تىللار ئائىلىسىگە"),
+    ("Hello world, this is ", "a small test"),
+    ("", "The quick brown fox"),
+]
+TEXTS = [
+    "Hello world, this is a small test of fused decoding.",
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
+]
+PROMPTS = ["Hello world, this is", "The quick brown", "ئۇيغۇر تىلى"]
+
+
+def _requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+@pytest.fixture(scope="module")
+def single(make_model) -> tuple[FusedLM, str]:
+    folder = make_model("llama", seed=9)
+    raw = {"models": [{"model": str(folder), "role": "only"}], "fusion": {"method": "single", "role": "only"}}
+    return FusedLM.from_config(load_config(raw)), str(folder)
+
+
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_single_source_equals_lm_eval_hf(single, max_length) -> None:
+    lm, folder = single
+    ours = backend.TrimixLM(lm=lm, max_length=max_length, batch_size=2)
+    # The same tokenizer object for both, so the comparison is of the scoring, not of tokenizer loading.
+    hf = HFLM(
+        pretrained=folder,
+        tokenizer=lm.tokenizer,
+        device="cpu",
+        batch_size=2,
+        dtype="float32",
+        max_length=max_length,
+    )
+    for a, b in zip(
+        ours.loglikelihood(_requests("loglikelihood", LOGLIK)),
+        hf.loglikelihood(_requests("loglikelihood", LOGLIK)),
+        strict=True,
+    ):
+        assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1]
+    rolling = [(t,) for t in TEXTS]
+    mine = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", rolling))
+    theirs = hf.loglikelihood_rolling(_requests("loglikelihood_rolling", rolling))
+    assert mine == pytest.approx(theirs, abs=1e-4)
+    if max_length is None:
+        gen = [(p, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for p in PROMPTS]
+        assert ours.generate_until(_requests("generate_until", gen)) == hf.generate_until(
+            _requests("generate_until", gen)
+        )
+
+
+def test_trimix_through_lm_eval_equals_its_own_loglikelihood(trio) -> None:
+    raw = trio_config(trio, method="trimix")
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.3, 0.9
+    lm = FusedLM.from_config(load_config(raw))
+    via_lm_eval = backend.TrimixLM(lm=lm).loglikelihood(_requests("loglikelihood", LOGLIK))
+    own = lm.loglikelihood(LOGLIK)
+    assert [r[0] for r in via_lm_eval] == pytest.approx([r.logprob for r in own], abs=1e-5)
+    assert [r[1] for r in via_lm_eval] == [r.is_greedy for r in own]
+
+
+def test_simple_evaluate_runs_trimix_tasks_offline(trio, tmp_path) -> None:
+    from lm_eval.tasks import TaskManager
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trio_config(trio)))
+    manager = TaskManager(include_path=backend.tasks_dir(), include_defaults=False)
+    results = lm_eval.simple_evaluate(
+        model="trimix",
+        model_args=f"config={config},weights=large:0.1|small_cpt:0.9|small_base:0",
+        tasks=["trimix_sib200_topic_loglik_uig_Arab", "trimix_sib200_topic_gen_uig_Arab"],
+        limit=3,
+        task_manager=manager,
+    )["results"]
+    assert 0.0 <= results["trimix_sib200_topic_loglik_uig_Arab"]["acc,none"] <= 1.0
+    assert "exact_match,none" in results["trimix_sib200_topic_gen_uig_Arab"]
+
+
+def test_trimix_lm_eval_command_writes_results(trio, tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trio_config(trio)))
+    out = tmp_path / "results"
+    code = main(
+        [
+            "lm-eval",
+            "--model", "trimix",
+            "--model_args", f"config={config}",
+            "--tasks", "trimix_sib200_topic_loglik_uig_Arab",
+            "--limit", "2",
+            "--output_path", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (written,) = list(out.rglob("results*.json"))
+    assert "trimix_sib200_topic_loglik_uig_Arab" in json.loads(written.read_text())["results"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("config={c},pretrained=gpt2", "unknown trimix model_args \\['pretrained'\\]"),
+        ("weights=large:0.1", "needs model_args config="),
+        ("config={c},weights=large=0.1", "role:number pairs"),
+    ],
+)
+def test_bad_model_args_fail_clearly(trio, tmp_path, args, message) -> None:
+    from trimix.errors import ConfigError
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trio_config(trio)))
+    with pytest.raises(ConfigError, match=message):
+        backend.TrimixLM.create_from_arg_string(args.format(c=config))
