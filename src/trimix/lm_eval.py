@@ -117,7 +117,9 @@ class TrimixLM(TemplateLM):
         return cls(**{**extra, **args})
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> TrimixLM:
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> TrimixLM:
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k == "batch_size"}
         return cls(**{**extra, **arg_dict})
 

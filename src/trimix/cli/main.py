@@ -17,7 +17,7 @@ logger = logging.getLogger("trimix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trimix.cli import cpt, demo, evaluate, generate, lm_eval, ls, select
+    from trimix.cli import cpt, demo, evaluate, generate, lm_eval, ls, select, serve
 
     parser = argparse.ArgumentParser(
         prog="trimix",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="only warnings and results; no progress bars"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (generate, select, cpt, evaluate, demo, lm_eval, ls):
+    for module in (generate, select, cpt, evaluate, demo, serve, lm_eval, ls):
         module.register(subparsers)
     return parser
 

@@ -42,7 +42,7 @@ from trimix.decoding.static import (
     bucket_size,
 )
 from trimix.errors import ConfigError, DataError
-from trimix.fusion import Fusion, fused_scores
+from trimix.fusion import Fusion, fused_scores, margin_contributions
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,17 @@ class SourceCandidates:
 
 @dataclass
 class TokenInspection:
-    """Which source drove one generated token: the chosen token and every source's top candidates."""
+    """Which source drove one generated token: the chosen token, every source's top candidates, and each
+    source's share of the fused margin over the runner-up (``contributions``; the largest: ``leader``).
+    Tokens are shown as text (a piece of a multi-byte character is marked ``⟨partial⟩``)."""
 
     token_id: int
     token: str
     fused_prob: float
     fused_top: list[tuple[str, float]]
     sources: dict[str, SourceCandidates]
+    contributions: dict[str, float] = field(default_factory=dict)
+    leader: str | None = None
 
 
 @dataclass
@@ -400,12 +404,38 @@ class FusedLM:
                     rows[row].token_ids.append(token)
                     rows[row].finish_reason = reason
                     result = self._finish(batch[row], rows[row], gen)
-                    delta = (
-                        result.text[len(shown[row]) :] if result.text.startswith(shown[row]) else result.text
-                    )
-                    shown[row] = result.text
+                    delta, shown[row] = emit_text(shown[row], result.text, reason is not None, gen.stop)
                     final = result if reason is not None else None
                     yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
+
+    def render(self, prompt: str | list[dict[str, str]]) -> dict[str, str]:
+        """What each fused source reads for a prompt.
+
+        A completion prompt is formatted by each source (its ``prompt_format``). Chat messages: sources with
+        ``prompt_format: chat`` apply their own chat template; the others read the messages as the first
+        chat source renders them, or, when no source reads chat, as plain ``Role: content`` lines ending
+        with ``Assistant:``.
+        """
+        if isinstance(prompt, str):
+            return {s.role: s.format_prompt(prompt) for s in self.sources}
+        chat = [s for s in self.sources if s.config.prompt_format == "chat"]
+        if chat:
+            first = chat[0]
+            shared = first.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            bos = first.tokenizer.bos_token
+            if bos and shared.startswith(bos):  # raw sources add their own BOS when they tokenise
+                shared = shared[len(bos) :]
+        else:
+            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in prompt]
+            shared = "\n".join([*lines, "Assistant:"])
+        return {
+            s.role: (
+                s.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                if s.config.prompt_format == "chat"
+                else shared
+            )
+            for s in self.sources
+        }
 
     def encode(self, source: Source, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise prompts for one source: left-padded ids and attention mask."""
@@ -814,32 +844,48 @@ class FusedLM:
             backend.keep_rows(state, rows)
 
     def _inspect(
-        self, source_logits: Sequence[torch.Tensor], scores: torch.Tensor, tokens: torch.Tensor, k: int
+        self,
+        source_logits: Sequence[torch.Tensor],
+        scores: torch.Tensor,
+        tokens: torch.Tensor,
+        k: int,
+        weights: torch.Tensor | None = None,
     ) -> list[TokenInspection]:
         vocab = self.vocab_size
         fused_probs = torch.softmax(scores, dim=-1)
         source_probs = [torch.softmax(x[..., :vocab].float(), dim=-1) for x in source_logits]
-        convert = self.tokenizer.convert_ids_to_tokens
+        if weights is None:
+            weights = torch.tensor([self.weight_vector()] * tokens.shape[0], device=scores.device)
+        best_two = scores.topk(2, dim=-1).indices  # the runner-up: the best token other than the chosen one
+        runner_up = torch.where(best_two[:, 0] == tokens, best_two[:, 1], best_two[:, 0])
+        margins = margin_contributions([x[..., :vocab] for x in source_logits], weights, tokens, runner_up)
         result = []
         for i, token in enumerate(tokens.tolist()):
 
             def top(probs: torch.Tensor, i: int = i) -> list[tuple[str, float]]:
                 values, ids = probs[i].topk(min(k, vocab))
-                return [(convert(int(t)), float(v)) for v, t in zip(values, ids, strict=True)]
+                return [(self.token_text(int(t)), float(v)) for v, t in zip(values, ids, strict=True)]
 
+            shares = dict(zip(self.roles, margins[i].tolist(), strict=True))
             result.append(
                 TokenInspection(
                     token_id=token,
-                    token=convert(token),
+                    token=self.token_text(token),
                     fused_prob=float(fused_probs[i, token]),
                     fused_top=top(fused_probs),
                     sources={
                         role: SourceCandidates(float(p[i, token]), top(p))
                         for role, p in zip(self.roles, source_probs, strict=True)
                     },
+                    contributions=shares,
+                    leader=max(shares, key=shares.get) if shares else None,
                 )
             )
         return result
+
+    def token_text(self, token_id: int) -> str:
+        """A token as readable text; a piece of a multi-byte character is marked ``⟨partial⟩``."""
+        return readable_token(self.tokenizer, token_id)
 
     # ---------------------------------------------------------------- likelihood
     def scorer(self, texts: Sequence[Any], *, roles: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -1009,6 +1055,32 @@ class _RowTracker:
         tail_tokens = max(len(s) for s in self.gen.stop) + 4
         tail = self.lm.tokenizer.decode(token_ids[-tail_tokens:], skip_special_tokens=True)
         return any(s in tail for s in self.gen.stop)
+
+
+def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tuple[str, str]:
+    """The text a stream may emit now: ``(delta, new shown text)``.
+
+    Emitted text is never taken back, so while a row runs the last ``len(longest stop) - 1`` characters
+    are held back (a stop string may be starting there; the output never contains it) and so is an
+    incomplete multi-byte character (U+FFFD at the end). When the row ends, the rest is emitted.
+    """
+    if finished:
+        visible = text
+    else:
+        limit = len(text) - max((len(s) - 1 for s in stops), default=0)
+        while limit > len(shown) and text[limit - 1] == "\ufffd":
+            limit -= 1
+        visible = text[: max(limit, len(shown))]
+    if not visible.startswith(shown):  # cannot happen for text that only grows; never repeat what was sent
+        return "", shown
+    return visible[len(shown) :], visible
+
+
+def readable_token(tokenizer: Any, token_id: int) -> str:
+    """A token as the text it stands for (byte-level symbols decoded); a token that is only part of a
+    multi-byte UTF-8 character decodes to U+FFFD and is shown as ``⟨partial⟩``."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text.replace("\ufffd", "⟨partial⟩")
 
 
 def split_continuation(source: Source, context: str, continuation: str) -> tuple[list[int], list[int]]:

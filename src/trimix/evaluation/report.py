@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trimix.errors import DataError
-from trimix.evaluation.runner import PREDICTIONS, SELECTIONS, read_predictions
+from trimix.evaluation.runner import CELLS, PREDICTIONS, SELECTIONS, read_predictions
 from trimix.metrics import HIGHER_IS_BETTER, metric_statistics
 from trimix.metrics.bootstrap import (
     LEVEL,
@@ -190,7 +190,11 @@ def markdown_table(cells: list[dict[str, Any]], comparisons: list[dict[str, Any]
         out.append("")
         pairs = [p for p in comparisons or [] if p["lang"] == lang]
         if pairs:
-            out += ["Paired differences (TriMix minus baseline, same items):", ""]
+            out += [
+                "Paired differences (TriMix minus baseline, same items; for ppl lower is better, so a positive "
+                "difference there means TriMix is worse):",
+                "",
+            ]
             out += [
                 "| method | baseline | task | metric | difference [95% interval] | excludes 0 |",
                 "|---|---|---|---|---|---|",
@@ -252,12 +256,24 @@ def plot(cells: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _fill_fusion_methods(rows: list[dict[str, Any]], run_dir: Path) -> None:
+    """Rows written without their fusion method get it from the cell descriptions beside them."""
+    path = run_dir / CELLS
+    if all("fusion_method" in r for r in rows) or not path.is_file():
+        return
+    described = json.loads(path.read_text(encoding="utf-8"))
+    for row in rows:
+        if "fusion_method" not in row and row.get("cell") in described:
+            row["fusion_method"] = described[row["cell"]]["method"]["method"]
+
+
 def write_report(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """Rebuild ``report.md``, ``report.json`` and ``report.png`` of a run from its predictions alone."""
     run_dir = Path(run_dir)
     rows = read_predictions(run_dir / PREDICTIONS)
     if not rows:
         raise DataError(f"{run_dir / PREDICTIONS} holds no predictions; run `trimix eval` first")
+    _fill_fusion_methods(rows, run_dir)
     cells = score_cells(rows)
     comparisons = compare_methods(rows, cells, run_dir)
     table = markdown_table(cells, comparisons)

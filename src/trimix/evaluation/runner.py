@@ -326,6 +326,7 @@ class Evaluator:
     ) -> dict[str, Any]:
         return {
             "method": method.name,
+            "fusion_method": method.method,
             "cell": cells[method.name],
             **base,
             "weights": weights[method.name],

@@ -114,3 +114,29 @@ def fused_scores(
         keep = plausibility_mask(logits[plausibility_index][..., :vocab], alpha)
         fused = fused.masked_fill(~keep, float("-inf"))
     return fused
+
+
+def margin_contributions(
+    logits: Sequence[torch.Tensor], weights: torch.Tensor, chosen: torch.Tensor, runner_up: torch.Tensor
+) -> torch.Tensor:
+    """How much each source contributed to choosing ``chosen`` over ``runner_up`` (raw-logit space).
+
+    The fused margin ``f[chosen] - f[runner_up] = sum_i w_i (L_i[chosen] - L_i[runner_up])`` splits exactly
+    into one term per source. A difference of two logits of one source does not depend on the source's
+    arbitrary logit shift, and the weight (possibly negative) is part of the term, so the terms compare
+    across sources: the largest is the source that did most to pick the token.
+
+    Args:
+        logits: one ``(B, R_i)`` tensor per source.
+        weights: ``(B, N)``.
+        chosen, runner_up: ``(B,)`` token ids.
+
+    Returns:
+        ``(B, N)`` float32.
+    """
+    columns = []
+    for i, source_logits in enumerate(logits):
+        values = source_logits.float()
+        gap = values.gather(-1, chosen[:, None]) - values.gather(-1, runner_up[:, None])
+        columns.append(weights[:, i : i + 1] * gap)
+    return torch.cat(columns, dim=1)

@@ -1,0 +1,5 @@
+"""An OpenAI-compatible HTTP server over a fused model, with a playground (see :mod:`trimix.server.app`)."""
+
+from trimix.server.app import Server, create_app
+
+__all__ = ["Server", "create_app"]

@@ -1,0 +1,190 @@
+"""`trimix serve` with the official openai client against a live server on 127.0.0.1 (tiny models).
+
+Each answer is compared with calling the fused model directly; the server and its batcher thread are
+stopped at the end of the module, and the port is released.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import trio_config
+from trimix import FusedLM, load_config
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from trimix.decoding.batcher import ContinuousBatcher  # noqa: E402
+from trimix.server import Server, create_app  # noqa: E402
+
+PROMPTS = [
+    "Hello world, this is",
+    "ئۇيغۇر تىلى تۈركىي تىللار",
+    "The quick brown",
+    "Translate the sentence into English. Answer:",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(trio):
+    raw = trio_config(trio, method="trimix")
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.3, 0.9
+    lm = FusedLM.from_config(load_config(raw), load_all=True)
+    server = Server(lm, default_max_tokens=8, batcher=ContinuousBatcher(lm, max_batch=32, max_queue=64))
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield lm, client, base, server
+    uv.should_exit = True
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not server.batcher.thread.is_alive()
+    with socket.socket() as s:  # nothing listens on the port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_completion_equals_the_fused_model(served) -> None:
+    lm, client, _, _ = served
+    out = client.completions.create(model="trimix", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    expected = lm.generate([PROMPTS[0]], max_new_tokens=6)[0]
+    assert out.choices[0].text == expected.text
+    assert out.usage.completion_tokens == len(expected.token_ids) and out.usage.prompt_tokens > 0
+    assert client.models.list().data[0].id == "trimix"
+
+
+def test_chat_streaming_and_stop(served) -> None:
+    lm, client, _, _ = served
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = client.chat.completions.create(model="trimix", messages=messages, max_tokens=8)
+    rendered = lm.render(messages)[lm.roles[0]]
+    assert (
+        rendered.endswith("Assistant:")
+        and whole.choices[0].message.content == lm.generate([rendered], max_new_tokens=8)[0].text
+    )
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="trimix", messages=messages, max_tokens=8, stream=True)
+    ]
+    assert "".join(pieces) == whole.choices[0].message.content
+    text = client.completions.create(model="trimix", prompt=PROMPTS[0], max_tokens=8).choices[0].text
+    stop = text[2:4]
+    stopped = client.completions.create(model="trimix", prompt=PROMPTS[0], max_tokens=8, stop=[stop])
+    assert stopped.choices[0].text == text[: text.find(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_per_request_weights_change_the_output_without_a_reload(served) -> None:
+    lm, client, _, _ = served
+    other = {"weights": {"large": 1.0, "small_cpt": 1.0, "small_base": -1.0}, "method": "weighted"}
+    a = client.completions.create(model="trimix", prompt=PROMPTS[1], max_tokens=8, logprobs=0).choices[0]
+    b = client.completions.create(
+        model="trimix", prompt=PROMPTS[1], max_tokens=8, logprobs=0, extra_body={"trimix": other}
+    ).choices[0]
+    fused = lm.with_weights(method="weighted", large=1.0, small_cpt=1.0, small_base=-1.0)
+    assert b.text == fused.generate([PROMPTS[1]], max_new_tokens=8)[0].text
+    # The fused distribution itself changed (the text of a tiny random model may not).
+    assert a.logprobs.token_logprobs != b.logprobs.token_logprobs
+
+
+def test_logprobs_are_the_fused_distribution(served) -> None:
+    lm, client, _, _ = served
+    out = client.completions.create(model="trimix", prompt=PROMPTS[0], max_tokens=3, logprobs=2)
+    logprobs = out.choices[0].logprobs
+    generated = lm.generate([PROMPTS[0]], max_new_tokens=3)[0].token_ids
+    prompt_ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    (direct,) = lm.loglikelihood_tokens([(prompt_ids + generated, len(generated))])
+    assert sum(logprobs.token_logprobs) == pytest.approx(direct.logprob, abs=1e-4)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert all(
+        max(top.values()) >= lp - 1e-6
+        for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True)
+    )
+
+
+def test_32_concurrent_greedy_requests_each_equal_alone(served) -> None:
+    lm, client, _, server = served
+    prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(32)]
+    expected = {p: lm.generate([p], max_new_tokens=6)[0].text for p in prompts}
+
+    def ask(prompt: str) -> str:
+        return client.completions.create(model="trimix", prompt=prompt, max_tokens=6).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        answers = dict(zip(prompts, pool.map(ask, prompts), strict=True))
+    assert answers == expected
+    assert server.batcher.stats["finished"] >= 32
+
+
+def test_a_disconnected_client_is_cancelled(served) -> None:
+    _, _, base, server = served
+    cancelled = server.batcher.stats["cancelled"]
+    body = {"prompt": PROMPTS[0], "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as response:
+        for _ in response.iter_lines():
+            break  # read one chunk, then hang up
+    deadline = time.time() + 20
+    while server.batcher.stats["cancelled"] == cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.batcher.stats["cancelled"] > cancelled
+    assert server.batcher.running == 0 or time.time() < deadline
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "trimix": {"weights": {"huge": 1.0}}}, "unknown role(s) ['huge']"),
+        ({"prompt": "hello " * 1200, "max_tokens": 2}, "reads at most 1024"),
+        ({"prompt": ""}, "`prompt` must be"),
+        ({"prompt": "x", "temperature": "hot"}, "`temperature` must be a number"),
+    ],
+)
+def test_bad_requests_get_400_with_openai_errors(served, body, message) -> None:
+    _, _, base, _ = served
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{base}/v1/completions", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_health_metrics_and_playground(served) -> None:
+    _, _, base, _ = served
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+    metrics = httpx.get(f"{base}/metrics").text
+    assert "trimix_tokens_generated_total" in metrics and "trimix_queue_depth" in metrics
+    page = httpx.get(f"{base}/").text
+    assert "trimix playground" in page and "/v1/completions" in page
+
+
+def test_a_full_queue_answers_429(trio) -> None:
+    from trimix.config import GenerationConfig
+    from trimix.decoding.batcher import QueueFull, ServeRequest
+
+    lm = FusedLM.from_config(load_config(trio_config(trio)))
+    batcher = ContinuousBatcher(lm, max_batch=1, max_queue=1)  # not started: nothing drains the queue
+    request = ServeRequest("x", GenerationConfig(max_new_tokens=1), lm.fusion)
+    batcher.submit(request)
+    with pytest.raises(QueueFull, match="busy"):
+        batcher.submit(request)
