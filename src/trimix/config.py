@@ -343,6 +343,29 @@ class TaskSpec(_Strict):
         }
 
 
+class ExecutorConfig(_Strict):
+    """Where evaluation units run (``trimix eval --executor``): this process, or a pool of Ray actors.
+
+    Each Ray worker is an actor that loads every source once, with ``cpus_per_worker`` and
+    ``gpus_per_worker`` reserved (Ray shows an actor only its GPUs, so the sources' ``device: cuda:0`` /
+    ``cuda:1`` in the run config place them on the actor's first and second GPU: e.g.
+    ``gpus_per_worker: 2`` with ``large`` on cuda:0 and both small sources on cuda:1). Ray gives an actor
+    one thread unless told: ``threads_per_worker`` sets torch's threads. Cells are cut into shards of
+    ``shard_items`` items, scheduled over the pool; a unit whose worker died is retried up to
+    ``retries`` times on a fresh worker.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1)
+    shard_items: int | None = Field(None, ge=1)
+    retries: int = Field(2, ge=0)
+    cpus: int | None = Field(None, ge=1)  # size of a local Ray instance (default: every core)
+
+
 class EvalConfig(_Strict):
     """The evaluation matrix (``trimix eval``): methods x tasks x languages."""
 
@@ -350,6 +373,7 @@ class EvalConfig(_Strict):
     tasks: list[TaskSpec] = Field(default_factory=list)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> EvalConfig:
@@ -423,6 +447,7 @@ def _sections() -> dict[str, type[BaseModel]]:
         "eval": EvalConfig,
         "methods": MethodSpec,
         "tasks": TaskSpec,
+        "executor": ExecutorConfig,
     }
 
 

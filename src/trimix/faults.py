@@ -5,7 +5,8 @@
 at that point leaves behind (a half-written line, a checkpoint cut short) and raises
 :class:`SimulatedKill`. Unset, every point is a no-op. Points: ``eval.row`` (appending a prediction
 row), ``generate.row`` (appending a generation), ``cpt.step`` (after an optimizer step: behaves as
-Ctrl-C), ``cpt.checkpoint`` (while a checkpoint is written).
+Ctrl-C), ``cpt.checkpoint`` (while a checkpoint is written), ``ray.unit`` (a Ray worker process exits
+while computing a unit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from collections import Counter
 
 ENV = "TRIMIX_FAULTS"
+ONCE = "TRIMIX_FAULTS_ONCE"  # a file path: the first process to reach a firing point creates it; no other fires
 _calls: Counter[str] = Counter()
 
 
@@ -30,8 +32,20 @@ def fault_point(name: str) -> bool:
     for item in spec.split(","):
         point, _, count = item.strip().partition(":")
         if point == name and count.isdigit() and _calls[name] == int(count):
-            return True
+            return _claim_once()
     return False
+
+
+def _claim_once() -> bool:
+    """With ``TRIMIX_FAULTS_ONCE`` set, only the first process (of several: Ray workers) fires."""
+    path = os.environ.get(ONCE)
+    if not path:
+        return True
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def reset() -> None:

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 EVAL_EXAMPLE = """example:
   trimix eval -c configs/qwen25_uyghur.yaml -o runs/eval-uig
   trimix eval -c configs/qwen25_uyghur.yaml -o runs/eval-uig --resume     # after a kill: nothing lost
+  trimix eval -c configs/qwen25_uyghur.yaml -o runs/eval-uig --executor ray --ray-address HEAD:6379
   trimix report runs/eval-uig
 """
 
@@ -42,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --resume: redo the cells whose settings changed since their rows were written",
     )
     p.add_argument("--limit", type=int, help="evaluate at most N items per task and language")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="run cells in this process (default) or on Ray workers (see eval.executor in the config)",
+    )
+    p.add_argument("--ray-address", help="join this Ray cluster (HOST:PORT); default: start a local instance")
     p.set_defaults(func=run_eval)
 
     r = subparsers.add_parser(
@@ -70,9 +77,19 @@ def run_eval(args: argparse.Namespace) -> int:
         progress_files=RESUMED_FROM,
     )
     with folder_lock(out_dir):
-        evaluator = Evaluator(config, out_dir, progress=not args.quiet, rerun_changed=args.rerun_changed)
-        write_run_info(out_dir, config, config.eval.seed, resumed=args.resume)
-        evaluator.run()
+        evaluator = Evaluator(
+            config,
+            out_dir,
+            progress=not args.quiet,
+            rerun_changed=args.rerun_changed,
+            executor=args.executor,
+            ray_address=args.ray_address,
+        )
+        try:
+            write_run_info(out_dir, config, config.eval.seed, resumed=args.resume)
+            evaluator.run()
+        finally:
+            evaluator.close()
         table, _ = write_report(out_dir)
     print(table)
     print(f"report.md, report.json, report.png and predictions.jsonl in {out_dir}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
+from trimix.config import MethodSpec, TaskSpec
 from trimix.decoding import FusedLM
+from trimix.errors import ConfigError
+from trimix.evaluation.runner import SELECTIONS
 from trimix.io import atomic_write_json
-from trimix.runinfo import prepare_output_dir, write_run_info
+from trimix.runinfo import folder_lock, prepare_output_dir, write_run_info
 from trimix.search import build_candidates, search_weights, selection_texts
 
 logger = logging.getLogger(__name__)
@@ -32,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="task whose prompts are scored (default: search.task)")
     p.add_argument("--lang", help="language code, e.g. uig_Arab")
     p.add_argument(
+        "--langs",
+        nargs="+",
+        help="select for several languages (one selection each; with --executor ray, in parallel)",
+    )
+    p.add_argument("--executor", choices=["local", "ray"], help="with --langs: where the selections run")
+    p.add_argument("--ray-address", help="with --executor ray: join this Ray cluster (HOST:PORT)")
+    p.add_argument(
         "--split", choices=["train", "dev", "test"], help="split to draw prompts from (default dev)"
     )
     p.add_argument("--text-file", help="score lines of a plain text file instead of task prompts")
@@ -51,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     extra = {f"search.{f}": getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = config_from_args(args, extra)
     search = config.search
+    if args.langs:
+        return _select_languages(config, args)
     out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
     build_candidates(search, [m.role for m in config.models])  # fail on a bad search space before loading
     texts, origin = selection_texts(search)
@@ -68,6 +81,44 @@ def run(args: argparse.Namespace) -> int:
     result.plot(out_dir / "heatmap.png", axes)
     _print_summary(result)
     print(f"selection.json and heatmap.png in {out_dir}; use: --weights-from {out_dir / 'selection.json'}")
+    return 0
+
+
+def _select_languages(config, args: argparse.Namespace) -> int:
+    """One selection per language (``selections/<task>_<lang>.json`` + heatmap), through the evaluation
+    executors, so that ``--executor ray`` spreads the languages over workers."""
+    from trimix.evaluation import Evaluator
+
+    if not config.search.task:
+        raise ConfigError("--langs selects on a task's prompts: set --task (or search.task)")
+    out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
+    variant = config.model_copy(deep=True)
+    variant.eval.methods = [MethodSpec(name="selected", method=config.fusion.method, select=True)]
+    variant.eval.tasks = [
+        TaskSpec(
+            task=config.search.task,
+            langs=args.langs,
+            split="dev",
+            shots=config.search.shots,
+            prompt_lang=config.search.prompt_lang,
+        )
+    ]
+    with folder_lock(out_dir):
+        write_run_info(out_dir, config, config.search.seed, langs=args.langs)
+        evaluator = Evaluator(
+            variant, out_dir, progress=not args.quiet, executor=args.executor, ray_address=args.ray_address
+        )
+        try:
+            evaluator._select_missing({("selected", cell.name): ["all"] for cell in evaluator.cell_list})
+        finally:
+            evaluator.close()
+    for cell in evaluator.cell_list:
+        result = json.loads(
+            (out_dir / SELECTIONS / f"{cell.task.full_name}.json").read_text(encoding="utf-8")
+        )
+        weights = ", ".join(f"{r}={w:g}" for r, w in result["selected"]["weights"].items())
+        print(f"{cell.task.lang}: {weights} (fused ppl {result['selected']['perplexity']:.3f})")
+    print(f"selections in {out_dir / SELECTIONS}")
     return 0
 
 

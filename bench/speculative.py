@@ -1,0 +1,201 @@
+"""Speculative fusion vs plain fused decoding, side by side in one run, with the accounting behind it.
+
+On the embedded default trio as `trimix demo` builds it (small_cpt: the Uyghur CPT LoRA; large: the
+English-task LoRA; small_base: Gemma 3 270M; the adapters are trained once and cached), greedy, on
+Uyghur and English prompts from the bundled SIB-200 data:
+
+* tokens/s of plain fused decoding and of speculative fusion (the largest-weight source drafts k
+  tokens, the others verify them in one forward), at batch 1 and 8, and whether the outputs are identical;
+* mean accepted length, acceptance rate and acceptance per draft position;
+* the cost of one draft step (the drafter's one-token forward) and of one k-token verify step (a
+  verifier's forward over k + 1 tokens), and the speed that follows from them and the acceptance:
+  per round, k + 1 draft steps and one verify step per other source yield (accepted + 1) tokens.
+
+    python bench/speculative.py                          # paper weights 0.1/0.9 and the demo's selections
+    python bench/speculative.py --model tiny --new-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from trimix import FusedLM, GenerationConfig, load_config
+from trimix.data import read_sib200
+
+logger = logging.getLogger("bench")
+
+
+def load_trio(kind: str) -> FusedLM:
+    if kind == "gemma":
+        from trimix.backends.loading import resolve_cache_dir
+        from trimix.demo import DemoBudget, train_cpt_adapter, train_instruct_adapter
+
+        budget, cache = DemoBudget(), resolve_cache_dir(None)
+        cpt, _ = train_cpt_adapter(budget, cache, progress=True)
+        instruct, _ = train_instruct_adapter(budget, cache, progress=True)
+        models = [
+            {"model": str(instruct), "role": "large"},
+            {"model": str(cpt), "role": "small_cpt"},
+            {"model": "embedded:gemma-3-270m", "role": "small_base"},
+        ]
+    else:
+        import tempfile
+
+        from trimix.testing import save_tiny_trio
+
+        paths = save_tiny_trio(
+            Path(tempfile.mkdtemp(prefix="trimix-spec-")), "qwen2", hidden_size=64, num_layers=4
+        )
+        models = [{"model": str(p), "role": r} for r, p in paths.items()]
+    config = {"models": models, "fusion": {"method": "trimix"}}
+    config["models"][0]["weight"], config["models"][1]["weight"] = 0.1, 0.9
+    return FusedLM.from_config(load_config(config), load_all=True)
+
+
+def prompts(lang: str, n: int) -> list[str]:
+    """The first half of SIB-200 dev sentences: the model continues real text of the language."""
+    rows = read_sib200(lang, "dev")[:n]
+    return [r.text[: max(20, len(r.text) // 2)] for r in rows]
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def step_costs(lm: FusedLM, drafter: str, k: int, repeats: int = 5) -> dict[str, float]:
+    """Seconds of one drafter step (1 token) and one verify step (k + 1 tokens) per other source, batch 1."""
+    text = prompts("uig_Arab", 1)[0]
+    costs = {}
+    for source in [lm.pool.get(drafter), *[s for s in lm.sources if s.role != drafter]]:
+        enc = source.tokenizer([text], return_tensors="pt")
+        tokens = torch.randint(10, min(1000, lm.vocab_size), (1, k + 1))
+        for width, name in ((1, "step"), (k + 1, f"verify_{k + 1}")):
+            samples = []
+            for _ in range(repeats):
+                _, state = source.backend.prefill(enc["input_ids"], enc["attention_mask"])
+                seconds, _ = timed(
+                    lambda s=state, w=width, b=source.backend, t=tokens: b.advance(s, t[:, :w])
+                )
+                samples.append(seconds)
+            costs[f"{source.role}_{name}_s"] = statistics.median(samples)
+    return costs
+
+
+def measure(lm: FusedLM, texts: list[str], batch: int, new_tokens: int, k: int | str) -> dict[str, object]:
+    gen = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, batch_size=batch)
+    lm.generate(texts[:1], gen.model_copy(update={"max_new_tokens": 2}))  # warm-up
+    plain_s, plain = timed(lambda: lm.generate(texts, gen))
+    speculative = GenerationConfig.model_validate({**gen.model_dump(), "speculative": {"k": k}})
+    spec_s, spec = timed(lambda: lm.generate(texts, speculative))
+    tokens = sum(len(g.token_ids) for g in plain)
+    merged = {"rounds": 0, "drafted": 0, "accepted": 0, "proposed_at": [], "accepted_at": []}
+    for g in spec:
+        stats = g.stats or {}
+        merged["rounds"] += stats.get("rounds") or 0
+        merged["drafted"] += stats.get("drafted") or 0
+        merged["accepted"] += stats.get("accepted") or 0
+    by_position = [g.stats["acceptance_by_position"] for g in spec if g.stats]
+    positions = max((len(p) for p in by_position), default=0)
+    per_position = [
+        statistics.mean([p[j] for p in by_position if len(p) > j and p[j] is not None] or [float("nan")])
+        for j in range(positions)
+    ]
+    return {
+        "batch": batch,
+        "k": k,
+        "plain_tok_s": tokens / plain_s,
+        "speculative_tok_s": tokens / spec_s,
+        "speedup": plain_s / spec_s,
+        "identical": [g.token_ids for g in plain] == [g.token_ids for g in spec],
+        "acceptance_rate": merged["accepted"] / merged["drafted"] if merged["drafted"] else None,
+        "mean_accepted_length": merged["accepted"] / merged["rounds"] if merged["rounds"] else None,
+        "tokens_per_round": tokens / merged["rounds"] if merged["rounds"] else None,
+        "acceptance_by_position": per_position,
+        "drafter": spec[0].stats["draft"] if spec[0].stats else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["tiny", "gemma"], default="gemma")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per language (batch 8 uses them all)")
+    parser.add_argument("--k", nargs="+", default=["4"], help="draft lengths (or auto)")
+    parser.add_argument(
+        "--selection",
+        default="runs/demo/selections/sib200_topic_uig_Arab.json",
+        help="a selection.json whose weights (both scoring modes) are measured too",
+    )
+    parser.add_argument("--json", help="write every figure here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    torch.set_num_threads(torch.get_num_threads())
+
+    base = load_trio(args.model)
+    settings = {"paper 0.1/0.9": base}
+    selection = Path(args.selection)
+    if selection.is_file():
+        saved = json.loads(selection.read_text())
+        for mode, chosen in (saved.get("by_mode") or {}).items():
+            settings[f"selected ({mode})"] = base.with_weights(method="weighted", **chosen["weights"])
+    else:
+        print(f"# {selection} not found (run `trimix demo` first): measuring the paper weights only")
+    ks = [k if k == "auto" else int(k) for k in args.k]
+    rows = []
+    print(
+        f"# speculative fusion, {args.model} trio, greedy, {args.new_tokens} new tokens, {torch.get_num_threads()} threads"
+    )
+    for name, lm in settings.items():
+        drafter = lm.drafter(GenerationConfig(speculative={"k": 4}))
+        for k in ks:
+            costs = step_costs(lm, drafter, k if k != "auto" else 4)
+            for lang in ("uig_Arab", "eng_Latn"):
+                texts = prompts(lang, args.prompts)
+                for batch, chunk in ((1, texts[:2]), (8, texts)):
+                    row = {
+                        "weights": name,
+                        "fused": list(lm.roles),
+                        "lang": lang,
+                        **measure(lm, chunk, batch, args.new_tokens, k),
+                        **costs,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{name:<20} {lang} batch {batch} k={k}: plain {row['plain_tok_s']:.2f} tok/s, speculative "
+                        f"{row['speculative_tok_s']:.2f} ({row['speedup']:.2f}x), identical {row['identical']}, "
+                        f"accepted/round {row['mean_accepted_length']:.2f} of {k}, acceptance {row['acceptance_rate']:.2f}",
+                        flush=True,
+                    )
+    print(
+        "\n| weights | fused sources | lang | batch | k | plain tok/s | speculative tok/s | speedup | identical | acceptance | accepted/round | by position | draft step s | verify step s |"
+    )
+    print("|---" * 14 + "|")
+    for r in rows:
+        draft = r.get(f"{r['drafter']}_step_s")
+        verify = ", ".join(f"{key.split('_verify')[0]} {v:.3f}" for key, v in r.items() if "_verify_" in key)
+        positions = " ".join(f"{p:.2f}" for p in r["acceptance_by_position"])
+        print(
+            f"| {r['weights']} | {', '.join(r['fused'])} | {r['lang']} | {r['batch']} | {r['k']} | {r['plain_tok_s']:.2f} | "
+            f"{r['speculative_tok_s']:.2f} | {r['speedup']:.2f} | {r['identical']} | {r['acceptance_rate']:.2f} | "
+            f"{r['mean_accepted_length']:.2f} | {positions} | {draft:.3f} | {verify} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
