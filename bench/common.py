@@ -9,7 +9,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from trimix import FusedLM, load_config
 from trimix.backends.loading import Source
 from trimix.config import GridRange, SearchConfig
 from trimix.data import read_sib200
+from trimix.fusion import Fusion
 from trimix.search import build_candidates
 
 logger = logging.getLogger("bench")
@@ -76,7 +76,41 @@ def perturb(model: torch.nn.Module, seed: int, relative: float = 0.05) -> None:
 
 
 def fused(sources: list[Source], weights: tuple[float, ...]) -> FusedLM:
-    return FusedLM([replace(s, weight=w) for s, w in zip(sources, weights, strict=True)])
+    """The sources fused with ``weights`` (in order), read as plain weights; weight 0 leaves one out."""
+    fusion = Fusion({s.role: w for s, w in zip(sources, weights, strict=True)}, "weighted")
+    return FusedLM(sources, fusion)
+
+
+def demo_trio(kind: str, method: str = "trimix", weights: dict[str, float] | None = None) -> FusedLM:
+    """The demo's fused model with every source loaded.
+
+    ``gemma``: the sources ``trimix demo`` builds (an English-instruction LoRA on Gemma 3 270M as
+    ``large``, a Uyghur CPT LoRA as ``small_cpt``, the embedded model as ``small_base``), trained
+    once and cached exactly as the demo does. ``tiny``: random Qwen2 models (hidden 64, 4 layers).
+    ``weights`` default to the paper's most common selection, large 0.1 and small_cpt 0.9.
+    """
+    if kind == "gemma":
+        from trimix.backends.loading import resolve_cache_dir
+        from trimix.demo import DemoBudget, train_cpt_adapter, train_instruct_adapter
+
+        budget, cache = DemoBudget(), resolve_cache_dir(None)
+        cpt, _ = train_cpt_adapter(budget, cache, progress=True)
+        instruct, _ = train_instruct_adapter(budget, cache, progress=True)
+        paths = {"large": str(instruct), "small_cpt": str(cpt), "small_base": "embedded:gemma-3-270m"}
+    elif kind == "tiny":
+        from trimix.testing import save_tiny_trio
+
+        root = Path(tempfile.mkdtemp(prefix="trimix-bench-"))
+        paths = {r: str(p) for r, p in save_tiny_trio(root, "qwen2", hidden_size=64, num_layers=4).items()}
+    else:
+        raise SystemExit(f"unknown model kind {kind!r}; use tiny or gemma")
+    weights = weights or {"large": 0.1, "small_cpt": 0.9}
+    models = [
+        {"model": path, "role": role, **({"weight": weights[role]} if role in weights else {})}
+        for role, path in paths.items()
+    ]
+    config = load_config({"models": models, "fusion": {"method": method}})
+    return FusedLM.from_config(config, load_all=True)
 
 
 def prompts(n: int, lang: str = "uig_Arab", max_chars: int = 160) -> list[str]:

@@ -29,40 +29,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import demo_trio
 
-from trimix import FusedLM, Fusion
-from trimix.config import SearchConfig, load_config
+from trimix import Fusion
+from trimix.config import SearchConfig
 from trimix.search import build_candidates, selection_texts
 from trimix.tasks import get_task
 
 logger = logging.getLogger("bench")
-
-
-def load_trio(kind: str) -> FusedLM:
-    if kind == "gemma":
-        from trimix.backends.loading import resolve_cache_dir
-        from trimix.demo import DemoBudget, train_cpt_adapter, train_instruct_adapter
-
-        budget, cache = DemoBudget(), resolve_cache_dir(None)
-        cpt, _ = train_cpt_adapter(budget, cache, progress=True)
-        instruct, _ = train_instruct_adapter(budget, cache, progress=True)
-        models = [
-            {"model": str(instruct), "role": "large"},
-            {"model": str(cpt), "role": "small_cpt"},
-            {"model": "embedded:gemma-3-270m", "role": "small_base"},
-        ]
-    else:
-        import tempfile
-
-        from trimix.testing import save_tiny_trio
-
-        paths = save_tiny_trio(
-            Path(tempfile.mkdtemp(prefix="trimix-study-")), "qwen2", hidden_size=64, num_layers=4
-        )
-        models = [{"model": str(p), "role": r} for r, p in paths.items()]
-    return FusedLM.from_config(
-        load_config({"models": models, "fusion": {"method": "proxy_tuning"}}), load_all=True
-    )
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -101,7 +75,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     start = time.perf_counter()
 
-    lm = load_trio(args.model)
+    lm = demo_trio(args.model, method="proxy_tuning", weights={})
     roles = ["large", "small_cpt", "small_base"]
     search = SearchConfig(
         task=args.task, lang=args.lang, shots=args.shots, n_prompts=args.dev_prompts, seed=args.seed

@@ -28,38 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import demo_trio
 
-from trimix import FusedLM, GenerationConfig, load_config
+from trimix import FusedLM, GenerationConfig
 from trimix.data import read_sib200
 
 logger = logging.getLogger("bench")
-
-
-def load_trio(kind: str) -> FusedLM:
-    if kind == "gemma":
-        from trimix.backends.loading import resolve_cache_dir
-        from trimix.demo import DemoBudget, train_cpt_adapter, train_instruct_adapter
-
-        budget, cache = DemoBudget(), resolve_cache_dir(None)
-        cpt, _ = train_cpt_adapter(budget, cache, progress=True)
-        instruct, _ = train_instruct_adapter(budget, cache, progress=True)
-        models = [
-            {"model": str(instruct), "role": "large"},
-            {"model": str(cpt), "role": "small_cpt"},
-            {"model": "embedded:gemma-3-270m", "role": "small_base"},
-        ]
-    else:
-        import tempfile
-
-        from trimix.testing import save_tiny_trio
-
-        paths = save_tiny_trio(
-            Path(tempfile.mkdtemp(prefix="trimix-spec-")), "qwen2", hidden_size=64, num_layers=4
-        )
-        models = [{"model": str(p), "role": r} for r, p in paths.items()]
-    config = {"models": models, "fusion": {"method": "trimix"}}
-    config["models"][0]["weight"], config["models"][1]["weight"] = 0.1, 0.9
-    return FusedLM.from_config(load_config(config), load_all=True)
 
 
 def prompts(lang: str, n: int) -> list[str]:
@@ -145,7 +119,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(torch.get_num_threads())
 
-    base = load_trio(args.model)
+    base = demo_trio(args.model)
     settings = {"paper 0.1/0.9": base}
     selection = Path(args.selection)
     if selection.is_file():

@@ -1,6 +1,7 @@
 """Where a fused decoding step spends its time: each source's forward, the fusion, token choice, the rest.
 
-Timers wrap the sources' forward calls, FusionSpec.scores and TokenSelector.__call__ for one run of
+Timers wrap the sources' forward calls, the fusion (``fused_scores``) and the token choice
+(``TokenChooser.__call__``) for one run of
 fused greedy decoding; "bookkeeping" is the remainder of the wall time (tokenisation, masks, cache
 row selection, stop checks, Python).
 
@@ -21,8 +22,7 @@ import torch
 from common import fused, load_trio, machine, prompts, save
 
 from trimix import GenerationConfig
-from trimix.decoding import sampling
-from trimix.fusion import spec as fusion_spec
+from trimix.decoding import engine, sampling
 
 totals: dict[str, float] = defaultdict(float)
 
@@ -61,14 +61,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     sources = load_trio(args.model, args.device)
-    lm = fused(sources, (0.1, 0.9, 0.0))
+    lm = fused(sources, (0.3, 0.9, -0.2))  # all three run
     batch = prompts(args.batch_size)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=args.batch_size)
     lm.generate(batch, gen.model_copy(update={"max_new_tokens": 2}))  # warm-up
     for source in sources:
         wrap(source.model, "forward", f"forward {source.role}")
-    wrap(fusion_spec.FusionSpec, "scores", "fusion (weighted sum, mask)")
-    wrap(sampling.TokenSelector, "__call__", "token choice")
+    wrap(engine, "fused_scores", "fusion (weighted sum, mask)")
+    wrap(sampling.TokenChooser, "__call__", "token choice")
     start = time.perf_counter()
     lm.generate(batch, gen)
     wall = time.perf_counter() - start

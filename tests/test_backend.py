@@ -95,6 +95,20 @@ def test_kept_rows_continue_unchanged(backend, tokenizer) -> None:
     torch.testing.assert_close(after[1], _alone(backend, PROMPTS[0], tokens[0], None), atol=1e-5, rtol=1e-5)
 
 
+def test_compacting_after_the_longest_row_leaves_drops_its_columns_only(backend, tokenizer) -> None:
+    tokens = _draft(tokenizer, 3, 4)
+    _, state = _prefill(backend, PROMPTS, None)  # PROMPTS[2] is the longest: the others are left-padded
+    backend.advance(state, tokens[:, :2])
+    backend.keep_rows(state, torch.tensor([0, 1]))
+    before = state.length
+    backend.compact(state)
+    assert state.length < before and bool(state.valid[:, 0].any())  # no leading column left unused
+    after = backend.advance(state, tokens[:2, 2:])
+    for row in range(2):
+        expected = _alone(backend, PROMPTS[row], tokens[row], None)[-2:]
+        torch.testing.assert_close(after[row], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_a_padded_row_attends_as_it_would_alone(backend) -> None:
     last, _ = _prefill(backend, PROMPTS, None)
     for row, prompt in enumerate(PROMPTS):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -253,3 +255,49 @@ def test_with_weights_shares_sources_and_keeps_the_method(trio) -> None:
         lm.with_weights(huge=1.0)
     with pytest.raises(ConfigError, match="needs a `weight` on every source"):
         lm.with_weights(method="weighted", large=1.0)
+
+
+def test_inspected_tokens_read_as_text_not_vocabulary_symbols(tokenizer) -> None:
+    """Byte-level BPE names ``ھ`` by two byte symbols (``Ú``, ``¾``) and ``ئۇيغۇر`` as ``Ø¦ÛĩÙĬ...``;
+    a SentencePiece token keeps its word-initial space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trimix.decoding.engine import readable_token
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["ئۇيغۇر تىلى"] * 50 + ["hello world"] * 50, trainer)
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    (whole,) = byte_level("ئۇيغۇر")["input_ids"]
+    assert byte_level.convert_ids_to_tokens(whole) != "ئۇيغۇر"  # the symbols the issue complained of
+    assert readable_token(byte_level, whole) == "ئۇيغۇر"
+    halves = byte_level("ھ")["input_ids"]
+    assert [readable_token(byte_level, t) for t in halves] == ["⟨partial⟩", "⟨partial⟩"]
+    assert [readable_token(byte_level, t) for t in byte_level(" تىلى")["input_ids"]] == [" تىلى"]
+    first = tokenizer("ئۇيغۇر", add_special_tokens=False)["input_ids"][0]  # SentencePiece-style, '▁ئ'
+    assert readable_token(tokenizer, first) == " ئ"
+
+
+def test_generate_inspect_prints_a_readable_table(trio, tmp_path, capsys) -> None:
+    import yaml
+
+    from trimix.cli.main import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trio_config(trio)), encoding="utf-8")
+    code = main(
+        ["generate", "-c", str(config), "-p", "ئۇيغۇر تىلى", "--max-new-tokens", "4", "--inspect", "2"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    (row,) = [json.loads(line) for line in captured.out.splitlines()]
+    table = captured.err.splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("prompt 0: 4 tokens"))
+    steps = table[start + 2 : start + 6]
+    for step, inspected in zip(steps, row["inspection"], strict=True):
+        assert step.split()[0].isdigit() and inspected["leader"] in step
+        assert f"{inspected['fused_prob']:.2f}" in step
+    assert not any(ch in captured.err for ch in "ØÙÚ")  # no byte-level vocabulary symbols

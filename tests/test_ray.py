@@ -44,7 +44,11 @@ def _config(trio, tmp_path) -> dict:
                 "shots": 0,
                 "scoring": "loglikelihood",
             },
-            {"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(text), "dev_path": str(text)}},
+            {
+                "task": "text_ppl",
+                "langs": ["uig_Arab"],
+                "options": {"path": str(text), "dev_path": str(text)},
+            },
         ],
         "batch_size": 2,
         "executor": {"workers": 2, "shard_items": 2, "threads_per_worker": 1},
@@ -75,7 +79,9 @@ def test_ray_equals_local_even_when_a_worker_dies(ray_instance, trio, tmp_path, 
     monkeypatch.setenv("TRIMIX_FAULTS_ONCE", str(tmp_path / "fired"))
     _run(raw, tmp_path / "ray", "ray")
     assert (tmp_path / "fired").exists()  # the kill did happen
-    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local") and len(_rows(tmp_path / "local")) == 3 * (4 + 4 + 3)
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local") and len(_rows(tmp_path / "local")) == 3 * (
+        4 + 4 + 3
+    )
     assert write_report(tmp_path / "ray")[1] == write_report(tmp_path / "local")[1]
 
 

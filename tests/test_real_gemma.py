@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trimix import FusedLM, load_config
+from trimix import FusedLM, Fusion, load_config
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "ئۇيغۇر تىلى"]
@@ -35,8 +35,6 @@ def test_fusion_of_gemma_with_a_second_source(gemma: FusedLM) -> None:
     """Gemma fused with a second, independently loaded copy of itself: weights summing to 1 over identical
     logits reproduce the single model."""
     source = gemma.sources[0]
-    from dataclasses import replace
-
     twin = FusedLM.from_config(
         load_config(
             {
@@ -45,7 +43,7 @@ def test_fusion_of_gemma_with_a_second_source(gemma: FusedLM) -> None:
             }
         )
     ).sources[0]
-    fused = FusedLM([replace(source, weight=0.3), replace(twin, weight=0.7)])
+    fused = FusedLM([source, twin], Fusion({"large": 0.3, "small_cpt": 0.7}))
     single = gemma.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
     mixed = fused.generate(PROMPTS, max_new_tokens=10, ignore_eos=True, inspect_top_k=2)
     assert [g.token_ids for g in mixed] == [g.token_ids for g in single]

@@ -15,7 +15,9 @@ import os
 from collections import Counter
 
 ENV = "TRIMIX_FAULTS"
-ONCE = "TRIMIX_FAULTS_ONCE"  # a file path: the first process to reach a firing point creates it; no other fires
+ONCE = (
+    "TRIMIX_FAULTS_ONCE"  # a file path: the first process to reach a firing point creates it; no other fires
+)
 _calls: Counter[str] = Counter()
 
 

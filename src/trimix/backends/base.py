@@ -76,6 +76,10 @@ class SourceBackend(Protocol):
         """Append the rows of another state of this backend (e.g. a freshly prefilled request)."""
         ...
 
+    def compact(self, state: DecodeState) -> None:
+        """Release cache space that no remaining row uses (after rows left a long-lived batch)."""
+        ...
+
     def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Output-head logits of final hidden states ``(..., H)``; with ``out`` ``(..., V)`` only the first V."""
         ...

@@ -362,6 +362,27 @@ class HFBackend:
         state.next_position = state.next_position[rows]
 
     @torch.inference_mode()
+    def compact(self, state: HFState) -> None:
+        """Drop the leading columns that no row holds a token in.
+
+        A long-lived batch (the server's) gains columns whenever a row joins with a longer history than
+        the others; without this, its cache would grow for as long as requests keep arriving. Masks
+        speak of positions, so dropping unused columns changes nothing else. A preallocated cache
+        keeps its layout.
+        """
+        if state.capacity is not None or state.length == 0:
+            return
+        used = state.valid[:, : state.length].any(dim=0)
+        first = int(used.int().argmax()) if bool(used.any()) else state.length
+        if first == 0:
+            return
+        for layer in state.cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+        state.valid, state.positions = state.valid[:, first:], state.positions[:, first:]
+        state.length -= first
+
+    @torch.inference_mode()
     def insert_rows(self, state: HFState, new: HFState) -> None:
         """Append ``new``'s rows. Column layouts may differ: the state with fewer used columns is shifted
         right by invalid columns (masks speak of positions, not columns, so nothing else changes)."""

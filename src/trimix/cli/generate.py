@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from trimix.backends.loading import format_prompt, load_tokenizer, source_context
 from trimix.cli.common import add_config_args, config_from_args, read_prompts
-from trimix.decoding import FusedLM
+from trimix.decoding import FusedLM, TokenInspection
 from trimix.errors import ConfigError, DataError
 from trimix.io import JsonlSink, read_jsonl
 from trimix.runinfo import (
@@ -157,6 +157,9 @@ def _print_or_stream(
             for row in rows:
                 print(json.dumps(row, ensure_ascii=False))
             sys.stdout.flush()
+        if gen.inspect_top_k and not args.quiet:
+            for p, g in zip(batch, generations, strict=True):
+                tqdm.write(inspection_table(str(p["id"]), g.inspection or []), file=sys.stderr)
         if sink is not None:
             sink.write(rows)
         bar.update(len(batch))
@@ -176,6 +179,41 @@ def _stream(lm: FusedLM, texts: list[str], ids: list[int], gen, batch: list[dict
             print(json.dumps(line, ensure_ascii=False))
         sys.stdout.flush()
     return results
+
+
+def inspection_table(prompt_id: str, inspection: list[TokenInspection], top: int = 3) -> str:
+    """A readable table of which source drove each generated token (the JSON keeps every detail).
+
+    One line per token: the token as text, its fused probability, the leading source (largest share
+    of the fused margin over the runner-up) with the shares, and each source's top candidates.
+    """
+    if not inspection:
+        return f"prompt {prompt_id}: no tokens generated"
+    roles = list(inspection[0].sources)
+    lines = [f"prompt {prompt_id}: {len(inspection)} tokens (candidates: token probability)"]
+    header = f"{'#':>3}  {'token':<14} {'p':>5}  {'leader':<12} {'margin shares':<{9 * len(roles)}}"
+    lines.append(header + "  " + "  ".join(f"{role + ' top':<30}" for role in roles))
+    for i, step in enumerate(inspection):
+        shares = " ".join(f"{step.contributions.get(r, 0.0):>+8.2f}" for r in roles)
+        candidates = []
+        for role in roles:
+            view = step.sources[role]
+            shown = ", ".join(f"{_quoted(t)} {p:.2f}" for t, p in view.top[:top])
+            candidates.append(f"{shown:<30}")
+        lines.append(
+            f"{i:>3}  {_quoted(step.token):<14} {step.fused_prob:>5.2f}  {step.leader or '-':<12} "
+            f"{shares:<{9 * len(roles)}}  " + "  ".join(candidates)
+        )
+    lines.append(
+        f"margin shares, in order: {', '.join(roles)} (they sum to the fused logit margin over the runner-up)"
+    )
+    return "\n".join(lines)
+
+
+def _quoted(token: str) -> str:
+    """A token for a table cell: quoted so spaces show, newlines and tabs escaped, at most 12 characters."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    return f"'{text if len(text) <= 12 else text[:11] + '…'}'"
 
 
 def run_description(config, prompts: list[dict]) -> dict:

@@ -311,6 +311,7 @@ class ContinuousBatcher:
             rows = torch.tensor(keep, dtype=torch.long)
             for source, state in zip(lm.sources, group.states, strict=True):
                 source.backend.keep_rows(state, rows)
+                source.backend.compact(state)
             tokens = tokens[rows.to(tokens.device)]
             group.rows = [group.rows[i] for i in keep]
         if not group.rows:

@@ -1080,6 +1080,9 @@ def readable_token(tokenizer: Any, token_id: int) -> str:
     """A token as the text it stands for (byte-level symbols decoded); a token that is only part of a
     multi-byte UTF-8 character decodes to U+FFFD and is shown as ``⟨partial⟩``."""
     text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+        text = " " + text  # SentencePiece decoders drop a word-initial space when a token stands alone
     return text.replace("\ufffd", "⟨partial⟩")
 
 
