@@ -81,13 +81,12 @@ def fused(sources: list[Source], weights: tuple[float, ...]) -> FusedLM:
     return FusedLM(sources, fusion)
 
 
-def demo_trio(kind: str, method: str = "trimix", weights: dict[str, float] | None = None) -> FusedLM:
-    """The demo's fused model with every source loaded.
+def demo_paths(kind: str) -> dict[str, str]:
+    """Where the demo's sources live, by role.
 
     ``gemma``: the sources ``trimix demo`` builds (an English-instruction LoRA on Gemma 3 270M as
     ``large``, a Uyghur CPT LoRA as ``small_cpt``, the embedded model as ``small_base``), trained
     once and cached exactly as the demo does. ``tiny``: random Qwen2 models (hidden 64, 4 layers).
-    ``weights`` default to the paper's most common selection, large 0.1 and small_cpt 0.9.
     """
     if kind == "gemma":
         from trimix.backends.loading import resolve_cache_dir
@@ -96,21 +95,29 @@ def demo_trio(kind: str, method: str = "trimix", weights: dict[str, float] | Non
         budget, cache = DemoBudget(), resolve_cache_dir(None)
         cpt, _ = train_cpt_adapter(budget, cache, progress=True)
         instruct, _ = train_instruct_adapter(budget, cache, progress=True)
-        paths = {"large": str(instruct), "small_cpt": str(cpt), "small_base": "embedded:gemma-3-270m"}
-    elif kind == "tiny":
+        return {"large": str(instruct), "small_cpt": str(cpt), "small_base": "embedded:gemma-3-270m"}
+    if kind == "tiny":
         from trimix.testing import save_tiny_trio
 
         root = Path(tempfile.mkdtemp(prefix="trimix-bench-"))
-        paths = {r: str(p) for r, p in save_tiny_trio(root, "qwen2", hidden_size=64, num_layers=4).items()}
-    else:
-        raise SystemExit(f"unknown model kind {kind!r}; use tiny or gemma")
-    weights = weights or {"large": 0.1, "small_cpt": 0.9}
+        return {r: str(p) for r, p in save_tiny_trio(root, "qwen2", hidden_size=64, num_layers=4).items()}
+    raise SystemExit(f"unknown model kind {kind!r}; use tiny or gemma")
+
+
+def demo_config(kind: str, method: str = "trimix", weights: dict[str, float] | None = None) -> dict:
+    """A run config (as a dict) over :func:`demo_paths`; ``weights`` default to the paper's most
+    common selection, large 0.1 and small_cpt 0.9."""
+    weights = {"large": 0.1, "small_cpt": 0.9} if weights is None else weights
     models = [
         {"model": path, "role": role, **({"weight": weights[role]} if role in weights else {})}
-        for role, path in paths.items()
+        for role, path in demo_paths(kind).items()
     ]
-    config = load_config({"models": models, "fusion": {"method": method}})
-    return FusedLM.from_config(config, load_all=True)
+    return {"models": models, "fusion": {"method": method}}
+
+
+def demo_trio(kind: str, method: str = "trimix", weights: dict[str, float] | None = None) -> FusedLM:
+    """The demo's fused model (see :func:`demo_config`) with every source loaded."""
+    return FusedLM.from_config(load_config(demo_config(kind, method, weights)), load_all=True)
 
 
 def prompts(n: int, lang: str = "uig_Arab", max_chars: int = 160) -> list[str]:

@@ -188,3 +188,67 @@ def test_a_full_queue_answers_429(trio) -> None:
     batcher.submit(request)
     with pytest.raises(QueueFull, match="busy"):
         batcher.submit(request)
+
+
+def _headless_chromium():
+    """Selenium driving Debian's chromium through chromium-driver, or a skip naming what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the playground test needs selenium")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("the playground test needs Chromium: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_playground_in_a_headless_browser(served) -> None:
+    """Load the page, generate, then move a weight slider with the keyboard and generate again: the second
+    request carries the new weight, and the page shows exactly what the fused model gives for it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lm, _, base, _ = served
+    browser = _headless_chromium()
+    try:
+        browser.get(base + "/")
+        wait = WebDriverWait(browser, 60)
+        slider = wait.until(lambda b: b.find_element(By.ID, "w-large"))
+        prompt, limit = browser.find_element(By.ID, "prompt"), browser.find_element(By.ID, "maxTokens")
+        prompt.clear()
+        prompt.send_keys(PROMPTS[1])
+        limit.clear()
+        limit.send_keys("6")
+
+        def generate() -> tuple[dict, list]:
+            browser.find_element(By.ID, "go").click()
+            wait.until(lambda b: b.find_element(By.ID, "status").text.endswith("tokens"))
+            return browser.execute_script("return window.lastRequest"), browser.find_elements(
+                By.CSS_SELECTOR, ".tok"
+            )
+
+        first, tokens = generate()
+        assert first["trimix"]["weights"] == {
+            "large": 0.3,
+            "small_cpt": 0.9,
+            "small_base": pytest.approx(-0.2),
+        }
+        assert tokens and all(t.get_attribute("data-source") in lm.roles for t in tokens)
+        ActionChains(browser).move_to_element(tokens[0]).perform()  # hovering shows the candidates
+        assert "chosen mostly by" in browser.find_element(By.ID, "tip").text
+
+        slider.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)  # 0.30 -> 0.40 (step 0.05)
+        second, tokens = generate()
+        weights = second["trimix"]["weights"]
+        assert weights["large"] == pytest.approx(0.4) and weights["small_cpt"] == pytest.approx(0.9)
+        shown = "".join(t.get_attribute("textContent") for t in tokens)
+        expected = lm.with_weights(method="weighted", **weights).generate([PROMPTS[1]], max_new_tokens=6)[0]
+        assert shown == expected.text
+    finally:
+        browser.quit()
