@@ -556,18 +556,21 @@ def _ambiguous_weights(origin: str, weights: dict[str, float], known: list[str],
     )
 
 
-def parse_weights_arg(text: str) -> dict[str, float]:
-    """Parse ``large=0.1,small_cpt=0.9`` into a dict."""
+def parse_weights_arg(
+    text: str, pairs: str = ",", assign: str = "=", what: str = "--weights"
+) -> dict[str, float]:
+    """Parse ``large=0.1,small_cpt=0.9`` (or another separator pair, e.g. ``large:0.1|small_cpt:0.9``)."""
     weights: dict[str, float] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        role, sep, value = item.partition("=")
+    for item in filter(None, (p.strip() for p in text.split(pairs))):
+        role, sep, value = item.partition(assign)
         try:
             if not sep:
                 raise ValueError
             weights[role.strip()] = float(value)
         except ValueError as exc:
+            example = pairs.join(f"{r}{assign}{w}" for r, w in (("large", 0.1), ("small_cpt", 0.9)))
             raise ConfigError(
-                f"--weights expects role=number pairs like 'large=0.1,small_cpt=0.9'; got {item!r}"
+                f"{what} expects role{assign}number pairs joined by {pairs!r}, like '{example}'; got {item!r}"
             ) from exc
     return weights
 

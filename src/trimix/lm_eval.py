@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "evaluating with lm-evaluation-harness needs it installed: pip install 'trimix[lm-eval]'"
     ) from exc
 
-from trimix.config import load_config, read_selected_weights
+from trimix.config import load_config, parse_weights_arg, read_selected_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError
 
@@ -44,18 +44,7 @@ MODEL_ARGS = ("config", "weights", "weights_from", "batch_size", "max_length", "
 
 def parse_weights(text: str) -> dict[str, float]:
     """``large:0.1|small_cpt:0.9`` (lm-eval's model_args split on commas, so pairs use ``|`` and ``:``)."""
-    weights = {}
-    for item in filter(None, (p.strip() for p in str(text).split("|"))):
-        role, sep, value = item.partition(":")
-        try:
-            if not sep:
-                raise ValueError
-            weights[role.strip()] = float(value)
-        except ValueError as exc:
-            raise ConfigError(
-                f"model_args weights expects role:number pairs joined by |, e.g. large:0.1|small_cpt:0.9; got {item!r}"
-            ) from exc
-    return weights
+    return parse_weights_arg(str(text), pairs="|", assign=":", what="model_args weights")
 
 
 @register_model("trimix")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from trimix.config import GenerationConfig
-from trimix.decoding.engine import FinishReason, FusedLM, TokenInspection, emit_text
+from trimix.decoding.engine import FinishReason, FusedLM, TokenInspection, emit_text, encode_texts
 from trimix.decoding.sampling import TokenChooser, gumbel_noise, row_keys
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion, fused_scores
@@ -225,14 +225,7 @@ class ContinuousBatcher:
         rendered = [lm.render(h.request.prompt) for h in handles]
         logits, states = [], []
         for source in lm.sources:
-            texts = [r[source.role] for r in rendered]
-            enc = source.tokenizer(
-                texts,
-                padding=True,
-                return_tensors="pt",
-                padding_side="left",
-                add_special_tokens=source.adds_special_tokens,
-            )
+            enc = encode_texts(source, [r[source.role] for r in rendered])
             last, state = source.backend.prefill(enc["input_ids"], enc["attention_mask"])
             logits.append(last)
             states.append(state)

@@ -438,19 +438,8 @@ class FusedLM:
         }
 
     def encode(self, source: Source, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise prompts for one source: left-padded ids and attention mask."""
-        texts = [source.format_prompt(p) for p in prompts]
-        enc = source.tokenizer(
-            texts,
-            padding=True,
-            return_tensors="pt",
-            padding_side="left",
-            add_special_tokens=source.adds_special_tokens,
-        )
-        for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()):
-            if n == 0:
-                raise DataError(f"prompt {i} is empty after tokenisation for source {source.role!r}")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        """Tokenise prompts for one source (formatted by its ``prompt_format``): left-padded ids and mask."""
+        return encode_texts(source, [source.format_prompt(p) for p in prompts])
 
     def token_budgets(self, encodings: Sequence[dict[str, torch.Tensor]], gen: GenerationConfig) -> list[int]:
         """How many tokens each row may generate: ``max_new_tokens``, or less where a source's context ends.
@@ -1074,6 +1063,25 @@ def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tu
     if not visible.startswith(shown):  # cannot happen for text that only grows; never repeat what was sent
         return "", shown
     return visible[len(shown) :], visible
+
+
+def encode_texts(source: Source, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Tokenise texts exactly as given (already rendered for ``source``): left-padded ids and mask.
+
+    Raises:
+        DataError: a text that tokenises to nothing.
+    """
+    enc = source.tokenizer(
+        texts,
+        padding=True,
+        return_tensors="pt",
+        padding_side="left",
+        add_special_tokens=source.adds_special_tokens,
+    )
+    for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()):
+        if n == 0:
+            raise DataError(f"prompt {i} is empty after tokenisation for source {source.role!r}")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def readable_token(tokenizer: Any, token_id: int) -> str:

@@ -80,7 +80,8 @@ class Evaluator:
         ray_address: str | None = None,
     ) -> None:
         self.config = config
-        self.out_dir = out_dir
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.plan = EvalPlan(config)
         self._check_resume(rerun_changed)

@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected while its request was decoding."""
+
+
 class RequestError(Exception):
     """A bad request: HTTP 400 with OpenAI's error JSON."""
 
@@ -252,9 +256,11 @@ class Server:
         return fusion, inspect
 
     # ---------------------------------------------------------------- events -> responses
-    async def collect(self, handles: list[RequestHandle], is_disconnected) -> list[list[TokenEvent]]:
-        """Wait for every handle's events (cancelling all if the client goes away)."""
-        results: list[list[TokenEvent]] = [[] for _ in handles]
+    async def events(
+        self, handles: list[RequestHandle], is_disconnected
+    ) -> AsyncIterator[tuple[int, TokenEvent | Exception]]:
+        """Each handle's events as they arrive, as ``(index, event)``, until every handle has finished (an
+        exception ends its handle); raises :class:`ClientGone` when the client disconnects."""
         done = [False] * len(handles)
         while not all(done):
             progressed = False
@@ -265,48 +271,43 @@ class Server:
                     except queue.Empty:
                         break
                     progressed = True
-                    if isinstance(event, Exception):
-                        raise event
-                    results[i].append(event)
-                    done[i] = event.finish_reason is not None
+                    done[i] = isinstance(event, Exception) or event.finish_reason is not None
+                    yield i, event
             if not progressed:
                 if await is_disconnected():
-                    for handle in handles:
-                        handle.cancel()
-                    return results
+                    raise ClientGone
                 await asyncio.sleep(0.005)
+
+    async def collect(self, handles: list[RequestHandle], is_disconnected) -> list[list[TokenEvent]]:
+        """Wait for every handle's events (cancelling all if the client goes away)."""
+        results: list[list[TokenEvent]] = [[] for _ in handles]
+        try:
+            async for i, event in self.events(handles, is_disconnected):
+                if isinstance(event, Exception):
+                    raise event
+                results[i].append(event)
+        except ClientGone:
+            for handle in handles:
+                handle.cancel()
         return results
 
     async def stream(self, handles: list[RequestHandle], chat: bool, is_disconnected) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, one chunk per token, then ``[DONE]``."""
         ident, created = self._ident(chat), int(time.time())
-        done = [False] * len(handles)
         if chat:
             for i in range(len(handles)):
                 yield self._sse(
                     self._chunk(ident, created, chat, i, {"role": "assistant", "content": ""}, None)
                 )
         try:
-            while not all(done):
-                progressed = False
-                for i, handle in enumerate(handles):
-                    while not done[i]:
-                        try:
-                            event = handle.events.get_nowait()
-                        except queue.Empty:
-                            break
-                        progressed = True
-                        if isinstance(event, Exception):
-                            yield self._sse(error_body(str(event), kind="server_error"))
-                            done[i] = True
-                            break
-                        done[i] = event.finish_reason is not None
-                        yield self._sse(self._event_chunk(ident, created, chat, i, event))
-                if not progressed:
-                    if await is_disconnected():
-                        raise asyncio.CancelledError
-                    await asyncio.sleep(0.005)
+            async for i, event in self.events(handles, is_disconnected):
+                if isinstance(event, Exception):
+                    yield self._sse(error_body(str(event), kind="server_error"))
+                else:
+                    yield self._sse(self._event_chunk(ident, created, chat, i, event))
             yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
         finally:
             for handle in handles:  # a client that went away: free its rows
                 handle.cancel()

@@ -106,15 +106,6 @@ class Sib200Translation(TranslationPrompt, Task):
     def pair(self) -> tuple[str, str]:
         return (self.lang, self.pivot) if self.direction == "to" else (self.pivot, self.lang)
 
-    @property
-    def full_name(self) -> str:
-        src, tgt = self.pair
-        return f"{self.name}_{src}-{tgt}"
-
-    @property
-    def target_lang(self) -> str:
-        return self.pair[1]
-
     def examples(self, split: str) -> list[Example]:
         src, tgt = self.pair
         source_rows, target_rows = read_sib200(src, split, self.root), read_sib200(tgt, split, self.root)
