@@ -133,3 +133,18 @@ def test_bad_model_args_fail_clearly(trio, tmp_path, args, message) -> None:
     config.write_text(yaml.safe_dump(trio_config(trio)))
     with pytest.raises(ConfigError, match=message):
         backend.TrimixLM.create_from_arg_string(args.format(c=config))
+
+
+def test_a_limited_run_samples_every_label() -> None:
+    """The bundled files are sorted by label and lm-eval's --limit takes a prefix: the loader's fixed
+    shuffle makes a 60-item prefix hold every label (sorted, it held 51 of one and 9 of another)."""
+    import importlib.util
+
+    from trimix.lm_eval import tasks_dir
+
+    spec = importlib.util.spec_from_file_location("sib200_utils", f"{tasks_dir()}/utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    first = utils.load_sib200("uig_Arab")["test"]["category"][:60]
+    again = utils.load_sib200("uig_Arab")["test"]["category"][:60]
+    assert first == again and len(set(first)) == 7 and max(first.count(c) for c in set(first)) <= 20
