@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import statistics
 import sys
 import threading
@@ -28,13 +27,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-import uvicorn
 from common import demo_trio, machine, save
 
 from trimix import FusedLM, GenerationConfig
 from trimix.data import read_sib200
 from trimix.decoding.batcher import ContinuousBatcher
-from trimix.server import Server, create_app
+from trimix.server import BackgroundServer, Server
 
 logger = logging.getLogger("bench")
 DEFAULT_SCENARIOS = ("1:50", "4:50", "16:200", "64:200")
@@ -53,24 +51,9 @@ def load_prompts(n: int, max_chars: int = 120) -> list[str]:
     return [rows[i % len(rows)].text[:max_chars] for i in range(n)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(lm: FusedLM, max_batch: int) -> tuple[uvicorn.Server, threading.Thread, Server, str]:
+def start_server(lm: FusedLM, max_batch: int) -> tuple[BackgroundServer, Server]:
     server = Server(lm, batcher=ContinuousBatcher(lm, max_batch=max_batch, max_queue=1024))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    if not uv.started:
-        raise SystemExit("the server did not start within 60 s")
-    return uv, thread, server, f"http://127.0.0.1:{port}"
+    return BackgroundServer(server).start(), server
 
 
 def one_request(client: httpx.Client, prompt: str, new_tokens: int, timings: Timings) -> None:
@@ -136,7 +119,8 @@ def main() -> None:
     scenarios = [tuple(int(x) for x in s.split(":")) for s in args.scenarios]
 
     lm = demo_trio(args.model)  # TriMix, large 0.1 / small_cpt 0.9 / small_base 0
-    uv, thread, server, base = start_server(lm, max_batch=max(c for c, _ in scenarios))
+    running, server = start_server(lm, max_batch=max(c for c, _ in scenarios))
+    base = running.url
     print(
         f"# serve load, {args.model} trio ({lm.fusion.describe()}), {args.new_tokens} new tokens — {machine()}"
     )
@@ -185,8 +169,7 @@ def main() -> None:
             if served_tokens != offline_tokens:
                 print(f"  note: served {served_tokens} tokens, offline {offline_tokens} (EOS at other steps)")
     finally:
-        uv.should_exit = True
-        thread.join(timeout=60)
+        running.stop()
     print(
         "ratio = server tokens/s over offline generate tokens/s with batch_size = clients; times in seconds"
     )

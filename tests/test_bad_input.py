@@ -229,3 +229,34 @@ def test_tasks_import_on_their_own() -> None:
         text=True,
     )
     assert out.returncode == 0 and out.stdout.strip() == "sib200_topic"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(trio, tmp_path, capsys) -> None:
+    from trimix.runinfo import folder_lock
+
+    _sib_folder(tmp_path / "conf" / "my_sib200")
+    config, out = _eval_cfg(trio, tmp_path, "./my_sib200"), tmp_path / "o"
+    out.mkdir()
+    with folder_lock(out):  # another run holds the folder
+        code, err = _run(capsys, ["-q", "eval", "-c", str(config), "-o", str(out), "--resume"])
+    assert code == 2 and "in use by another trimix run" in err
+    assert not (out / "predictions.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_an_overlong_evaluation_item_stops_at_the_context_and_is_counted(trio, tmp_path, capsys) -> None:
+    """One item longer than the sources' context must not block the run: it decodes until the context is
+    full, is recorded with finish_reason "context", and the report counts it."""
+    root = _sib_folder(tmp_path / "conf" / "my_sib200")
+    test = root / "xyz_Latn" / "test.tsv"
+    test.write_text(test.read_text() + "4\tsports\t" + "goal " * 1015 + "\n")
+    config = _eval_cfg(trio, tmp_path, "./my_sib200")
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"]["tasks"][0] |= {"shots": 0, "max_chars": 100_000, "max_new_tokens": 8}
+    config.write_text(yaml.safe_dump(raw))
+    code, _ = _run(capsys, ["-q", "eval", "-c", str(config), "-o", str(tmp_path / "o")])
+    assert code == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["finish_reason"] == "context" for r in rows) == [False, False, False, True]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["cells"][0]["stopped_at_context"] == 1
+    assert "generations stopped at a source's context: " in (tmp_path / "o" / "report.md").read_text()

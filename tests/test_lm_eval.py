@@ -148,3 +148,23 @@ def test_a_limited_run_samples_every_label() -> None:
     first = utils.load_sib200("uig_Arab")["test"]["category"][:60]
     again = utils.load_sib200("uig_Arab")["test"]["category"][:60]
     assert first == again and len(set(first)) == 7 and max(first.count(c) for c in set(first)) <= 20
+
+
+def test_chat_template_of_the_chat_sources_or_a_clear_error(trio) -> None:
+    """--apply_chat_template renders with the template of the sources that read chat; when those disagree,
+    the error names them."""
+    from trimix.errors import ConfigError
+
+    raw = trio_config(trio, method="trimix")
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.3, 0.9
+    for model in raw["models"][:2]:
+        model["prompt_format"] = "chat"
+    lm = FusedLM.from_config(load_config(raw), load_all=True)
+    large, small_cpt = (lm.pool.get(r).tokenizer for r in ("large", "small_cpt"))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    large.chat_template = small_cpt.chat_template = template
+    history = [{"role": "user", "content": "ئۇيغۇر تىلى"}]
+    assert backend.TrimixLM(lm=lm).apply_chat_template(history) == "<user>ئۇيغۇر تىلى\n<assistant>"
+    small_cpt.chat_template = template.replace("<assistant>", "Assistant:")
+    with pytest.raises(ConfigError, match=r"\(large, small_cpt\) have different chat templates"):
+        backend.TrimixLM(lm=lm).apply_chat_template(history)

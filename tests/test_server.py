@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from trimix.decoding.batcher import ContinuousBatcher  # noqa: E402
-from trimix.server import Server, create_app  # noqa: E402
+from trimix.server import BackgroundServer, Server  # noqa: E402
 
 PROMPTS = [
     "Hello world, this is",
@@ -32,34 +31,20 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(trio):
     raw = trio_config(trio, method="trimix")
     raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.3, 0.9
     lm = FusedLM.from_config(load_config(raw), load_all=True)
     server = Server(lm, default_max_tokens=8, batcher=ContinuousBatcher(lm, max_batch=32, max_queue=64))
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield lm, client, base, server
-    uv.should_exit = True
-    thread.join(timeout=20)
-    assert not thread.is_alive() and not server.batcher.thread.is_alive()
+    running = BackgroundServer(server).start()
+    client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield lm, client, running.url, server
+    running.stop()
+    assert not running.thread.is_alive() and not server.batcher.thread.is_alive()
     with socket.socket() as s:  # nothing listens on the port any more
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", running.port))
 
 
 def test_completion_equals_the_fused_model(served) -> None:

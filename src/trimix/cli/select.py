@@ -52,13 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--score", choices=["prompt", "input"], help="count the whole prompt or only the input part"
     )
     p.add_argument("--refine-rounds", type=int)
+    p.add_argument(
+        "--shots",
+        type=int,
+        help="exemplars in each scored prompt (in the task's language: the scored text becomes mostly that language)",
+    )
     p.add_argument("--output-dir", "-o", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = ("task", "lang", "split", "text_file", "n_prompts", "seed", "score", "refine_rounds")
+    fields = ("task", "lang", "split", "text_file", "n_prompts", "seed", "score", "refine_rounds", "shots")
     extra = {f"search.{f}": getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = config_from_args(args, extra)
     search = config.search
@@ -67,18 +72,18 @@ def run(args: argparse.Namespace) -> int:
     out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
     build_candidates(search, [m.role for m in config.models])  # fail on a bad search space before loading
     texts, origin = selection_texts(search)
-    write_run_info(out_dir, config, search.seed)
-    lm = FusedLM.from_config(config, load_all=True)
-    scorer = lm.scorer(
-        texts,
-        roles=[m.role for m in config.models],
-        chunk_bytes=search.chunk_mb * 2**20,
-        progress=not args.quiet,
-    )
-    result = search_weights(scorer, search, origin, config.fusion.method)
-    atomic_write_json(out_dir / "selection.json", result.to_dict())
-    axes = list(search.axes())
-    result.plot(out_dir / "heatmap.png", axes)
+    with folder_lock(out_dir):
+        write_run_info(out_dir, config, search.seed)
+        lm = FusedLM.from_config(config, load_all=True)
+        scorer = lm.scorer(
+            texts,
+            roles=[m.role for m in config.models],
+            chunk_bytes=search.chunk_mb * 2**20,
+            progress=not args.quiet,
+        )
+        result = search_weights(scorer, search, origin, config.fusion.method)
+        atomic_write_json(out_dir / "selection.json", result.to_dict())
+        result.plot(out_dir / "heatmap.png", list(search.axes()))
     _print_summary(result)
     print(f"selection.json and heatmap.png in {out_dir}; use: --weights-from {out_dir / 'selection.json'}")
     return 0
