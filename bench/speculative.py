@@ -23,6 +23,7 @@ import logging
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import demo_trio
 
 from trimix import FusedLM, GenerationConfig
-from trimix.data import read_sib200
+from trimix.data import UYGHUR_CORPUS, read_sib200
 
 logger = logging.getLogger("bench")
 
@@ -48,30 +49,48 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def step_costs(lm: FusedLM, drafter: str, k: int, repeats: int = 5) -> dict[str, float]:
-    """Seconds of one drafter step (1 token) and one verify step (k + 1 tokens) per other source, batch 1."""
+def _median_seconds(fn, repeats: int) -> float:
+    return statistics.median([timed(fn)[0] for _ in range(repeats + 1)][1:])  # the first is a warm-up
+
+
+def step_costs(lm: FusedLM, drafter: str, k: int, draft_vocab: int = 0, repeats: int = 5) -> dict[str, float]:
+    """Seconds of one drafter step (1 token) and one verify step (k + 1 tokens) per other source, batch 1;
+    with a draft vocabulary of N tokens also the drafter's step through an N-row head and its full head
+    over the k + 1 drafted positions."""
     text = prompts("uig_Arab", 1)[0]
     costs = {}
+    tokens = torch.randint(10, min(1000, lm.vocab_size), (1, k + 1))
     for source in [lm.pool.get(drafter), *[s for s in lm.sources if s.role != drafter]]:
         enc = source.tokenizer([text], return_tensors="pt")
-        tokens = torch.randint(10, min(1000, lm.vocab_size), (1, k + 1))
+        backend = source.backend
+
+        def advance(width: int, hidden: bool = False, backend=backend, enc=enc):
+            _, state = backend.prefill(enc["input_ids"], enc["attention_mask"])
+            return lambda: backend.advance(state, tokens[:, :width], hidden=hidden)
+
         for width, name in ((1, "step"), (k + 1, f"verify_{k + 1}")):
-            samples = []
-            for _ in range(repeats + 1):  # the first is a warm-up
-                _, state = source.backend.prefill(enc["input_ids"], enc["attention_mask"])
-                seconds, _ = timed(
-                    lambda s=state, w=width, b=source.backend, t=tokens: b.advance(s, t[:, :w])
-                )
-                samples.append(seconds)
-            costs[f"{source.role}_{name}_s"] = statistics.median(samples[1:])
+            costs[f"{source.role}_{name}_s"] = statistics.median(
+                [timed(advance(width))[0] for _ in range(repeats + 1)][1:]
+            )
+        if source.role == drafter and draft_vocab:
+            head = backend.restricted_head(torch.arange(draft_vocab))
+            hidden = advance(k + 1, hidden=True)()
+            body = statistics.median([timed(advance(1, hidden=True))[0] for _ in range(repeats + 1)][1:])
+            with torch.inference_mode():
+                small = _median_seconds(partial(head, hidden[:, :1]), repeats)
+                full = _median_seconds(partial(backend.head_logits, hidden), repeats)
+            costs[f"{source.role}_restricted_step_s"] = body + small
+            costs[f"{source.role}_head_{k + 1}_s"] = full
     return costs
 
 
-def measure(lm: FusedLM, texts: list[str], batch: int, new_tokens: int, k: int | str) -> dict[str, object]:
+def measure(
+    lm: FusedLM, texts: list[str], batch: int, new_tokens: int, settings: dict[str, object]
+) -> dict[str, object]:
     gen = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True, batch_size=batch)
     lm.generate(texts[:1], gen.model_copy(update={"max_new_tokens": 2}))  # warm-up
     plain_s, plain = timed(lambda: lm.generate(texts, gen))
-    speculative = GenerationConfig.model_validate({**gen.model_dump(), "speculative": {"k": k}})
+    speculative = GenerationConfig.model_validate({**gen.model_dump(), "speculative": settings})
     spec_s, spec = timed(lambda: lm.generate(texts, speculative))
     tokens = sum(len(g.token_ids) for g in plain)
     merged = {"rounds": 0, "drafted": 0, "accepted": 0, "proposed_at": [], "accepted_at": []}
@@ -88,7 +107,8 @@ def measure(lm: FusedLM, texts: list[str], batch: int, new_tokens: int, k: int |
     ]
     return {
         "batch": batch,
-        "k": k,
+        "k": settings["k"],
+        "draft_vocab": (spec[0].stats or {}).get("draft_vocab") or 0,  # with the prompts' tokens and EOS
         "plain_tok_s": tokens / plain_s,
         "speculative_tok_s": tokens / spec_s,
         "speedup": plain_s / spec_s,
@@ -114,6 +134,19 @@ def main() -> None:
         default="runs/demo/selections/sib200_topic_uig_Arab.json",
         help="a selection.json whose weights (both scoring modes) are measured too",
     )
+    parser.add_argument(
+        "--draft-vocab",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="draft vocabulary sizes to measure (0: the whole vocabulary); see speculative.draft_vocab",
+    )
+    parser.add_argument(
+        "--draft-vocab-text",
+        nargs="+",
+        default=[str(UYGHUR_CORPUS), "sib200:eng_Latn:train"],
+        help="text whose most frequent tokens form the draft vocabulary (not the prompts: they are dev sentences)",
+    )
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -136,39 +169,63 @@ def main() -> None:
     for name, lm in settings.items():
         drafter = lm.drafter(GenerationConfig(speculative={"k": 4}))
         for k in ks:
-            costs = step_costs(lm, drafter, k if k != "auto" else 4)
-            for lang in ("uig_Arab", "eng_Latn"):
-                texts = prompts(lang, args.prompts)
-                for batch, chunk in ((1, texts[:2]), (8, texts)):
-                    row = {
-                        "weights": name,
-                        "fused": list(lm.roles),
-                        "lang": lang,
-                        **measure(lm, chunk, batch, args.new_tokens, k),
-                        **costs,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{name:<20} {lang} batch {batch} k={k}: plain {row['plain_tok_s']:.2f} tok/s, speculative "
-                        f"{row['speculative_tok_s']:.2f} ({row['speedup']:.2f}x), identical {row['identical']}, "
-                        f"accepted/round {row['mean_accepted_length']:.2f} of {k}, acceptance {row['acceptance_rate']:.2f}",
-                        flush=True,
-                    )
+            for draft_vocab in args.draft_vocab:
+                spec: dict[str, object] = {"k": k}
+                if draft_vocab:
+                    spec |= {"draft_vocab": draft_vocab, "draft_vocab_text": args.draft_vocab_text}
+                costs = step_costs(lm, drafter, k if k != "auto" else 4, draft_vocab)
+                for lang in ("uig_Arab", "eng_Latn"):
+                    texts = prompts(lang, args.prompts)
+                    for batch, chunk in ((1, texts[:2]), (8, texts)):
+                        row = {
+                            "weights": name,
+                            "fused": list(lm.roles),
+                            "lang": lang,
+                            **measure(lm, chunk, batch, args.new_tokens, spec),
+                            **costs,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{name:<20} {lang} batch {batch} k={k} draft vocab {row['draft_vocab'] or 'all'}: "
+                            f"plain {row['plain_tok_s']:.2f} tok/s, speculative {row['speculative_tok_s']:.2f} "
+                            f"({row['speedup']:.2f}x), identical {row['identical']}, accepted/round "
+                            f"{row['mean_accepted_length']:.2f}, acceptance {row['acceptance_rate']:.2f}",
+                            flush=True,
+                        )
     print(
-        "\n| weights | fused sources | lang | batch | k | plain tok/s | speculative tok/s | speedup | identical | acceptance | accepted/round | by position | draft step s | verify step s |"
+        "\n| weights | fused sources | lang | batch | k | draft vocab | plain tok/s | speculative tok/s | speedup | identical "
+        "| acceptance | accepted/round | by position | draft step s | verify step s | round predicted from step costs |"
     )
-    print("|---" * 14 + "|")
+    print("|---" * 16 + "|")
     for r in rows:
-        draft = r.get(f"{r['drafter']}_step_s")
-        verify = ", ".join(f"{key.split('_verify')[0]} {v:.3f}" for key, v in r.items() if "_verify_" in key)
-        positions = " ".join(f"{p:.2f}" for p in r["acceptance_by_position"])
-        print(
-            f"| {r['weights']} | {', '.join(r['fused'])} | {r['lang']} | {r['batch']} | {r['k']} | {r['plain_tok_s']:.2f} | "
-            f"{r['speculative_tok_s']:.2f} | {r['speedup']:.2f} | {r['identical']} | {r['acceptance_rate']:.2f} | "
-            f"{r['mean_accepted_length']:.2f} | {positions} | {draft:.3f} | {verify} |"
-        )
+        print(_table_row(r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _table_row(r: dict[str, object]) -> str:
+    """One markdown row; the last column is the batch-1 accounting: the seconds a round costs from the
+    step costs, and the tokens/s it predicts at the measured tokens per round."""
+    drafter, k = r["drafter"], r["k"] if r["k"] != "auto" else 4
+    verify = {
+        key.split("_verify")[0]: v
+        for key, v in r.items()
+        if "_verify_" in key and key.split("_verify")[0] != drafter
+    }
+    if r["draft_vocab"]:
+        draft = r[f"{drafter}_restricted_step_s"]
+        round_s = (k + 1) * draft + r[f"{drafter}_head_{k + 1}_s"] + sum(verify.values())
+    else:
+        draft = r[f"{drafter}_step_s"]
+        round_s = (k + 1) * draft + sum(verify.values())
+    predicted = f"{round_s:.3f} s -> {r['tokens_per_round'] / round_s:.1f} tok/s" if r["batch"] == 1 else ""
+    positions = " ".join(f"{p:.2f}" for p in r["acceptance_by_position"])
+    return (
+        f"| {r['weights']} | {', '.join(r['fused'])} | {r['lang']} | {r['batch']} | {r['k']} | {r['draft_vocab'] or 'all'} | "
+        f"{r['plain_tok_s']:.2f} | {r['speculative_tok_s']:.2f} | {r['speedup']:.2f} | {r['identical']} | "
+        f"{r['acceptance_rate']:.2f} | {r['mean_accepted_length']:.2f} | {positions} | {draft:.3f} | "
+        f"{', '.join(f'{role} {v:.3f}' for role, v in verify.items())} | {predicted} |"
+    )
 
 
 if __name__ == "__main__":

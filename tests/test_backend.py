@@ -169,3 +169,14 @@ def test_switching_a_model_to_grouped_attention_keeps_its_outputs(tokenizer) -> 
     assert model.config._attn_implementation == "trimix_sdpa"
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(after[real], before[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_restricted_head_equals_the_full_head_at_those_rows(backend, tokenizer, monkeypatch, softcap) -> None:
+    monkeypatch.setattr(backend, "softcap", softcap)  # Gemma 2's final_logit_softcapping
+    _, state = _prefill(backend, ["Hello world", "The"], None)
+    hidden = backend.advance(state, _draft(tokenizer, 2, 3), hidden=True)
+    ids = torch.tensor([0, 3, 17, 42, len(tokenizer) - 1])
+    with torch.inference_mode():
+        restricted, full = backend.restricted_head(ids)(hidden), backend.head_logits(hidden)
+    torch.testing.assert_close(restricted, full[..., ids])

@@ -194,3 +194,20 @@ def test_overlong_prompt_is_refused_before_any_model_loads(trio, tmp_path, capsy
     )
     assert main(["generate", "-c", str(path), "-p", "hello " * 1200, "--max-new-tokens", "4"]) == 2
     assert "more than the source's context of 1024" in capsys.readouterr().err
+
+
+def test_speculative_flags_keep_the_output_and_name_bad_values(config_file, tmp_path, capsys) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("Hello world, the quick brown fox.\nئۇيغۇر تىلى\n", encoding="utf-8")
+    base = ["generate", "-c", str(config_file), "-p", "Hello", "--max-new-tokens", "6"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    flags = ["--speculative", "3", "--draft-vocab", "10", "--draft-vocab-text", str(text)]
+    assert main([*base, *flags]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["token_ids"] == plain["token_ids"]
+    assert fast["stats"]["draft_vocab"] >= 10 and fast["stats"]["rounds"] >= 1
+    assert main([*base, "--speculative", "three"]) == 2
+    assert "--speculative" in capsys.readouterr().err
+    assert main([*base, "--speculative", "3", "--draft-vocab", "10"]) == 2
+    assert "draft_vocab_text" in capsys.readouterr().err

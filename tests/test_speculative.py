@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from conftest import trio_config
 from trimix import FusedLM, GenerationConfig, load_config
 from trimix.decoding import speculative
 from trimix.decoding.sampling import TokenChooser
-from trimix.decoding.speculative import emission_probabilities, next_k, residual_distribution
+from trimix.decoding.speculative import emission_probabilities, frequent_tokens, next_k, residual_distribution
+from trimix.errors import ConfigError
 from trimix.fusion import fused_scores
+from trimix.testing import CORPUS
 
 PROMPTS = [
     "Hello world, this is",
@@ -125,14 +129,14 @@ def test_positions_one_to_k_emit_the_fused_distribution_exactly() -> None:
     torch.testing.assert_close(second, p[1], atol=1e-4, rtol=0)
 
 
-def _second_token_tv(lm: FusedLM, samples: int) -> float:
+def _second_token_tv(lm: FusedLM, samples: int, **spec) -> float:
     """Total-variation distance between the empirical second token (given the most common first one) under
     speculative sampling and the exact fused distribution computed from one forward pass."""
     prompt = PROMPTS[0]
     gen = GenerationConfig(
         max_new_tokens=3, do_sample=True, temperature=1.0, top_k=6, seed=11, ignore_eos=True, batch_size=512
     )
-    out = lm.generate([prompt] * samples, gen, speculative={"k": 1})
+    out = lm.generate([prompt] * samples, gen, speculative={"k": 1, **spec})
     firsts = torch.tensor([g.token_ids[0] for g in out])
     mode = int(firsts.mode().values)
     seconds = torch.tensor([g.token_ids[1] for g in out if g.token_ids[0] == mode])
@@ -153,6 +157,59 @@ def test_speculative_sampling_matches_the_fused_distribution(make_model, monkeyp
         speculative, "ACCEPTANCE_RULE", lambda u, p_x, q_x: torch.ones_like(u, dtype=torch.bool)
     )
     assert _second_token_tv(lm, 3000) > 0.15
+
+
+def _draft_text(tmp_path: Path) -> str:
+    path = tmp_path / "draft_vocab.txt"
+    path.write_text("\n".join(CORPUS), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("arch", "drafter", "size"), [("qwen2", None, 12), ("gemma3", None, 40), ("llama", "small_base", 25)]
+)
+def test_greedy_speculative_with_a_small_draft_vocabulary_equals_plain(
+    make_model, tmp_path, arch, drafter, size
+) -> None:
+    """A drafter restricted to a few frequent tokens proposes worse drafts, never a different output."""
+    lm = _lm(make_model, arch, weights=(0.3, 0.9))
+    gen = GenerationConfig(max_new_tokens=16, ignore_eos=True, batch_size=4)
+    plain = lm.generate(PROMPTS, gen)
+    spec = {
+        "k": 3,
+        "draft": drafter,
+        "draft_vocab": size,
+        "draft_vocab_text": [_draft_text(tmp_path), "sib200:eng_Latn:dev"],
+    }
+    fast = lm.generate(PROMPTS, gen, speculative=spec)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    assert size < fast[0].stats["draft_vocab"] < lm.vocab_size // 2  # + the prompts' tokens and EOS
+    full = lm.generate(PROMPTS, gen, speculative={"k": 3, "draft": drafter})
+    assert sum(g.stats["accepted"] for g in fast) <= sum(g.stats["accepted"] for g in full)
+
+
+def test_speculative_sampling_with_a_small_draft_vocabulary_matches_the_fused_distribution(
+    make_model, tmp_path
+) -> None:
+    """Tokens the drafter cannot propose must still come out at their fused probability (the residual)."""
+    lm = _lm(make_model, "qwen2", weights=(0.6, 0.6))
+    assert _second_token_tv(lm, 3000, draft_vocab=8, draft_vocab_text=[_draft_text(tmp_path)]) < 0.08
+
+
+def test_draft_vocabulary_keeps_the_most_frequent_and_the_required_tokens() -> None:
+    counts = Counter({5: 10, 7: 10, 3: 4, 9: 1, 250: 99})
+    chosen = frequent_tokens(counts, 2, always=[1, 9, 300], vocab_size=200)
+    assert chosen.tolist() == [1, 5, 7, 9]  # 250 and 300 lie past the vocabulary; ties by lower id
+
+
+def test_draft_vocabulary_needs_text() -> None:
+    with pytest.raises(ConfigError, match="draft_vocab_text"):
+        load_config(
+            {
+                "models": [{"model": "x", "role": "small_cpt"}],
+                "generation": {"speculative": {"draft_vocab": 100}},
+            }
+        )
 
 
 def test_speculative_sampling_is_reproducible(make_model) -> None:

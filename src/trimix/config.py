@@ -124,10 +124,33 @@ class SpeculativeConfig(_Strict):
     ``models``, e.g. with weight 0, sharing the tokenizer). None: the fused source with the largest
     weight, and among equals the one with the fewest parameters. ``k: auto`` adapts the draft length
     to the acceptance measured so far (between 1 and 8).
+
+    ``draft_vocab: N`` lets the drafter propose only among the N tokens most frequent in
+    ``draft_vocab_text`` (text files, JSONL, or ``sib200:LANG:SPLIT``), the prompts' own tokens and
+    end-of-sequence: a draft step then multiplies by N rows of the output projection instead of the whole
+    vocabulary (Gemma's 262k rows are 63% of its 270M parameters). The fused sources still score every
+    token, so the output is unchanged (identical when greedy, exact in distribution when sampling); a
+    token outside the list is simply never drafted.
     """
 
     draft: str | None = None
     k: int | Literal["auto"] = 4
+    draft_vocab: int | None = Field(None, ge=1)
+    draft_vocab_text: list[str] = Field(default_factory=list)
+
+    @field_validator("draft_vocab_text", mode="before")
+    @classmethod
+    def _one_text(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _vocab_needs_text(self) -> SpeculativeConfig:
+        if self.draft_vocab is not None and not self.draft_vocab_text:
+            raise ValueError(
+                "speculative.draft_vocab needs draft_vocab_text: text in the languages you decode "
+                "(e.g. the CPT corpus and sib200:eng_Latn:train), whose most frequent tokens the drafter keeps"
+            )
+        return self
 
     @field_validator("k")
     @classmethod
@@ -629,7 +652,9 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if not isinstance(node.get(part), dict):  # absent, or null in the file (e.g. `speculative: null`)
+            node[part] = {}
+        node = node[part]
     node[parts[-1]] = value
 
 
@@ -652,6 +677,12 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     search = raw.get("search")
     if isinstance(search, dict) and isinstance(search.get("text_file"), str):
         search["text_file"] = fix(search["text_file"])
+    speculative = (raw.get("generation") or {}).get("speculative")
+    if isinstance(speculative, dict) and isinstance(speculative.get("draft_vocab_text"), str | list):
+        texts = speculative["draft_vocab_text"]
+        speculative["draft_vocab_text"] = [
+            fix(t) if isinstance(t, str) else t for t in ([texts] if isinstance(texts, str) else texts)
+        ]
     cpt = raw.get("cpt")
     if isinstance(cpt, dict) and isinstance(cpt.get("corpus"), list):
         cpt["corpus"] = [fix(c) if isinstance(c, str) else c for c in cpt["corpus"]]

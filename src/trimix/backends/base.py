@@ -12,6 +12,7 @@ tokens, as speculative decoding needs), can drop rows that finished, and can tak
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -82,4 +83,9 @@ class SourceBackend(Protocol):
 
     def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Output-head logits of final hidden states ``(..., H)``; with ``out`` ``(..., V)`` only the first V."""
+        ...
+
+    def restricted_head(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A head over the rows ``ids`` only: maps hidden states ``(..., H)`` to ``(..., len(ids))``, equal
+        to ``head_logits(hidden)[..., ids]`` (the rows are copied once, when this is called)."""
         ...

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -433,6 +434,21 @@ class HFBackend:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         elif self.softcap:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def restricted_head(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Logits over the rows ``ids`` only (soft-capped like :meth:`head_logits`); the rows are copied
+        once here, so each call reads ``len(ids)`` rows of the output projection instead of all of them."""
+        head = self.model.get_output_embeddings()
+        ids = ids.to(head.weight.device)
+        weight = head.weight.detach().index_select(0, ids).contiguous()
+        bias = head.bias.detach().index_select(0, ids) if getattr(head, "bias", None) is not None else None
+        softcap = self.softcap
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            out = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+            return torch.tanh(out / softcap) * softcap if softcap else out
+
         return logits
 
     # ---------------------------------------------------------------- internals

@@ -25,6 +25,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="run-level dtype")
 
 
+# Overridden fields whose flag is not named after the field's last part.
+FLAG_NAMES = {"generation.inspect_top_k": "--inspect", "generation.speculative.k": "--speculative"}
+
+
 def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> TrimixConfig:
     """Load --config and apply the command-line overrides (one flag overrides one field)."""
     overrides: dict[str, Any] = dict(extra or {})
@@ -44,7 +48,7 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
     elif args.weights_from:
         weights = read_selected_weights(args.weights_from)
     # Errors about a value a flag set name the flag (generation.max_new_tokens -> --max-new-tokens).
-    flags = {key: "--" + key.split(".")[-1].replace("_", "-") for key in overrides}
+    flags = {key: FLAG_NAMES.get(key, "--" + key.split(".")[-1].replace("_", "-")) for key in overrides}
     return load_config(args.config, overrides=overrides, weights=weights, flags=flags)
 
 

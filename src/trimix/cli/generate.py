@@ -77,6 +77,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         help="speculative fusion: the largest-weight source drafts K tokens (or 'auto'), all sources verify them",
     )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        metavar="N",
+        help="speculative fusion: the drafter proposes only among the N tokens most frequent in --draft-vocab-text",
+    )
+    p.add_argument(
+        "--draft-vocab-text",
+        nargs="+",
+        metavar="TEXT",
+        help="text files (or sib200:LANG:SPLIT) in the languages you decode, for --draft-vocab",
+    )
     p.set_defaults(func=run)
 
 
@@ -99,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stop:
         extra["generation.stop"] = args.stop
     if args.speculative is not None:
-        extra["generation.speculative"] = {
-            "k": args.speculative if args.speculative == "auto" else int(args.speculative)
-        }
+        extra["generation.speculative.k"] = args.speculative  # validated with the config ("auto" or 1-16)
+    if args.draft_vocab is not None:
+        extra["generation.speculative.draft_vocab"] = args.draft_vocab
+    if args.draft_vocab_text:
+        extra["generation.speculative.draft_vocab_text"] = args.draft_vocab_text
     config = config_from_args(args, extra)
     prompts = read_prompts(args.prompt, args.prompts_file)
     if args.resume and not args.output_dir:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trimix.errors import DataError
-from trimix.io import read_text
+from trimix.io import read_documents, read_text
 
 DATA_DIR = Path(__file__).parent
 SIB200_DIR = DATA_DIR / "sib200"
@@ -82,3 +82,16 @@ def read_sib200(lang: str, split: str, root: Path | str | None = None) -> list[S
                 raise DataError(f"{path}:{number}: field '{field}' is empty")
         rows.append(SibRow(index_id, category, text, f"{path}:{number}"))
     return rows
+
+
+def read_text_spec(spec: str | Path, limit: int | None = None) -> list[str]:
+    """Texts named by ``sib200:LANG:SPLIT`` (the bundled SIB-200 sentences) or a text/JSONL file path."""
+    name = str(spec)
+    if name.startswith("sib200:"):
+        parts = name.split(":")
+        if len(parts) != 3:
+            raise DataError(f"text {name!r}: write sib200:LANG:SPLIT, e.g. sib200:eng_Latn:dev")
+        texts = [row.text for row in read_sib200(parts[1], parts[2])]
+    else:
+        texts = read_documents(name)
+    return texts if limit is None else texts[:limit]

@@ -21,6 +21,7 @@ index), so a prompt's output does not depend on the batch it shares.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -31,8 +32,15 @@ from tqdm.auto import tqdm
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
 from trimix.config import FusionConfig, GenerationConfig, TrimixConfig
+from trimix.data import read_text_spec
 from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, gumbel_noise, row_keys
-from trimix.decoding.speculative import K_AUTO_START, SpeculativeStats, next_k, verify_drafts
+from trimix.decoding.speculative import (
+    K_AUTO_START,
+    SpeculativeStats,
+    frequent_tokens,
+    next_k,
+    verify_drafts,
+)
 from trimix.decoding.static import (
     Batch,
     FusedStep,
@@ -154,6 +162,7 @@ class SourcePool:
         self.vocab_mode = vocab_mode
         self.sessions = SessionPool()
         self.vocab_size = self._check() if self.sources else 0
+        self._token_counts: dict[tuple[str, tuple[str, ...]], Counter[int]] = {}
 
     @property
     def roles(self) -> list[str]:
@@ -177,6 +186,24 @@ class SourcePool:
         self.sources[role] = source
         self.vocab_size = self._check()
         return source
+
+    def token_counts(self, role: str, texts: Sequence[str]) -> Counter[int]:
+        """How often each token id occurs in ``texts`` (files or ``sib200:LANG:SPLIT``, see
+        :func:`trimix.data.read_text_spec`) under ``role``'s tokenizer; counted once, then remembered."""
+        key = (role, tuple(texts))
+        if key not in self._token_counts:
+            tokenizer = self.get(role).tokenizer
+            counts: Counter[int] = Counter()
+            for spec in texts:
+                documents = read_text_spec(spec)
+                for start in range(0, len(documents), 256):
+                    for ids in tokenizer(documents[start : start + 256], add_special_tokens=False)[
+                        "input_ids"
+                    ]:
+                        counts.update(ids)
+            logger.info("draft vocabulary: %d distinct tokens in %s", len(counts), ", ".join(texts))
+            self._token_counts[key] = counts
+        return self._token_counts[key]
 
     def _check(self) -> int:
         sources = list(self.sources.values())
@@ -686,6 +713,21 @@ class FusedLM:
             draft_state = states[draft_index]
         all_states = states + ([draft_state] if draft_index is None else [])
         backends = [s.backend for s in self.sources] + ([drafter.backend] if draft_index is None else [])
+        draft_head, draft_ids = None, None
+        if gen.speculative.draft_vocab is not None:
+            draft_enc = enc if draft_index is None else encodings[draft_index]
+            draft_ids = frequent_tokens(
+                self.pool.token_counts(draft_role, gen.speculative.draft_vocab_text),
+                gen.speculative.draft_vocab,
+                [
+                    *draft_enc["input_ids"][draft_enc["attention_mask"].bool()].tolist(),
+                    *self._eos(tracker).tolist(),
+                ],
+                vocab,
+            )
+            draft_head = drafter.backend.restricted_head(draft_ids)
+            draft_ids = draft_ids.to(device)
+            logger.info("the drafter proposes among %d of %d tokens", len(draft_ids), vocab)
         # The first token comes from the prefill, as in plain fused decoding.
         logits = [x.to(device) for x, _ in prefilled]
         scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha)
@@ -712,18 +754,32 @@ class FusedLM:
             k_round = max(0, min(k, room - 1))
             counters = torch.tensor([len(tracker.rows[r]) for r in active], dtype=torch.long, device=device)
             before = [state.next_position.clone() for state in all_states]
-            token, draft_logits, drafts = pending, [], []
+            # draft_logits: what each draft was chosen from; drafter_logits: the drafter's full logits at the
+            # k + 1 positions (the same unless the drafter proposes from a smaller vocabulary).
+            token, draft_logits, draft_hidden, drafts = pending, [], [], []
             for j in range(k_round + 1):
-                step_logits = drafter.backend.advance(draft_state, token[:, None])[:, -1].to(device)
-                draft_logits.append(step_logits)
+                if draft_head is None:
+                    step_logits = drafter.backend.advance(draft_state, token[:, None])[:, -1].to(device)
+                    draft_logits.append(step_logits)
+                else:
+                    hidden = drafter.backend.advance(draft_state, token[:, None], hidden=True)[:, -1]
+                    draft_hidden.append(hidden)
+                    if j == k_round:
+                        break
+                    step_logits = _spread(draft_head(hidden).to(device), draft_ids, vocab)
+                    draft_logits.append(step_logits)
                 if j < k_round:
                     token = self._draft_choice(chooser, step_logits[:, :vocab], keys[rows], counters + j)
                     drafts.append(token)
             sequence = torch.stack([pending, *drafts], dim=1)  # (b, k + 1)
+            if draft_index is None:
+                drafter_logits = None
+            elif draft_head is None:
+                drafter_logits = torch.stack(draft_logits, 1)
+            else:
+                drafter_logits = drafter.backend.head_logits(torch.stack(draft_hidden, 1)).to(device)
             source_logits = [
-                torch.stack(draft_logits, 1)
-                if i == draft_index
-                else source.backend.advance(states[i], sequence).to(device)
+                drafter_logits if i == draft_index else source.backend.advance(states[i], sequence).to(device)
                 for i, source in enumerate(self.sources)
             ]
             scores = fused_scores(source_logits, weights[rows], vocab, self.plausibility_index, self._alpha)
@@ -773,7 +829,17 @@ class FusedLM:
             else "n/a",
         )
         yield _Step(
-            [], [], [], stats={row: {"draft": draft_role, **st.to_dict()} for row, st in stats.items()}
+            [],
+            [],
+            [],
+            stats={
+                row: {
+                    "draft": draft_role,
+                    "draft_vocab": None if draft_ids is None else len(draft_ids),
+                    **st.to_dict(),
+                }
+                for row, st in stats.items()
+            },
         )
 
     def _draft_choice(
@@ -1173,3 +1239,9 @@ __all__ = [
     "StreamEvent",
     "TokenInspection",
 ]
+
+
+def _spread(logits: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Scores over ``ids`` ``(B, N)`` placed in a ``(B, vocab)`` row, ``-inf`` at every other token."""
+    full = logits.new_full((logits.shape[0], vocab), float("-inf"))
+    return full.index_copy_(1, ids, logits)

@@ -25,6 +25,8 @@ lives in :class:`~trimix.decoding.engine.FusedLM`.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,18 @@ import torch
 from trimix.decoding.sampling import STREAM_ACCEPT, STREAM_RESIDUAL, gumbel_noise, uniform_noise
 
 K_AUTO_START, K_AUTO_MAX = 4, 8
+
+
+def frequent_tokens(
+    counts: Counter[int], size: int, always: Iterable[int] = (), vocab_size: int | None = None
+) -> torch.Tensor:
+    """The draft vocabulary: the ``size`` most frequent ids of ``counts`` (ties: the lower id) and every id
+    of ``always``, sorted, without duplicates, all below ``vocab_size``."""
+    usable = [(token, n) for token, n in counts.items() if vocab_size is None or 0 <= token < vocab_size]
+    ranked = sorted(usable, key=lambda item: (-item[1], item[0]))[:size]
+    chosen = {token for token, _ in ranked}
+    chosen.update(t for t in always if vocab_size is None or 0 <= t < vocab_size)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def residual_distribution(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:

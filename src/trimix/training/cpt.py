@@ -25,12 +25,12 @@ from transformers.trainer_callback import PrinterCallback
 from trimix.backends.hf import HFBackend
 from trimix.backends.loading import SOURCE_CARD, Source, load_source
 from trimix.config import CptConfig, SourceConfig
-from trimix.data import read_sib200
+from trimix.data import read_text_spec
 from trimix.errors import ConfigError, TrimixError
 from trimix.faults import SimulatedKill, fault_point
 from trimix.io import atomic_write_json
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
-from trimix.training.corpus import BlockDataset, pack_blocks, read_documents, split_corpus
+from trimix.training.corpus import BlockDataset, pack_blocks, split_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ def held_out_perplexity(source: Source, texts: list[str]) -> float:
 
 def forgetting_texts(spec: str | None, limit: int = 100) -> list[str]:
     """High-resource text for the forgetting check: ``sib200:LANG:SPLIT`` or a text file."""
-    if not spec:
-        return []
-    if spec.startswith("sib200:"):
-        _, lang, split = spec.split(":")
-        return [r.text for r in read_sib200(lang, split)][:limit]
-    return read_documents(spec)[:limit]
+    return read_text_spec(spec, limit) if spec else []
 
 
 class _Progress(TrainerCallback):
