@@ -211,3 +211,6 @@ def test_speculative_flags_keep_the_output_and_name_bad_values(config_file, tmp_
     assert "--speculative" in capsys.readouterr().err
     assert main([*base, "--speculative", "3", "--draft-vocab", "10"]) == 2
     assert "draft_vocab_text" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.txt")
+    assert main([*base, "--speculative", "3", "--draft-vocab", "10", "--draft-vocab-text", missing]) == 2
+    assert "missing.txt' is not a file" in capsys.readouterr().err

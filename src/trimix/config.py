@@ -143,6 +143,18 @@ class SpeculativeConfig(_Strict):
     def _one_text(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("draft_vocab_text")
+    @classmethod
+    def _texts_exist(cls, value: list[str]) -> list[str]:
+        for text in value:
+            if text.startswith("sib200:"):
+                parts = text.split(":")
+                if len(parts) != 3 or parts[2] not in ("train", "dev", "test"):
+                    raise ValueError(f"{text!r}: write sib200:LANG:SPLIT with SPLIT train, dev or test")
+            elif not Path(text).expanduser().is_file():
+                raise ValueError(f"{text!r} is not a file (relative paths in a config start with ./)")
+        return value
+
     @model_validator(mode="after")
     def _vocab_needs_text(self) -> SpeculativeConfig:
         if self.draft_vocab is not None and not self.draft_vocab_text:
