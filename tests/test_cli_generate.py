@@ -207,6 +207,9 @@ def test_speculative_flags_keep_the_output_and_name_bad_values(config_file, tmp_
     fast = json.loads(capsys.readouterr().out)
     assert fast["token_ids"] == plain["token_ids"]
     assert fast["stats"]["draft_vocab"] >= 10 and fast["stats"]["rounds"] >= 1
+    assert main([*base, *flags, "--inspect", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "speculative: draft " in err and "acceptance" in err and "by position" in err
     assert main([*base, "--speculative", "three"]) == 2
     assert "--speculative" in capsys.readouterr().err
     assert main([*base, "--speculative", "3", "--draft-vocab", "10"]) == 2

@@ -173,7 +173,8 @@ def _print_or_stream(
             sys.stdout.flush()
         if gen.inspect_top_k and not args.quiet:
             for p, g in zip(batch, generations, strict=True):
-                tqdm.write(inspection_table(str(p["id"]), g.inspection or []), file=sys.stderr)
+                table = inspection_table(str(p["id"]), g.inspection or [])
+                tqdm.write(table + speculative_summary(g.stats), file=sys.stderr)
         if sink is not None:
             sink.write(rows)
         bar.update(len(batch))
@@ -193,6 +194,20 @@ def _stream(lm: FusedLM, texts: list[str], ids: list[int], gen, batch: list[dict
             print(json.dumps(line, ensure_ascii=False))
         sys.stdout.flush()
     return results
+
+
+def speculative_summary(stats: dict | None) -> str:
+    """One line of speculative accounting under a prompt's inspection table ("" without speculation)."""
+    if not stats or not stats.get("rounds"):
+        return ""
+    rate = stats.get("acceptance_rate")
+    positions = " ".join("-" if a is None else f"{a:.2f}" for a in stats.get("acceptance_by_position") or [])
+    vocab = f", draft vocabulary {stats['draft_vocab']}" if stats.get("draft_vocab") else ""
+    return (
+        f"\nspeculative: draft {stats['draft']}{vocab}, {stats['rounds']} rounds, acceptance "
+        f"{'n/a' if rate is None else f'{rate:.2f}'}, mean accepted length {stats['mean_accepted_length']:.2f}, "
+        f"by position {positions}"
+    )
 
 
 def inspection_table(prompt_id: str, inspection: list[TokenInspection], top: int = 3) -> str:
