@@ -27,11 +27,13 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import torch
 from common import demo_trio, machine, save
 
 from trimix import FusedLM, GenerationConfig
 from trimix.data import read_sib200
 from trimix.decoding.batcher import ContinuousBatcher
+from trimix.decoding.engine import encode_texts
 from trimix.server import BackgroundServer, Server
 
 logger = logging.getLogger("bench")
@@ -101,6 +103,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def costs_alone(lm: FusedLM, prompts: list[str]) -> dict[str, float]:
+    """What the batcher's admissions and steps would cost without the HTTP side, for the first fused
+    source: prefilling 8 prompts, inserting 8 rows into a 56-row cache, one decode step of 64 rows."""
+    source = lm.sources[0]
+    backend = source.backend
+
+    def prefill(texts: list[str]):
+        enc = encode_texts(source, texts)
+        return backend.prefill(enc["input_ids"], enc["attention_mask"])[1]
+
+    prefill(prompts[:8])  # warm-up
+    start = time.perf_counter()
+    arrivals = prefill(prompts[56:64])
+    prefill_s = time.perf_counter() - start
+    running = prefill(prompts[:56])
+    start = time.perf_counter()
+    backend.insert_rows(running, arrivals)
+    insert_s = time.perf_counter() - start
+    token = torch.full((64, 1), int(source.tokenizer.eos_token_id or 0))
+    start = time.perf_counter()
+    backend.advance(running, token)
+    step_s = time.perf_counter() - start
+    return {
+        "prefill 8 prompts": prefill_s,
+        "insert 8 rows into 56": insert_s,
+        "decode step of 64 rows": step_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,7 +165,9 @@ def main() -> None:
         for clients, n_requests in scenarios:
             prompts = load_prompts(n_requests)
             tokens_before = server.batcher.stats["tokens"]
+            timing_before = dict(server.batcher.timing)
             wall, timings = run_load(base, prompts, clients, args.new_tokens)
+            spent = {key: server.batcher.timing[key] - timing_before[key] for key in timing_before}
             if timings.errors:
                 raise SystemExit(f"{len(timings.errors)} request(s) failed, e.g. {timings.errors[0]}")
             served_tokens = server.batcher.stats["tokens"] - tokens_before
@@ -159,6 +192,7 @@ def main() -> None:
                 "offline_tps": offline_tokens / offline_wall,
             }
             row["ratio"] = row["served_tps"] / row["offline_tps"]
+            row["batcher"] = spent
             rows.append(row)
             print(
                 f"{clients:>7} {n_requests:>5} {row['served_tps']:>9.1f} {row['requests_per_s']:>6.2f} "
@@ -166,10 +200,23 @@ def main() -> None:
                 f"{row['latency_p95_s']:>6.2f} {row['offline_tps']:>13.1f} {row['ratio']:>6.2f}",
                 flush=True,
             )
+            print(
+                f"  batcher: {spent['admit_seconds']:.1f} s admitting ({spent['admissions']} admissions, "
+                f"{spent['admitted'] / max(1, spent['admissions']):.1f} requests each), {spent['step_seconds']:.1f} s "
+                f"in {spent['steps']} decode steps ({spent['step_seconds'] / max(1, spent['steps']):.3f} s each), "
+                f"{max(0.0, wall - spent['admit_seconds'] - spent['step_seconds']):.1f} s idle; offline: "
+                f"{-(-n_requests // clients)} batches",
+                flush=True,
+            )
             if served_tokens != offline_tokens:
                 print(f"  note: served {served_tokens} tokens, offline {offline_tokens} (EOS at other steps)")
     finally:
         running.stop()
+    alone = costs_alone(lm, load_prompts(64))
+    print(
+        "costs measured alone (no HTTP), per fused source: "
+        + ", ".join(f"{key} {value:.3f} s" for key, value in alone.items())
+    )
     print(
         "ratio = server tokens/s over offline generate tokens/s with batch_size = clients; times in seconds"
     )

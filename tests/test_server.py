@@ -159,6 +159,7 @@ def test_health_metrics_and_playground(served) -> None:
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
     metrics = httpx.get(f"{base}/metrics").text
     assert "trimix_tokens_generated_total" in metrics and "trimix_queue_depth" in metrics
+    assert "trimix_admit_seconds_total" in metrics and "trimix_step_seconds_total" in metrics
     page = httpx.get(f"{base}/").text
     assert "trimix playground" in page and "/v1/completions" in page
 

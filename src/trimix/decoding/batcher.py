@@ -128,6 +128,9 @@ class ContinuousBatcher:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.stats = {"requests": 0, "tokens": 0, "finished": 0, "cancelled": 0, "started": time.time()}
+        # Where the batcher's time goes: admitting (prefilling arrivals and inserting them into the running
+        # caches) and decode steps (one fused step of a group, including dropping its finished rows).
+        self.timing = {"admissions": 0, "admitted": 0, "admit_seconds": 0.0, "steps": 0, "step_seconds": 0.0}
         self.recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for tokens/s
 
     # ---------------------------------------------------------------- lifecycle
@@ -174,11 +177,19 @@ class ContinuousBatcher:
         torch.set_grad_enabled(False)
         while not self.stopping.is_set():
             try:
+                start = time.perf_counter()
                 admitted = self._admit()
+                if admitted:
+                    self.timing["admissions"] += 1
+                    self.timing["admitted"] += admitted
+                    self.timing["admit_seconds"] += time.perf_counter() - start
                 stepped = False
                 for key, group in list(self.groups.items()):
                     if group.rows:
+                        start = time.perf_counter()
                         self._step(group)
+                        self.timing["steps"] += 1
+                        self.timing["step_seconds"] += time.perf_counter() - start
                         stepped = True
                     if not group.rows:
                         del self.groups[key]
@@ -192,8 +203,8 @@ class ContinuousBatcher:
                         row.handle.events.put(exc)
                 self.groups.clear()
 
-    def _admit(self) -> bool:
-        """Prefill waiting requests (as many as fit) and insert them into their groups."""
+    def _admit(self) -> int:
+        """Prefill waiting requests (as many as fit) and insert them into their groups; how many joined."""
         room = self.max_batch - self.running
         new: dict[tuple, list[RequestHandle]] = {}
         while room > 0:
@@ -218,7 +229,7 @@ class ContinuousBatcher:
             except TrimixError as exc:
                 for handle in handles:
                     handle.events.put(exc)
-        return bool(new)
+        return sum(len(handles) for handles in new.values())
 
     def _insert(self, group: _Group, handles: list[RequestHandle]) -> None:
         lm = group.lm
