@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import demo_trio
+from common import best_time, demo_trio
 
 from trimix import FusedLM, GenerationConfig
 from trimix.data import UYGHUR_CORPUS, read_sib200
@@ -49,10 +49,6 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    return statistics.median([timed(fn)[0] for _ in range(repeats + 1)][1:])  # the first is a warm-up
-
-
 def step_costs(lm: FusedLM, drafter: str, k: int, draft_vocab: int = 0, repeats: int = 5) -> dict[str, float]:
     """Seconds of one drafter step (1 token) and one verify step (k + 1 tokens) per other source, batch 1;
     with a draft vocabulary of N tokens also the drafter's step through an N-row head and its full head
@@ -64,22 +60,24 @@ def step_costs(lm: FusedLM, drafter: str, k: int, draft_vocab: int = 0, repeats:
         enc = source.tokenizer([text], return_tensors="pt")
         backend = source.backend
 
-        def advance(width: int, hidden: bool = False, backend=backend, enc=enc):
-            _, state = backend.prefill(enc["input_ids"], enc["attention_mask"])
-            return lambda: backend.advance(state, tokens[:, :width], hidden=hidden)
+        def advance_seconds(width: int, hidden: bool = False, backend=backend, enc=enc) -> float:
+            """Median time to advance a freshly prefilled state by ``width`` tokens (the first a warm-up)."""
+            samples = []
+            for _ in range(repeats + 1):
+                _, state = backend.prefill(enc["input_ids"], enc["attention_mask"])
+                samples.append(timed(partial(backend.advance, state, tokens[:, :width], hidden=hidden))[0])
+            return statistics.median(samples[1:])
 
         for width, name in ((1, "step"), (k + 1, f"verify_{k + 1}")):
-            costs[f"{source.role}_{name}_s"] = statistics.median(
-                [timed(advance(width))[0] for _ in range(repeats + 1)][1:]
-            )
+            costs[f"{source.role}_{name}_s"] = advance_seconds(width)
         if source.role == drafter and draft_vocab:
             head = backend.restricted_head(torch.arange(draft_vocab))
-            hidden = advance(k + 1, hidden=True)()
-            body = statistics.median([timed(advance(1, hidden=True))[0] for _ in range(repeats + 1)][1:])
+            _, state = backend.prefill(enc["input_ids"], enc["attention_mask"])
+            hidden = backend.advance(state, tokens, hidden=True)
             with torch.inference_mode():
-                small = _median_seconds(partial(head, hidden[:, :1]), repeats)
-                full = _median_seconds(partial(backend.head_logits, hidden), repeats)
-            costs[f"{source.role}_restricted_step_s"] = body + small
+                small = best_time(partial(head, hidden[:, :1]), repeats)
+                full = best_time(partial(backend.head_logits, hidden), repeats)
+            costs[f"{source.role}_restricted_step_s"] = advance_seconds(1, hidden=True) + small
             costs[f"{source.role}_head_{k + 1}_s"] = full
     return costs
 
