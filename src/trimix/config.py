@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trimix.errors import ConfigError
+from trimix.data import sib200_spec
+from trimix.errors import ConfigError, DataError
 from trimix.fusion.methods import LARGE, PAPER_ROLES, SMALL_BASE, SMALL_CPT, get_method
 from trimix.fusion.spec import PLAUSIBILITY_ALPHA, Fusion, Plausibility
 from trimix.io import read_text
@@ -147,11 +148,11 @@ class SpeculativeConfig(_Strict):
     @classmethod
     def _texts_exist(cls, value: list[str]) -> list[str]:
         for text in value:
-            if text.startswith("sib200:"):
-                parts = text.split(":")
-                if len(parts) != 3 or parts[2] not in ("train", "dev", "test"):
-                    raise ValueError(f"{text!r}: write sib200:LANG:SPLIT with SPLIT train, dev or test")
-            elif not Path(text).expanduser().is_file():
+            try:
+                bundled = sib200_spec(text)
+            except DataError as exc:
+                raise ValueError(str(exc)) from None
+            if bundled is None and not Path(text).expanduser().is_file():
                 raise ValueError(f"{text!r} is not a file (relative paths in a config start with ./)")
         return value
 

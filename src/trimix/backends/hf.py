@@ -430,11 +430,9 @@ class HFBackend:
             logits = head(hidden)
             if out is not None:
                 logits = out.copy_(logits[..., : out.shape[-1]])
-        if self.softcap and out is None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        elif self.softcap:
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        return logits
+        if self.softcap and out is not None:
+            return logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return self._soft_capped(logits)
 
     def restricted_head(self, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Logits over the rows ``ids`` only (soft-capped like :meth:`head_logits`); the rows are copied
@@ -443,13 +441,15 @@ class HFBackend:
         ids = ids.to(head.weight.device)
         weight = head.weight.detach().index_select(0, ids).contiguous()
         bias = head.bias.detach().index_select(0, ids) if getattr(head, "bias", None) is not None else None
-        softcap = self.softcap
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
-            out = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
-            return torch.tanh(out / softcap) * softcap if softcap else out
+            return self._soft_capped(torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias))
 
         return logits
+
+    def _soft_capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """``cap * tanh(logits / cap)`` for families with final-logit soft-capping, else ``logits``."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     # ---------------------------------------------------------------- internals
     @staticmethod

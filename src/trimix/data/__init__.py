@@ -84,14 +84,26 @@ def read_sib200(lang: str, split: str, root: Path | str | None = None) -> list[S
     return rows
 
 
+def sib200_spec(name: str) -> tuple[str, str] | None:
+    """``(lang, split)`` of a ``sib200:LANG:SPLIT`` text name; None for any other name (a file path).
+
+    Raises:
+        DataError: a ``sib200:`` name of another shape or split.
+    """
+    if not name.startswith("sib200:"):
+        return None
+    parts = name.split(":")
+    if len(parts) != 3 or parts[2] not in SIB200_SPLITS:
+        raise DataError(
+            f"text {name!r}: write sib200:LANG:SPLIT with SPLIT one of {', '.join(SIB200_SPLITS)}, "
+            "e.g. sib200:eng_Latn:dev"
+        )
+    return parts[1], parts[2]
+
+
 def read_text_spec(spec: str | Path, limit: int | None = None) -> list[str]:
     """Texts named by ``sib200:LANG:SPLIT`` (the bundled SIB-200 sentences) or a text/JSONL file path."""
     name = str(spec)
-    if name.startswith("sib200:"):
-        parts = name.split(":")
-        if len(parts) != 3:
-            raise DataError(f"text {name!r}: write sib200:LANG:SPLIT, e.g. sib200:eng_Latn:dev")
-        texts = [row.text for row in read_sib200(parts[1], parts[2])]
-    else:
-        texts = read_documents(name)
+    bundled = sib200_spec(name)
+    texts = [row.text for row in read_sib200(*bundled)] if bundled else read_documents(name)
     return texts if limit is None else texts[:limit]
