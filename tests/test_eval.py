@@ -322,12 +322,19 @@ def test_plausibility_on_a_scored_task_is_named_in_a_warning(trio, milic_root, t
     assert len(read_predictions(out / "predictions.jsonl")) == 3
 
 
-def test_overwrite_starts_afresh_and_resume_continues(trio, milic_root, tmp_path) -> None:
+def _one_trimix_cell(trio, milic_root, tmp_path) -> tuple[dict, dict, Path, Path]:
+    """An eval config with one TriMix method (0.1/0.9) on held-out perplexity, written to ``eval.yaml``;
+    returns the raw config, its method (edit it, then rewrite the file), the file and the output folder."""
     tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
     method = {"name": "trimix", "method": "trimix", "weights": {"large": 0.1, "small_cpt": 0.9}}
     raw = _eval_config(trio, milic_root, tmp_path, [method], tasks)
     path, out = tmp_path / "eval.yaml", tmp_path / "run"
     path.write_text(yaml.safe_dump(raw))
+    return raw, method, path, out
+
+
+def test_overwrite_starts_afresh_and_resume_continues(trio, milic_root, tmp_path) -> None:
+    raw, method, path, out = _one_trimix_cell(trio, milic_root, tmp_path)
     assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 0
     first = read_predictions(out / "predictions.jsonl")
     assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 2  # not empty: refused, nothing touched
@@ -377,11 +384,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_pa
 
 
 def test_resume_refuses_changed_cells_and_reruns_them_when_asked(trio, milic_root, tmp_path, capsys) -> None:
-    tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
-    method = {"name": "trimix", "method": "trimix", "weights": {"large": 0.1, "small_cpt": 0.9}}
-    raw = _eval_config(trio, milic_root, tmp_path, [method], tasks)
-    path, out = tmp_path / "eval.yaml", tmp_path / "run"
-    path.write_text(yaml.safe_dump(raw))
+    raw, method, path, out = _one_trimix_cell(trio, milic_root, tmp_path)
     assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 0
     first = read_predictions(out / "predictions.jsonl")
     config_before = (out / "config.yaml").read_text()
