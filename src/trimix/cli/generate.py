@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from trimix.backends.loading import format_prompt, load_tokenizer, source_context
 from trimix.cli.common import add_config_args, config_from_args, read_prompts
 from trimix.decoding import FusedLM, TokenInspection
+from trimix.decoding.speculative import describe_stats
 from trimix.errors import ConfigError, DataError
 from trimix.io import JsonlSink, read_jsonl
 from trimix.runinfo import (
@@ -198,16 +199,7 @@ def _stream(lm: FusedLM, texts: list[str], ids: list[int], gen, batch: list[dict
 
 def speculative_summary(stats: dict | None) -> str:
     """One line of speculative accounting under a prompt's inspection table ("" without speculation)."""
-    if not stats or not stats.get("rounds"):
-        return ""
-    rate = stats.get("acceptance_rate")
-    positions = " ".join("-" if a is None else f"{a:.2f}" for a in stats.get("acceptance_by_position") or [])
-    vocab = f", draft vocabulary {stats['draft_vocab']}" if stats.get("draft_vocab") else ""
-    return (
-        f"\nspeculative: draft {stats['draft']}{vocab}, {stats['rounds']} rounds, acceptance "
-        f"{'n/a' if rate is None else f'{rate:.2f}'}, mean accepted length {stats['mean_accepted_length']:.2f}, "
-        f"by position {positions}"
-    )
+    return f"\nspeculative: {describe_stats(stats)}" if stats and stats.get("rounds") else ""
 
 
 def inspection_table(prompt_id: str, inspection: list[TokenInspection], top: int = 3) -> str:

@@ -37,6 +37,7 @@ from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, gumbel_noise, r
 from trimix.decoding.speculative import (
     K_AUTO_START,
     SpeculativeStats,
+    describe_stats,
     frequent_tokens,
     next_k,
     verify_drafts,
@@ -818,28 +819,13 @@ class FusedLM:
                 k = next_k(merged.accepted / merged.drafted if merged.drafted else None, k)
         for row_stats in stats.values():
             total.merge(row_stats)
-        summary = total.to_dict()
-        logger.info(
-            "speculative fusion (draft %s): %d rounds, acceptance %s, mean accepted length %s",
-            draft_role,
-            summary["rounds"],
-            f"{summary['acceptance_rate']:.3f}" if summary["acceptance_rate"] is not None else "n/a",
-            f"{summary['mean_accepted_length']:.2f}"
-            if summary["mean_accepted_length"] is not None
-            else "n/a",
-        )
+        draft = {"draft": draft_role, "draft_vocab": None if draft_ids is None else len(draft_ids)}
+        logger.info("speculative fusion: %s", describe_stats({**draft, **total.to_dict()}))
         yield _Step(
             [],
             [],
             [],
-            stats={
-                row: {
-                    "draft": draft_role,
-                    "draft_vocab": None if draft_ids is None else len(draft_ids),
-                    **st.to_dict(),
-                }
-                for row, st in stats.items()
-            },
+            stats={row: {**draft, **st.to_dict()} for row, st in stats.items()},
         )
 
     def _draft_choice(

@@ -200,3 +200,18 @@ def next_k(acceptance: float | None, current: int) -> int:
     if acceptance <= 0.0:
         return 1
     return max(1, min(K_AUTO_MAX, int(math.log(0.25) / math.log(acceptance)) + 1))
+
+
+def describe_stats(stats: dict[str, object]) -> str:
+    """One readable line of speculative accounting (``SpeculativeStats.to_dict()`` plus the ``draft`` role
+    and, with a draft vocabulary, its ``draft_vocab`` size), for the log and ``generate --inspect``."""
+
+    def number(value: object, digits: int) -> str:
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    vocab = f", draft vocabulary {stats['draft_vocab']}" if stats.get("draft_vocab") else ""
+    positions = " ".join(number(a, 2) for a in stats.get("acceptance_by_position") or [])
+    return (
+        f"draft {stats['draft']}{vocab}, {stats['rounds']} rounds, acceptance {number(stats['acceptance_rate'], 2)}, "
+        f"mean accepted length {number(stats['mean_accepted_length'], 2)}, by position {positions or 'n/a'}"
+    )
