@@ -238,3 +238,21 @@ def test_playground_in_a_headless_browser(served) -> None:
         assert shown == expected.text
     finally:
         browser.quit()
+
+
+def test_a_request_at_the_context_limit_stops_where_generate_does(served) -> None:
+    """Served rows get the same token budget as ``generate`` with ``on_context_limit: stop``."""
+    lm, client, _, _ = served
+    source = lm.sources[0]
+    prompt, words = "", 0
+    while True:  # the longest run of words that leaves 3 or more positions of the 1024-token context
+        longer = "hello " * (words + 1)
+        if len(source.tokenizer(longer, add_special_tokens=source.adds_special_tokens)["input_ids"]) > 1021:
+            break
+        prompt, words = longer, words + 1
+    room = 1024 - len(source.tokenizer(prompt, add_special_tokens=source.adds_special_tokens)["input_ids"])
+    assert 3 <= room < 8
+    out = client.completions.create(model="trimix", prompt=prompt, max_tokens=8, temperature=0)
+    expected = lm.generate([prompt], max_new_tokens=8, on_context_limit="stop")[0]
+    assert out.usage.completion_tokens == len(expected.token_ids) <= room
+    assert out.choices[0].text == expected.text

@@ -234,18 +234,19 @@ class ContinuousBatcher:
     def _insert(self, group: _Group, handles: list[RequestHandle]) -> None:
         lm = group.lm
         rendered = [lm.render(h.request.prompt) for h in handles]
+        encodings = [encode_texts(source, [r[source.role] for r in rendered]) for source in lm.sources]
         logits, states = [], []
-        for source in lm.sources:
-            enc = encode_texts(source, [r[source.role] for r in rendered])
+        for source, enc in zip(lm.sources, encodings, strict=True):
             last, state = source.backend.prefill(enc["input_ids"], enc["attention_mask"])
             logits.append(last)
             states.append(state)
-        rows = []
-        for handle in handles:
-            request = handle.request
-            context = min((s.max_positions or 10**9) for s in lm.sources)
-            budget = min(request.generation.max_new_tokens, context - handle.prompt_tokens)
-            rows.append(_Row(handle, request.fusion.vector(lm.roles), request.key, budget))
+        # The same rule as generate's: a row stops where the first source's context ends ("stop": requests
+        # that cannot fit at all were refused with a 400 by check_prompt).
+        budgets = lm.token_budgets(encodings, [h.request.generation.max_new_tokens for h in handles], "stop")
+        rows = [
+            _Row(handle, handle.request.fusion.vector(lm.roles), handle.request.key, budget)
+            for handle, budget in zip(handles, budgets, strict=True)
+        ]
         if group.states is None:
             group.states, group.logits = states, logits
         else:
@@ -357,11 +358,14 @@ def request_key(seed: int | None, index: int = 0) -> int:
 
 def check_prompt(batcher: ContinuousBatcher, request: ServeRequest) -> None:
     """Refuse a prompt that leaves no room for generation within every source's context."""
-    length = batcher.prompt_tokens(request)
     lm = batcher.lm.with_fusion(request.fusion)
+    rendered = lm.render(request.prompt)
     for source in lm.sources:
         limit = source.max_positions
-        if limit is not None and length + 1 > limit:
+        if limit is None:
+            continue
+        length = int(encode_texts(source, [rendered[source.role]])["attention_mask"].sum())
+        if length + 1 > limit:
             raise DataError(
                 f"the prompt has {length} tokens; source {source.role!r} reads at most {limit} "
                 "(its context). Shorten the prompt"

@@ -469,23 +469,31 @@ class FusedLM:
         """Tokenise prompts for one source (formatted by its ``prompt_format``): left-padded ids and mask."""
         return encode_texts(source, [source.format_prompt(p) for p in prompts])
 
-    def token_budgets(self, encodings: Sequence[dict[str, torch.Tensor]], gen: GenerationConfig) -> list[int]:
-        """How many tokens each row may generate: ``max_new_tokens``, or less where a source's context ends.
+    def token_budgets(
+        self,
+        encodings: Sequence[dict[str, torch.Tensor]],
+        max_new_tokens: int | Sequence[int],
+        on_context_limit: str = "error",
+    ) -> list[int]:
+        """How many tokens each row may generate: its ``max_new_tokens`` (one for all rows, or one per row),
+        or less where a source's context ends (each source's own encoding of the row counts).
 
         Raises:
             DataError: with ``on_context_limit: error``, for the first row that does not fit.
         """
-        budgets = [gen.max_new_tokens] * int(encodings[0]["input_ids"].shape[0])
+        rows = int(encodings[0]["input_ids"].shape[0])
+        wanted = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        budgets = list(wanted)
         for source, enc in zip(self.sources, encodings, strict=True):
             limit = source.max_positions
             if limit is None:
                 continue
             for i, length in enumerate(enc["attention_mask"].sum(-1).tolist()):
                 room = limit - length
-                if room < gen.max_new_tokens and gen.on_context_limit == "error":
+                if room < wanted[i] and on_context_limit == "error":
                     raise DataError(
                         f"prompt {i} has {length} tokens for source {source.role!r}; with max_new_tokens "
-                        f"{gen.max_new_tokens} it needs {length + gen.max_new_tokens} positions, more than the "
+                        f"{wanted[i]} it needs {length + wanted[i]} positions, more than the "
                         f"source's context of {limit}. Shorten the prompt or lower max_new_tokens"
                     )
                 budgets[i] = min(budgets[i], max(room, 0))
@@ -508,7 +516,7 @@ class FusedLM:
         self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int]
     ) -> Iterator[_Step]:
         encodings = [self.encode(s, prompts) for s in self.sources]
-        budgets = self.token_budgets(encodings, gen)
+        budgets = self.token_budgets(encodings, gen.max_new_tokens, gen.on_context_limit)
         if any(b == 0 for b in budgets):
             yield _Step([], [], [], closed=[(i, "context") for i, b in enumerate(budgets) if b == 0])
         engine = self.engine_for(gen)
