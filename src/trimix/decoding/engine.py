@@ -775,7 +775,15 @@ class FusedLM:
                     draft_hidden.append(hidden)
                     if j == k_round:
                         break
-                    step_logits = _spread(draft_head(hidden).to(device), draft_ids, vocab)
+                    restricted = draft_head(hidden).to(device)
+                    if (
+                        not chooser.do_sample
+                    ):  # greedy: the argmax among the draft vocabulary (ids are sorted)
+                        token = draft_ids[restricted.float().argmax(-1)]
+                        drafts.append(token)
+                        continue
+                    # sampling: the proposal over the whole vocabulary, for the noise and the acceptance rule
+                    step_logits = _spread(restricted, draft_ids, vocab)
                     draft_logits.append(step_logits)
                 if j < k_round:
                     token = self._draft_choice(chooser, step_logits[:, :vocab], keys[rows], counters + j)
