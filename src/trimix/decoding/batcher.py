@@ -54,6 +54,8 @@ class ServeRequest:
             (of the fused distribution after the plausibility mask, before temperature); None: none.
         inspect: attach each source's top-k candidates and the margin shares to every token.
         key: the row's sampling key (from the request's seed).
+        prompt_tokens: the prompt's length under the first fused source (for ``usage``), when already
+            measured by :func:`check_prompt`; None: measured at submission.
     """
 
     prompt: str | Messages
@@ -62,6 +64,7 @@ class ServeRequest:
     logprobs: int | None = None
     inspect: int = 0
     key: int = 0
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -150,7 +153,9 @@ class ContinuousBatcher:
         if self.waiting.qsize() >= self.max_queue:
             raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
         handle = RequestHandle(request)
-        handle.prompt_tokens = self.prompt_tokens(request)
+        handle.prompt_tokens = (
+            request.prompt_tokens if request.prompt_tokens is not None else self.prompt_lengths(request)[0]
+        )
         self.stats["requests"] += 1
         self.waiting.put(handle)
         self.wake.set()
@@ -165,12 +170,15 @@ class ContinuousBatcher:
         recent = [(t, n) for t, n in self.recent if now - t <= window]
         return sum(n for _, n in recent) / window if recent else 0.0
 
-    def prompt_tokens(self, request: ServeRequest) -> int:
-        """The prompt's length in tokens under the first fused source (validation and usage)."""
+    def prompt_lengths(self, request: ServeRequest) -> list[int]:
+        """The prompt's length in tokens under each fused source, as that source reads it (rendered for
+        its prompt format), in the fusion's source order."""
         lm = self.lm.with_fusion(request.fusion)
-        source = lm.sources[0]
-        text = lm.render(request.prompt)[source.role]
-        return len(source.tokenizer(text, add_special_tokens=source.adds_special_tokens)["input_ids"])
+        rendered = lm.render(request.prompt)
+        return [
+            int(encode_texts(source, [rendered[source.role]])["attention_mask"].sum())
+            for source in lm.sources
+        ]
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -356,17 +364,15 @@ def request_key(seed: int | None, index: int = 0) -> int:
     return int(row_keys(seed, [index])[0])
 
 
-def check_prompt(batcher: ContinuousBatcher, request: ServeRequest) -> None:
-    """Refuse a prompt that leaves no room for generation within every source's context."""
-    lm = batcher.lm.with_fusion(request.fusion)
-    rendered = lm.render(request.prompt)
-    for source in lm.sources:
+def check_prompt(batcher: ContinuousBatcher, request: ServeRequest) -> int:
+    """Refuse a prompt that leaves no room for generation within every source's context; return its
+    length under the first fused source (what ``usage`` reports)."""
+    lengths = batcher.prompt_lengths(request)
+    for source, length in zip(batcher.lm.with_fusion(request.fusion).sources, lengths, strict=True):
         limit = source.max_positions
-        if limit is None:
-            continue
-        length = int(encode_texts(source, [rendered[source.role]])["attention_mask"].sum())
-        if length + 1 > limit:
+        if limit is not None and length + 1 > limit:
             raise DataError(
                 f"the prompt has {length} tokens; source {source.role!r} reads at most {limit} "
                 "(its context). Shorten the prompt"
             )
+    return lengths[0]

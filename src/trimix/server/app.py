@@ -173,15 +173,14 @@ class Server:
             raise RequestError(str(exc)) from exc
         requests = []
         for prompt in prompts:
-            for index in range(n):
-                request = ServeRequest(
-                    prompt, generation, fusion, logprobs, inspect, request_key(seed, index)
-                )
-                try:
-                    check_prompt(self.batcher, request)
-                except TrimixError as exc:
-                    raise RequestError(str(exc), "messages" if chat else "prompt") from exc
-                requests.append(request)
+            try:  # once per prompt: its n completions read the same tokens
+                length = check_prompt(self.batcher, ServeRequest(prompt, generation, fusion))
+            except TrimixError as exc:
+                raise RequestError(str(exc), "messages" if chat else "prompt") from exc
+            requests += [
+                ServeRequest(prompt, generation, fusion, logprobs, inspect, request_key(seed, index), length)
+                for index in range(n)
+            ]
         return requests
 
     def _logprobs(self, body: dict, chat: bool) -> int | None:
