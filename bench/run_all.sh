@@ -18,6 +18,9 @@ if [[ "$which" == tiny || "$which" == all ]]; then
   run serve_load.py --model tiny --scenarios 1:10 4:20 16:64
   run ray_scaling.py --model tiny
   run selection_study.py --model tiny --test-items 40
+  if [[ -f ../.reference/TriMix/dexperts.py ]]; then  # the authors' implementation, if fetched
+    run reference_compare.py --shapes tiny --check-tokens --batch-sizes 1 4 8 --new-tokens 32 --repeats 2 --engines eager static
+  fi
 fi
 if [[ "$which" == gemma || "$which" == all ]]; then
   run decode_throughput.py --model gemma --batch-sizes 1 8 32 --new-tokens 32 --repeats 3
