@@ -20,6 +20,7 @@ from trimix.fusion import fuse_logits
 from trimix.search import (
     FusedPerplexityScorer,
     ScoringText,
+    average_perplexity,
     build_candidates,
     combination_nll,
     search_weights,
@@ -205,6 +206,46 @@ def test_prompts_never_contain_the_answer_and_tokens_split_into_template_and_tas
     result = search_weights(scorer, search.model_copy(update={"refine_rounds": 0}), {})
     assert set(result.by_mode) == {"prompt", "input"}
     assert result.token_split["template"] == template and result.token_split["task_text"] == task_text
+
+
+@given(
+    nll=st.lists(st.floats(0.0, 50.0), min_size=6, max_size=6),
+    counts=st.lists(st.integers(1, 9), min_size=3, max_size=3),
+)
+@settings(max_examples=50, deadline=None)
+def test_average_perplexity_by_tokens_and_by_texts(nll: list[float], counts: list[int]) -> None:
+    sums = torch.tensor(nll, dtype=torch.float64).view(3, 2)
+    n = torch.tensor(counts)
+    pooled = average_perplexity(sums, n, "tokens")
+    assert torch.allclose(pooled, torch.exp(sums.sum(0) / sum(counts)))
+    by_text = average_perplexity(sums, n, "texts")
+    expected = [math.exp(sum(float(sums[t, c]) / counts[t] for t in range(3)) / 3) for c in range(2)]
+    assert by_text.tolist() == pytest.approx(expected, rel=1e-12)
+    # Equal lengths: the same number either way. A text without scored tokens is left out of the mean.
+    same = torch.tensor([counts[0]] * 3)
+    assert torch.allclose(average_perplexity(sums, same, "tokens"), average_perplexity(sums, same, "texts"))
+    padded = torch.cat([sums, torch.zeros(1, 2, dtype=torch.float64)])
+    assert torch.allclose(average_perplexity(padded, torch.tensor([*counts, 0]), "texts"), by_text)
+
+
+def test_selection_can_average_over_texts_as_the_authors_script_does(lm) -> None:
+    search = SearchConfig(task="sib200_topic", lang="uig_Arab", n_prompts=4, shots=1, refine_rounds=0)
+    texts, origin = selection_texts(search)
+    scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
+    pooled = search_weights(scorer, search, origin)
+    by_text = search_weights(scorer, search.model_copy(update={"average": "texts"}), origin)
+    roles = list(lm.roles)
+    for candidate in by_text.candidates[::9]:  # four grid points, computed the slow way
+        weights = [candidate.weights[r] for r in roles]
+        per_text = [direct_nll(lm, t, weights) for t in texts]
+        assert candidate.perplexity == pytest.approx(
+            math.exp(sum(total / count for total, count in per_text) / len(per_text)), rel=1e-5
+        )
+    assert [c.weights for c in by_text.candidates] == [c.weights for c in pooled.candidates]
+    assert [c.perplexity for c in by_text.candidates] != [c.perplexity for c in pooled.candidates]
+    # Task text only: each prompt's mean over its own task-text tokens.
+    task_only = [c.by_mode["input"] for c in by_text.candidates]
+    assert all(math.isfinite(v) and v > 1 for v in task_only)
 
 
 def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:

@@ -244,6 +244,10 @@ class SearchConfig(_Strict):
     # prompt: every token of the rendered prompts; input: only the task's own text (passages, questions,
     # options, exemplar answers), not the template (instruction, field labels). Both are reported.
     score: Literal["prompt", "input"] = "prompt"
+    # tokens: exp(total NLL / total scored tokens), every token weighs the same; texts: exp of the mean
+    # over prompts of each prompt's mean NLL, as the TriMix authors' get_perplexity.py computes it (a short
+    # prompt weighs as much as a long one). They agree when the prompts are equally long.
+    average: Literal["tokens", "texts"] = "tokens"
     refine_rounds: int = Field(2, ge=0)
     # Memory for one block of the sources' logits while scoring. Larger blocks feed the output
     # projection more positions per matmul: on 2 CPU cores with three Gemma 3 270M sources, 1024 MB

@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--score", choices=["prompt", "input"], help="count the whole prompt or only the input part"
     )
+    p.add_argument(
+        "--average",
+        choices=["tokens", "texts"],
+        help="pool every scored token (default), or average each prompt's mean NLL as the authors' script does",
+    )
     p.add_argument("--refine-rounds", type=int)
     p.add_argument(
         "--shots",
@@ -63,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = ("task", "lang", "split", "text_file", "n_prompts", "seed", "score", "refine_rounds", "shots")
+    fields = (
+        "task", "lang", "split", "text_file", "n_prompts", "seed", "score", "average", "refine_rounds", "shots"
+    )  # fmt: skip
     extra = {f"search.{f}": getattr(args, f) for f in fields if getattr(args, f) is not None}
     config = config_from_args(args, extra)
     search = config.search

@@ -1,7 +1,7 @@
 """Label-free weight selection: fused perplexity of many weight combinations, grid plus refinement."""
 
 from trimix.search.partition import combination_nll
-from trimix.search.scoring import FusedPerplexityScorer, ScoringText, head_logits
+from trimix.search.scoring import FusedPerplexityScorer, ScoringText, average_perplexity, head_logits
 from trimix.search.select import (
     Candidate,
     SelectionResult,
@@ -16,6 +16,7 @@ __all__ = [
     "FusedPerplexityScorer",
     "ScoringText",
     "SelectionResult",
+    "average_perplexity",
     "build_candidates",
     "combination_nll",
     "head_logits",

@@ -87,10 +87,35 @@ class ScoreTotals:
     per_group: torch.Tensor | None = None  # (2, C) float64: NLL of template tokens (0) and task text (1)
     tokens_per_group: tuple[int, int] | None = None
     per_text_group: torch.Tensor | None = None  # (texts, 2, C) float64
+    tokens_per_text_group: list[tuple[int, int]] | None = None
 
     @property
     def perplexity(self) -> torch.Tensor:
-        return torch.exp(self.nll / max(self.n_tokens, 1))
+        """(C,) fused perplexity over every scored token."""
+        return self.perplexities()
+
+    def perplexities(self, group: int | None = None, average: str = "tokens") -> torch.Tensor:
+        """(C,) fused perplexity over every scored token (``group`` None) or one token group (0 template,
+        1 task text), pooled over tokens or averaged over texts (see :func:`average_perplexity`)."""
+        if group is None:
+            return average_perplexity(self.per_text, torch.tensor(self.tokens_per_text), average)
+        counts = torch.tensor([c[group] for c in self.tokens_per_text_group])
+        return average_perplexity(self.per_text_group[:, group], counts, average)
+
+
+def average_perplexity(nll: torch.Tensor, counts: torch.Tensor, average: str = "tokens") -> torch.Tensor:
+    """Perplexity of C combinations from per-text NLL sums ``(texts, C)`` over ``counts`` tokens per text.
+
+    ``tokens``: ``exp(sum NLL / sum counts)``. ``texts``: ``exp(mean_t(NLL_t / counts_t))`` over the texts
+    with at least one token. Texts of equal length give the same value either way.
+    """
+    counts = counts.to(nll.dtype)
+    if average == "tokens":
+        return torch.exp(nll.sum(0) / counts.sum().clamp(min=1))
+    if average == "texts":
+        scored = counts > 0
+        return torch.exp((nll[scored] / counts[scored, None]).mean(0))
+    raise ValueError(f"average must be 'tokens' or 'texts'; got {average!r}")
 
 
 class FusedPerplexityScorer:
@@ -272,11 +297,11 @@ class FusedPerplexityScorer:
                         picked = fuse_logits(logits, weights[c]).argmax(-1)
                         all_greedy[text_index, c] &= bool((picked == targets).all())
         grouped = [e.groups for e in self.encoded if e.groups is not None and e.groups.numel()]
-        counts = (
-            (sum(int((g == 0).sum()) for g in grouped), sum(int((g == 1).sum()) for g in grouped))
-            if grouped
-            else None
-        )
+        text_counts = [
+            (int((e.groups == 0).sum()), int((e.groups == 1).sum())) if e.groups is not None else (0, 0)
+            for e in self.encoded
+        ]
+        counts = (sum(c[0] for c in text_counts), sum(c[1] for c in text_counts)) if grouped else None
         return ScoreTotals(
             per_text.sum(0),
             self.n_tokens,
@@ -286,6 +311,7 @@ class FusedPerplexityScorer:
             per_text_group.sum(0) if grouped else None,
             counts,
             per_text_group if grouped else None,
+            text_counts if grouped else None,
         )
 
     def token_groups(self) -> tuple[int, int]:

@@ -235,6 +235,7 @@ def search_weights(
         roles,
         ["grid"] * len(grid) + [kind for kind, _ in baselines],
         search.score,
+        average=search.average,
     )
     grid_scoring = time.perf_counter() - start
     candidates = [c for c in scored if c.kind == "grid"]
@@ -329,17 +330,18 @@ def _score(
     kinds: list[str],
     mode: str = "prompt",
     desc: str = "search: scoring",
+    average: str = "tokens",
 ) -> list[Candidate]:
     matrix = torch.tensor([[p[r] for r in roles] for p in points], dtype=torch.float32)
     totals = scorer.score(matrix, desc=desc)
     by_mode: list[dict[str, float]] = [{} for _ in points]
-    counts = {"prompt": totals.n_tokens}
     sums = {"prompt": totals.nll}
+    perplexities = {"prompt": totals.perplexities(average=average)}
     if totals.per_group is not None and totals.tokens_per_group and totals.tokens_per_group[1]:
-        counts["input"] = totals.tokens_per_group[1]
         sums["input"] = totals.per_group[1]
-    for name, total in sums.items():
-        for i, value in enumerate(torch.exp(total / counts[name]).tolist()):
+        perplexities["input"] = totals.perplexities(group=1, average=average)
+    for name, values in perplexities.items():
+        for i, value in enumerate(values.tolist()):
             by_mode[i][name] = float(value)
     if mode not in sums:
         raise DataError(
@@ -398,6 +400,7 @@ def _refine(
             ["refine"] * len(points),
             mode,
             desc=f"search: refine round {round_index + 1}",
+            average=search.average,
         )
         history.extend(scored)
         challenger = min(scored, key=lambda c: c.by_mode[mode])
