@@ -52,11 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trimix
 from trimix import GenerationConfig
+from trimix.config import PAPER_GRID
 from trimix.testing import CORPUS, save_tiny_trio
 
 logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("large", "small_cpt", "small_base")
+SEARCH_TOLERANCE = 1e-5  # relative, float32
 REFERENCE_PINS = ("transformers==4.47.0", "tokenizers==0.21.4", "huggingface_hub==0.36.0")
 
 
@@ -76,6 +78,16 @@ def save_qwen25_trio(root: Path) -> dict[str, Path]:
         torch.cuda.empty_cache()
         logger.warning("saved %s in %.0fs", role, time.perf_counter() - start)
     return paths
+
+
+def portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class both transformers versions know: transformers 5 saves
+    ``TokenizersBackend``, which 4.47's AutoTokenizer cannot load (real checkpoints name their family's
+    class or ``PreTrainedTokenizerFast``); the tokenizer.json itself is unchanged."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def prompt_texts(shapes: str, count: int, prompt_tokens: int) -> list[str]:
@@ -135,6 +147,44 @@ def time_trimix(
     return best, tokens
 
 
+def trimix_search(lm: trimix.FusedLM, texts: list[str], grid: list[float]) -> dict:
+    """trimix's label-free search on ``texts`` (every token scored, averaged over texts as the authors'
+    script does, no refinement): seconds, each grid point's perplexity, and the scored token ids."""
+    from trimix.config import SearchConfig
+    from trimix.search import ScoringText, search_weights
+
+    search = SearchConfig(grid={"large": grid, "small_cpt": grid}, average="texts", refine_rounds=0)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    scorer = lm.scorer([ScoringText(f"t{i}", t) for i, t in enumerate(texts)], roles=ROLES, progress=False)
+    result = search_weights(scorer, search, {})
+    sync()
+    seconds = time.perf_counter() - start
+    points = {(c.weights["large"], c.weights["small_cpt"]): c.perplexity for c in result.candidates}
+    return {"seconds": seconds, "points": points, "token_ids": [e.targets.tolist() for e in scorer.encoded]}
+
+
+def compare_search(ours: dict, theirs: dict) -> dict:
+    """Largest relative perplexity difference over the grid, and each side's selected point."""
+    differences = []
+    for point in theirs["points"]:
+        a, b, _ = point["weights"]
+        mine = ours["points"][(a, b)]
+        differences.append(abs(mine - point["perplexity"]) / point["perplexity"])
+    best_theirs = min(theirs["points"], key=lambda p: p["perplexity"])["weights"][:2]
+    best_ours = min(ours["points"], key=ours["points"].get)
+    return {
+        "points": len(differences),
+        "max_relative_difference": max(differences),
+        "same_scored_tokens": ours["token_ids"] == theirs["token_ids"],
+        "reference_selects": best_theirs,
+        "trimix_selects": list(best_ours),
+        "reference_seconds": theirs["seconds"],
+        "trimix_seconds": ours["seconds"],
+    }
+
+
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float]:
     """Rows decoded identically, and the mean index of the first differing token (the length if none)."""
     firsts = []
@@ -173,7 +223,20 @@ def main() -> None:
         "--engines", nargs="+", help="trimix engines (default: graphs and eager on CUDA, else eager)"
     )
     parser.add_argument(
-        "--check-tokens", action="store_true", help="fail unless every row decodes identically"
+        "--search", action="store_true",
+        help="also run both weight searches (the paper's 6x6 grid, every token scored) on --search-texts texts",
+    )  # fmt: skip
+    parser.add_argument("--search-texts", type=int, default=16)
+    parser.add_argument("--search-tokens", type=int, default=256, help="words per search text (qwen2.5)")
+    parser.add_argument(
+        "--padded-rows", type=int, default=8,
+        help="tiny: extra output rows of large (the reference softmaxes over them; trimix over the vocabulary)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--check-tokens",
+        action="store_true",
+        help="fail unless every row decodes identically (and, with --search, both select the same weights "
+        "from the same scored tokens, with perplexities equal to 1e-5 on tiny models without padded rows)",
     )
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
@@ -194,7 +257,13 @@ def main() -> None:
         workdir = Path(tmp)
         site = reference_site(args, workdir)
         start = time.perf_counter()
-        paths = save_qwen25_trio(workdir) if args.shapes == "qwen2.5" else save_tiny_trio(workdir)
+        paths = (
+            save_qwen25_trio(workdir)
+            if args.shapes == "qwen2.5"
+            else save_tiny_trio(workdir, padded_rows=args.padded_rows)
+        )
+        for folder in paths.values():
+            portable_tokenizer_config(folder)
         save_s = time.perf_counter() - start
         a, b = args.weights
         plausibility = (
@@ -235,6 +304,14 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
         }
+        search_texts = []
+        if args.search:
+            search_texts = (
+                prompt_texts(args.shapes, args.search_texts, args.search_tokens)
+                if args.shapes == "qwen2.5"
+                else prompt_texts(args.shapes, args.search_texts + 3, 0)[3:]
+            )
+            job |= {"search_texts": search_texts, "search_grid": list(PAPER_GRID)}
         # The reference runs in its own process with the models loaded by its own code; trimix's copy
         # stays loaded meanwhile (the trio fits beside itself on an 80 GB GPU).
         reference = run_reference(job, site, workdir)
@@ -255,6 +332,17 @@ def main() -> None:
                     f"{row[f'trimix_{e}_tokens']['identical_rows']}/{n} rows identical)"
                     for e in engines
                 ),
+                flush=True,
+            )
+        search = None
+        if args.search:
+            search = compare_search(trimix_search(lm, search_texts, list(PAPER_GRID)), reference["search"])
+            print(
+                f"search over {search['points']} grid points, {len(search_texts)} texts: largest relative "
+                f"perplexity difference {search['max_relative_difference']:.2e}; same scored tokens: "
+                f"{search['same_scored_tokens']}; selected: reference {search['reference_selects']}, trimix "
+                f"{search['trimix_selects']}; {search['reference_seconds']:.2f} s reference, "
+                f"{search['trimix_seconds']:.2f} s trimix",
                 flush=True,
             )
     import transformers
@@ -290,7 +378,9 @@ def main() -> None:
         cells = [f"{r[f'trimix_{e}_tok_s']:.1f} | {r[f'trimix_{e}_vs_reference']:.2f}x" for e in engines]
         print(f"| {r['batch']} | {r['prompts']} | {r['reference_tok_s']:.1f} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"info": info, "rows": rows, "search": search}, indent=2) + "\n"
+        )
     if args.check_tokens:
         bad = [
             (r["batch"], e)
@@ -300,7 +390,21 @@ def main() -> None:
         ]
         if bad:
             raise SystemExit(f"trimix and the reference decoded different tokens at (batch, engine) {bad}")
-        print("tokens: every row identical to the reference's")
+        if search and not (
+            search["same_scored_tokens"] and search["trimix_selects"] == search["reference_selects"]
+        ):
+            raise SystemExit(
+                f"the two searches scored different tokens or selected different weights: {search}"
+            )
+        # Without padded output rows both softmax over the same rows: the perplexities must agree to float
+        # precision (with them the reference also spreads probability over the padded rows).
+        exact = args.shapes == "tiny" and args.padded_rows == 0
+        if search and exact and search["max_relative_difference"] > SEARCH_TOLERANCE:
+            raise SystemExit(f"search perplexities differ by up to {search['max_relative_difference']:.2e}")
+        print(
+            "tokens: every row identical to the reference's"
+            + ("; search: the same selection" if search else "")
+        )
 
 
 if __name__ == "__main__":

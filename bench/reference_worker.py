@@ -40,6 +40,58 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def reference_search(model, job: dict) -> dict:
+    """The authors' weight search (get_perplexity.py) on the job's texts, with the models already loaded
+    and resized by their TriMixQwen (get_perplexity.py resizes them the same way).
+
+    Each source's logits come from their ``get_logits_and_perplexity`` (their tokenizer call, float32
+    log-softmax over every output row, the small models' resized rows included); the combinations are
+    scored as their script's main loop does — each text's mean NLL under ``a * L_large + b * L_cpt +
+    (1 - a - b) * L_base``, then ``exp`` of the mean over texts — which is not importable from it.
+    """
+    import math
+
+    from get_perplexity import get_logits_and_perplexity
+    from transformers import AutoTokenizer
+
+    device = job["device"]
+    tokenizer = AutoTokenizer.from_pretrained(job["models"]["large"])
+    grid = job["search_grid"]
+    combos = [(a, b, 1 - a - b) for a in grid for b in grid]
+    totals = [0.0] * len(combos)
+    single = [0.0, 0.0, 0.0]
+    labels = []
+    synchronize(device)
+    start = time.perf_counter()
+    for text in job["search_texts"]:
+        logits = []
+        for i, source in enumerate((model.base, model.expert, model.antiexpert)):
+            shifted, shift_labels, perplexity = get_logits_and_perplexity(
+                source, tokenizer, text, device=device
+            )
+            logits.append(shifted.float())
+            single[i] += perplexity
+        target = shift_labels.to(device)
+        labels.append(shift_labels[0].tolist())
+        for c, (a, b, rest) in enumerate(combos):
+            fused = (a * logits[0] + b * logits[1] + rest * logits[2]).to(device)
+            logp = torch.log_softmax(fused, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            totals[c] += float(-logp.mean())
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    n = len(job["search_texts"])
+    return {
+        "seconds": seconds,
+        "points": [
+            {"weights": list(w), "perplexity": math.exp(t / n)} for w, t in zip(combos, totals, strict=True)
+        ],
+        "mean_single_perplexity": dict(
+            zip(("large", "small_cpt", "small_base"), (x / n for x in single), strict=True)
+        ),
+        "token_ids": labels,
+    }
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     sys.path.insert(0, job["reference_code"])
@@ -105,6 +157,8 @@ def main() -> None:
         "load_s": load_s,
         "rows": rows,
     }
+    if job.get("search_texts"):
+        result["search"] = reference_search(model, job)
     Path(sys.argv[2]).write_text(json.dumps(result) + "\n")
 
 

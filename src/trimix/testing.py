@@ -106,10 +106,11 @@ def save_tiny_model(
     return folder
 
 
-def save_tiny_trio(root: Path, arch: str = "qwen2", **kwargs) -> dict[str, Path]:
-    """large (8 padded rows), small_cpt and small_base tiny models sharing one tokenizer, under ``root``."""
+def save_tiny_trio(root: Path, arch: str = "qwen2", padded_rows: int = 8, **kwargs) -> dict[str, Path]:
+    """large (``padded_rows`` extra output rows), small_cpt and small_base tiny models sharing one
+    tokenizer, under ``root``."""
     tokenizer = build_tokenizer()
-    plan = {"large": (1, 8), "small_cpt": (2, 0), "small_base": (3, 0)}
+    plan = {"large": (1, padded_rows), "small_cpt": (2, 0), "small_base": (3, 0)}
     return {
         role: save_tiny_model(root / role, arch, tokenizer, seed=seed, extra_rows=extra, **kwargs)
         for role, (seed, extra) in plan.items()
