@@ -234,6 +234,7 @@ def test_selection_can_average_over_texts_as_the_authors_script_does(lm) -> None
     scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
     pooled = search_weights(scorer, search, origin)
     by_text = search_weights(scorer, search.model_copy(update={"average": "texts"}), origin)
+    assert (pooled.average, by_text.average) == ("tokens", "texts")  # recorded in selection.json
     roles = list(lm.roles)
     for candidate in by_text.candidates[::9]:  # four grid points, computed the slow way
         weights = [candidate.weights[r] for r in roles]

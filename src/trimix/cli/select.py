@@ -140,7 +140,9 @@ def _print_summary(result) -> None:
 
     split = result.token_split
     print(
-        f"fused perplexity on {result.n_tokens} tokens of {len(result.prompt_ids)} prompts ({result.prompts})"
+        f"fused perplexity on {result.n_tokens} tokens of {len(result.prompt_ids)} prompts "
+        + ("(each prompt's mean NLL averaged) " if result.average == "texts" else "")
+        + f"({result.prompts})"
     )
     if split:
         scripts = ", ".join(f"{k} {v}" for k, v in split["by_script"].items())

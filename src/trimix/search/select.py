@@ -66,6 +66,7 @@ class SelectionResult:
     prompts: dict[str, Any]
     timing: dict[str, float] = field(default_factory=dict)
     score: str = "prompt"
+    average: str = "tokens"  # tokens: pooled over every scored token; texts: mean of each prompt's mean NLL
     by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_split: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -278,6 +279,7 @@ def search_weights(
             "refine_seconds": time.perf_counter() - start - grid_scoring,
         },
         score=search.score,
+        average=search.average,
         by_mode=modes,
         token_split=split,
         warnings=warnings,
