@@ -80,14 +80,37 @@ def save_qwen25_trio(root: Path) -> dict[str, Path]:
     return paths
 
 
-def portable_tokenizer_config(folder: Path) -> None:
-    """Name the tokenizer class both transformers versions know: transformers 5 saves
-    ``TokenizersBackend``, which 4.47's AutoTokenizer cannot load (real checkpoints name their family's
-    class or ``PreTrainedTokenizerFast``); the tokenizer.json itself is unchanged."""
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(config, indent=2) + "\n")
+def portable_checkpoint(folder: Path) -> None:
+    """Make a folder saved by transformers 5 read the same under 4.47, as real Qwen2.5 checkpoints do.
+
+    transformers 5 writes the rotary base under ``rope_parameters``, which 4.47 does not know (it would
+    fall back to 10,000 instead of Qwen2.5's 1,000,000), and names the tokenizer class
+    ``TokenizersBackend``, which 4.47 cannot load. Real checkpoints carry a top-level ``rope_theta`` and
+    ``PreTrainedTokenizerFast`` or their family's class; both versions read those. Weights and
+    tokenizer.json are unchanged.
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer_path = folder / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_path.read_text())
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n")
+
+
+def model_facts(model) -> dict[str, float]:
+    """What must be equal for both sides to run the same model (compared with the worker's)."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    return {
+        "rope_theta": float(rope.get("rope_theta", getattr(config, "rope_theta", float("nan")))),
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+    }
 
 
 def prompt_texts(shapes: str, count: int, prompt_tokens: int) -> list[str]:
@@ -260,10 +283,10 @@ def main() -> None:
         paths = (
             save_qwen25_trio(workdir)
             if args.shapes == "qwen2.5"
-            else save_tiny_trio(workdir, padded_rows=args.padded_rows)
+            else save_tiny_trio(workdir, padded_rows=args.padded_rows, rope_theta=1e6)  # as Qwen2.5
         )
         for folder in paths.values():
-            portable_tokenizer_config(folder)
+            portable_checkpoint(folder)
         save_s = time.perf_counter() - start
         a, b = args.weights
         plausibility = (
@@ -315,6 +338,12 @@ def main() -> None:
         # The reference runs in its own process with the models loaded by its own code; trimix's copy
         # stays loaded meanwhile (the trio fits beside itself on an 80 GB GPU).
         reference = run_reference(job, site, workdir)
+        ours = {s.role: model_facts(s.model) for s in lm.sources}
+        different = {r: (ours[r], reference["models"][r]) for r in ours if ours[r] != reference["models"][r]}
+        if different:
+            raise SystemExit(
+                f"the reference read different models from the same folders (trimix, reference): {different}"
+            )
         rows = []
         for ref_row in reference["rows"]:
             batch, n = ref_row["batch"], ref_row["prompts"]

@@ -35,6 +35,18 @@ def left_pad(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def model_facts(model) -> dict[str, float]:
+    """The settings that must match trimix's reading of the same folder (a transformers 5 config read
+    by 4.47 can silently fall back to defaults)."""
+    config = model.config
+    return {
+        "rope_theta": float(config.rope_theta),
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+    }
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -118,6 +130,7 @@ def main() -> None:
         plausibility_alpha=plausibility["alpha"],
     )
     load_s = time.perf_counter() - start
+    sources = {"large": model.base, "small_cpt": model.expert, "small_base": model.antiexpert}
     prompts = job["prompts"]
     new_tokens = job["new_tokens"]
 
@@ -155,6 +168,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "load_s": load_s,
+        "models": {role: model_facts(m) for role, m in sources.items()},
         "rows": rows,
     }
     if job.get("search_texts"):

@@ -57,8 +57,10 @@ def build_model(
     num_layers: int = 2,
     sliding_window: int = 6,
     init_std: float = 0.3,
+    rope_theta: float | None = None,
 ) -> PreTrainedModel:
-    """A random causal LM of family ``arch`` (qwen2, llama or gemma3) with ``vocab_rows`` output rows."""
+    """A random causal LM of family ``arch`` (qwen2, llama or gemma3) with ``vocab_rows`` output rows
+    (``rope_theta``: the rotary base, default the family's)."""
     common = dict(
         vocab_size=vocab_rows,
         hidden_size=hidden_size,
@@ -72,6 +74,8 @@ def build_model(
         pad_token_id=0,
         tie_word_embeddings=False,
     )
+    if rope_theta is not None:
+        common["rope_theta"] = rope_theta
     if arch == "qwen2":
         cls, config = Qwen2ForCausalLM, Qwen2Config(**common)
     elif arch == "llama":
