@@ -12,6 +12,7 @@ from trimix.metrics import (
     chrf_pp,
     last_number,
     mean_rouge_l_f,
+    metric_statistics,
     rouge_l_f,
     unicode_tokens,
 )
@@ -21,16 +22,32 @@ REF = ["the cat is on the mat", "ئۇيغۇر تىلى تۈركىي تىل"]
 
 
 def test_chrf_and_chrf_pp_match_sacrebleu_and_differ() -> None:
-    assert chrf(HYP, REF) == pytest.approx(CHRF(word_order=0).corpus_score(HYP, [REF]).score)
-    assert chrf_pp(HYP, REF) == pytest.approx(CHRF(word_order=2).corpus_score(HYP, [REF]).score)
+    expected_chrf = CHRF(word_order=0, lowercase=True).corpus_score(HYP, [REF]).score
+    assert chrf(HYP, REF) == pytest.approx(expected_chrf)
+    assert chrf_pp(HYP, REF) == pytest.approx(
+        CHRF(word_order=2, lowercase=True).corpus_score(HYP, [REF]).score
+    )
     assert chrf(HYP, REF) != pytest.approx(chrf_pp(HYP, REF))
     assert chrf_pp(REF, REF) == pytest.approx(100.0)
 
 
 def test_bleu_uses_chinese_tokenizer_for_chinese_targets() -> None:
     hyp, ref = ["今天天气很好"], ["今天天气非常好"]
-    assert bleu(hyp, ref, "zho_Hans") == pytest.approx(BLEU(tokenize="zh").corpus_score(hyp, [ref]).score)
+    expected = BLEU(tokenize="zh", lowercase=True).corpus_score(hyp, [ref]).score
+    assert bleu(hyp, ref, "zho_Hans") == pytest.approx(expected)
     assert bleu(hyp, ref, "zho_Hans") > bleu(hyp, ref, "eng_Latn")  # 13a sees one "word" each
+
+
+def test_translation_metrics_ignore_case_as_the_papers_evaluation_does() -> None:
+    # The TriMix authors' eval.py scores chrF, chrF++ and BLEU lowercased: an English output that differs
+    # from its reference only in case is a perfect translation, in the corpus score and in the bootstrap.
+    hyp, ref = ["The Cat Sat On The Mat."], ["the cat sat on the mat."]
+    for metric in (chrf, chrf_pp, bleu):
+        assert metric(hyp, ref) == pytest.approx(100.0)
+    assert chrf_pp(hyp, ref) > CHRF(word_order=2).corpus_score(hyp, [ref]).score  # the cased score
+    rows = [{"prediction": h, "reference": r} for h, r in zip(hyp * 25, ref * 25, strict=True)]
+    for name in ("chrf", "chrf_pp", "bleu"):
+        assert metric_statistics(name, rows).score() == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize(

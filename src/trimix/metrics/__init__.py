@@ -1,6 +1,7 @@
 """Metrics by name, all on a 0-100 scale (perplexity excepted): accuracy, chrf, chrf_pp, bleu, rouge_l_f.
 
-Corpus-level metrics (chrF, chrF++, BLEU) are computed by sacrebleu over all items of a cell;
+Corpus-level metrics (chrF, chrF++, BLEU) are computed by sacrebleu over all items of a cell, lowercased
+as the paper's evaluation computes them;
 ROUGE-L F1 is averaged over items with a tokenizer that keeps non-Latin scripts (the stock
 ``rouge-score`` tokenizer keeps only ``[a-z0-9]`` and scores Uyghur or Tibetan titles 0).
 """
@@ -21,20 +22,32 @@ def accuracy(correct: Sequence[bool]) -> float:
     return 100.0 * sum(bool(c) for c in correct) / len(correct) if correct else 0.0
 
 
+def sacrebleu_metric(name: str, target_lang: str | None = None) -> CHRF | BLEU:
+    """The sacrebleu scorer behind ``chrf``, ``chrf_pp`` or ``bleu``, configured as the paper's evaluation
+    (the TriMix authors' eval.py) configures it: lowercased, chrF++ with word order 2, BLEU with the
+    Chinese tokenizer when the target is Chinese (else sacrebleu's default 13a)."""
+    if name in {"chrf", "chrf_pp"}:
+        return CHRF(word_order=2 if name == "chrf_pp" else 0, lowercase=True)
+    if name == "bleu":
+        tokenize = "zh" if target_lang in {"zh", "zho_Hans", "zho_Hant"} else "13a"
+        return BLEU(tokenize=tokenize, lowercase=True)
+    raise ConfigError(f"{name!r} is not a sacrebleu metric; use chrf, chrf_pp or bleu")
+
+
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus chrF (character n-grams up to 6, no word n-grams), 0-100, via sacrebleu."""
-    return CHRF(word_order=0).corpus_score(list(predictions), [list(references)]).score
+    """Corpus chrF (character n-grams up to 6, no word n-grams, lowercased), 0-100, via sacrebleu."""
+    return sacrebleu_metric("chrf").corpus_score(list(predictions), [list(references)]).score
 
 
 def chrf_pp(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus chrF++ (character order 6, word order 2), 0-100, via sacrebleu; the paper's MT metric."""
-    return CHRF(word_order=2).corpus_score(list(predictions), [list(references)]).score
+    """Corpus chrF++ (character order 6, word order 2, lowercased), 0-100, via sacrebleu; the paper's MT
+    metric."""
+    return sacrebleu_metric("chrf_pp").corpus_score(list(predictions), [list(references)]).score
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str], target_lang: str | None = None) -> float:
-    """Corpus BLEU, 0-100, via sacrebleu; the Chinese tokenizer when the target is Chinese."""
-    tokenize = "zh" if target_lang in {"zh", "zho_Hans", "zho_Hant"} else "13a"
-    return BLEU(tokenize=tokenize).corpus_score(list(predictions), [list(references)]).score
+    """Corpus BLEU (lowercased), 0-100, via sacrebleu; the Chinese tokenizer when the target is Chinese."""
+    return sacrebleu_metric("bleu", target_lang).corpus_score(list(predictions), [list(references)]).score
 
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
@@ -138,11 +151,8 @@ def metric_statistics(name: str, rows: Sequence[dict], target_lang: str | None =
         return b.perplexity_stats([r["nll"] for r in rows], [r["n_tokens"] for r in rows])
     if name == "rouge_l_f":
         return b.mean_stats([rouge_l_f(p, ref) for p, ref in zip(predictions, references, strict=True)])
-    if name in {"chrf", "chrf_pp"}:
-        return b.sacrebleu_stats(CHRF(word_order=2 if name == "chrf_pp" else 0), predictions, references)
-    if name == "bleu":
-        tokenize = "zh" if target_lang in {"zh", "zho_Hans", "zho_Hant"} else "13a"
-        return b.sacrebleu_stats(BLEU(tokenize=tokenize), predictions, references)
+    if name in {"chrf", "chrf_pp", "bleu"}:
+        return b.sacrebleu_stats(sacrebleu_metric(name, target_lang), predictions, references)
     raise ConfigError(
         f"unknown metric {name!r}; available: accuracy, perplexity, {', '.join(sorted(CORPUS_METRICS))}"
     )
