@@ -401,6 +401,36 @@ def test_resume_refuses_changed_cells_and_reruns_them_when_asked(trio, milic_roo
     assert len(redone) == len(first) and all(r["weights"]["large"] == 0.5 for r in redone)
 
 
+def test_resume_accepts_work_recorded_before_a_setting_existed(trio, milic_root, tmp_path, capsys) -> None:
+    """A run folder written before a setting was added (here ``search.average``) resumes when the setting
+    is at the value that does what older trimix did; any other value is a change, named as such."""
+    from trimix.runinfo import fingerprint
+
+    tasks = [
+        {"task": "sib200_topic", "langs": ["uig_Arab"], "limit": 2, "shots": 1, "scoring": "loglikelihood"}
+    ]
+    methods = [{"name": "trimix_select", "method": "trimix", "select": True}]
+    raw = _eval_config(trio, milic_root, tmp_path, methods=methods, tasks=tasks)
+    path, out = tmp_path / "eval.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out)]) == 0
+    # Rewrite the folder as the trimix before `search.average` wrote it.
+    cells = json.loads((out / "cells.json").read_text())
+    ((new_cell, description),) = cells.items()
+    del description["search"]["average"]
+    old_cell = fingerprint(description)
+    (out / "cells.json").write_text(json.dumps({old_cell: description}))
+    rows = [r | {"cell": old_cell} for r in read_predictions(out / "predictions.jsonl")]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert old_cell != new_cell
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume"]) == 0
+    assert read_predictions(out / "predictions.jsonl") == rows  # accepted as done: nothing redone
+    raw["search"]["average"] = "texts"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["-q", "eval", "-c", str(path), "-o", str(out), "--resume"]) == 2
+    assert 'search.average: "tokens" -> "texts"' in capsys.readouterr().err
+
+
 def test_resume_refuses_a_folder_without_fingerprints(trio, milic_root, tmp_path, capsys) -> None:
     tasks = [{"task": "text_ppl", "langs": ["uig_Arab"], "options": {"path": str(tmp_path / "heldout.txt")}}]
     raw = _eval_config(trio, milic_root, tmp_path, tasks=tasks)

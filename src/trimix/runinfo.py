@@ -66,11 +66,22 @@ def fingerprint(description: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+# Settings added to run descriptions after fingerprints were introduced, each with the value that does
+# what runs from before it existed did. A description recorded without the field still matches one that
+# has it at this value (any other value is a change), so upgrading trimix does not make finished work
+# look changed. Add a field here when adding one to a config section that descriptions include.
+ADDED_FIELDS: dict[str, Any] = {"search.average": "tokens"}
+_ABSENT = "<absent>"
+
+
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The fields that differ between two descriptions, as ``path: old -> new`` lines."""
+    """The fields that differ between two descriptions, as ``path: old -> new`` lines (none: the same
+    settings; a field of :data:`ADDED_FIELDS` missing from ``old`` counts as its listed value)."""
     changes = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == _ABSENT and f"{prefix}{key}" in ADDED_FIELDS:
+            a = ADDED_FIELDS[f"{prefix}{key}"]
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             changes += describe_change(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -135,8 +135,7 @@ def _settings(args: argparse.Namespace) -> dict:
     }
     if saved is not None:
         stored = {key: saved.get(key) for key in settings}
-        if fingerprint(stored) != fingerprint(settings):
-            changes = "; ".join(describe_change(stored, settings))
+        if changes := "; ".join(describe_change(stored, settings)):
             raise ConfigError(
                 f"--resume continues the run in {args.output_dir!r} with the settings it was started with; these "
                 f"differ: {changes}. Drop them to continue, or start a new run with --overwrite"

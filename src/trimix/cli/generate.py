@@ -260,8 +260,7 @@ def check_resume(out_dir: Path, description: dict, resume: bool) -> None:
             f"{out_dir / GENERATIONS} was written without a run fingerprint, so --resume cannot check it matches; "
             "start afresh with --overwrite (or choose another --output-dir)"
         )
-    if fingerprint(before) != fingerprint(description):
-        changes = "; ".join(describe_change(before, description))
+    if changes := "; ".join(describe_change(before, description)):
         raise ConfigError(
             f"--resume: {out_dir} was generated with other settings or prompts ({changes}); "
             "use the same settings, or --overwrite to start afresh"

@@ -118,10 +118,12 @@ class Evaluator:
             )
         stored = self._stored_descriptions()
         changed: dict[tuple[str, str], str] = {}
-        for row in rows:
-            key = (row["method"], row["task"])
-            if key in self.descriptions and row["cell"] != fingerprint(self.descriptions[key]):
-                changed[key] = row["cell"]
+        for key, cell in {((r["method"], r["task"]), r["cell"]) for r in rows}:
+            if key not in self.descriptions or cell == fingerprint(self.descriptions[key]):
+                continue
+            before = stored.get(cell)
+            if before is None or describe_change(before, self.descriptions[key]):
+                changed[key] = cell  # else recorded before a setting was added, at its old behaviour
         unknown = sorted({(r["method"], r["task"]) for r in rows} - set(self.descriptions))
         if unknown:
             logger.warning(
