@@ -297,11 +297,8 @@ class FusedPerplexityScorer:
                         picked = fuse_logits(logits, weights[c]).argmax(-1)
                         all_greedy[text_index, c] &= bool((picked == targets).all())
         grouped = [e.groups for e in self.encoded if e.groups is not None and e.groups.numel()]
-        text_counts = [
-            (int((e.groups == 0).sum()), int((e.groups == 1).sum())) if e.groups is not None else (0, 0)
-            for e in self.encoded
-        ]
-        counts = (sum(c[0] for c in text_counts), sum(c[1] for c in text_counts)) if grouped else None
+        text_counts = self.token_groups_per_text()
+        counts = self.token_groups() if grouped else None
         return ScoreTotals(
             per_text.sum(0),
             self.n_tokens,
@@ -314,10 +311,18 @@ class FusedPerplexityScorer:
             text_counts if grouped else None,
         )
 
+    def token_groups_per_text(self) -> list[tuple[int, int]]:
+        """Per text, its scored tokens of the prompt template and of the task's own text ((0, 0) for a
+        text without the split)."""
+        return [
+            (int((e.groups == 0).sum()), int((e.groups == 1).sum())) if e.groups is not None else (0, 0)
+            for e in self.encoded
+        ]
+
     def token_groups(self) -> tuple[int, int]:
         """Scored tokens of the prompt template and of the task's own text."""
-        groups = [e.groups for e in self.encoded if e.groups is not None]
-        return (sum(int((g == 0).sum()) for g in groups), sum(int((g == 1).sum()) for g in groups))
+        per_text = self.token_groups_per_text()
+        return sum(c[0] for c in per_text), sum(c[1] for c in per_text)
 
     def script_counts(self, group: int | None = None) -> dict[str, int]:
         """How many scored tokens each writing system has (in one group, or all)."""
