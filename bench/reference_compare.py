@@ -153,19 +153,24 @@ def run_reference(job: dict, site: Path, workdir: Path) -> dict:
     return json.loads(result_file.read_text())
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_trimix(
     lm: trimix.FusedLM, texts: list[str], batch: int, count: int, args: argparse.Namespace, engine: str
 ) -> tuple[float, list[list[int]]]:
     """(best seconds over --repeats, generated ids) for ``count`` prompts at ``batch``, after a warm-up."""
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=batch, engine=engine)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     lm.generate(texts[:batch], gen)  # warm-up: captures graphs, compiles
-    sync()
+    synchronize()
     best, tokens = float("inf"), []
     for _ in range(args.repeats):
         start = time.perf_counter()
         tokens = [g.token_ids for g in lm.generate(texts[:count], gen)]
-        sync()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best, tokens
 
@@ -177,12 +182,11 @@ def trimix_search(lm: trimix.FusedLM, texts: list[str], grid: list[float]) -> di
     from trimix.search import ScoringText, search_weights
 
     search = SearchConfig(grid={"large": grid, "small_cpt": grid}, average="texts", refine_rounds=0)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
+    synchronize()
     start = time.perf_counter()
     scorer = lm.scorer([ScoringText(f"t{i}", t) for i, t in enumerate(texts)], roles=ROLES, progress=False)
     result = search_weights(scorer, search, {})
-    sync()
+    synchronize()
     seconds = time.perf_counter() - start
     points = {(c.weights["large"], c.weights["small_cpt"]): c.perplexity for c in result.candidates}
     return {"seconds": seconds, "points": points, "token_ids": [e.targets.tolist() for e in scorer.encoded]}
