@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +59,61 @@ def trio_config(trio: dict[str, Path], **fusion) -> dict:
         "fusion": fusion or {"method": "proxy_tuning"},
         "generation": {"max_new_tokens": 6},
     }
+
+
+# MiLiC-Eval-shaped items (test, dev and train_1 alike) for the task readers and prompt tests.
+UG = [
+    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
+    "بۈگۈن ھاۋا ناھايىتى ياخشى.",
+    "مەكتەپتە ئوقۇغۇچىلار كىتاب ئوقۇدى.",
+]
+
+
+def _mc(i: int) -> dict:
+    return {
+        "id": f"rc{i}",
+        "context": [UG[i % 3], UG[(i + 1) % 3]],
+        "question": "Who?",
+        "options": ["A1", "B1", "C1", "D1"],
+        "answer": "ABCD"[i % 4],
+    }
+
+
+MILIC = {
+    "reading_comprehension": [_mc(i) for i in range(4)],
+    "response_selection": [{k: v for k, v in _mc(i).items() if k != "question"} for i in range(4)],
+    "text_classification": [
+        {
+            "id": f"tc{i}",
+            "text": UG[i % 3],
+            "label": {"en": ["sports", "health"][i % 2], "zh": ["体育", "健康"][i % 2]},
+        }
+        for i in range(4)
+    ],
+    "title_generation_200": [
+        {"id": f"tg{i}", "content": UG[i % 3] * 3, "title": UG[i % 3][:12]} for i in range(4)
+    ],
+    "math": [
+        {
+            "id": f"m{i}",
+            "question": f"{UG[0]} {i} + 2?",
+            "cot": {"en": f"{i} + 2 = {i + 2}. {i + 2}", "zh": f"{i} 加 2 等于 {i + 2}。{i + 2}"},
+            "answer": str(i + 2),
+        }
+        for i in range(4)
+    ],
+    "translation_dialogue": [
+        {"id": f"t{i}", "ug": UG[i % 3], "en": f"sentence {i}", "zh": f"句子{i}"} for i in range(4)
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def milic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("milic")
+    for folder, items in MILIC.items():
+        target = root / folder / "ug"
+        target.mkdir(parents=True)
+        for name in ("test", "dev", "train_1"):
+            (target / f"{name}.json").write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+    return root

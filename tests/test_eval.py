@@ -8,68 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import trio_config
+from conftest import MILIC, UG, trio_config
 from trimix.cli.main import main
 from trimix.config import load_config
 from trimix.errors import DataError
 from trimix.evaluation import Evaluator, read_predictions, write_report
 from trimix.tasks import get_task
-
-UG = [
-    "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە مەنسۇپ.",
-    "بۈگۈن ھاۋا ناھايىتى ياخشى.",
-    "مەكتەپتە ئوقۇغۇچىلار كىتاب ئوقۇدى.",
-]
-
-
-def _mc(i: int) -> dict:
-    return {
-        "id": f"rc{i}",
-        "context": [UG[i % 3], UG[(i + 1) % 3]],
-        "question": "Who?",
-        "options": ["A1", "B1", "C1", "D1"],
-        "answer": "ABCD"[i % 4],
-    }
-
-
-MILIC = {
-    "reading_comprehension": [_mc(i) for i in range(4)],
-    "response_selection": [{k: v for k, v in _mc(i).items() if k != "question"} for i in range(4)],
-    "text_classification": [
-        {
-            "id": f"tc{i}",
-            "text": UG[i % 3],
-            "label": {"en": ["sports", "health"][i % 2], "zh": ["体育", "健康"][i % 2]},
-        }
-        for i in range(4)
-    ],
-    "title_generation_200": [
-        {"id": f"tg{i}", "content": UG[i % 3] * 3, "title": UG[i % 3][:12]} for i in range(4)
-    ],
-    "math": [
-        {
-            "id": f"m{i}",
-            "question": f"{UG[0]} {i} + 2?",
-            "cot": {"en": f"{i} + 2 = {i + 2}. {i + 2}"},
-            "answer": str(i + 2),
-        }
-        for i in range(4)
-    ],
-    "translation_dialogue": [
-        {"id": f"t{i}", "ug": UG[i % 3], "en": f"sentence {i}", "zh": f"句子{i}"} for i in range(4)
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def milic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("milic")
-    for folder, items in MILIC.items():
-        target = root / folder / "ug"
-        target.mkdir(parents=True)
-        for name in ("test", "dev", "train_1"):
-            (target / f"{name}.json").write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-    return root
 
 
 @pytest.mark.parametrize(
@@ -84,24 +28,27 @@ def milic_root(tmp_path_factory):
         ("milic_translation", {"source": "zh", "target": "ug"}),
     ],
 )
-def test_milic_readers_and_prompts(milic_root, task: str, options: dict) -> None:
-    t = get_task(task, "ug", root=str(milic_root), **options)
+@pytest.mark.parametrize("style", ["paper", "compact"])
+def test_milic_readers_and_prompts(milic_root, task: str, options: dict, style: str) -> None:
+    t = get_task(task, "ug", root=str(milic_root), prompt_style=style, **options)
     items = t.examples("test")
     assert len(items) == 4
     prompt = t.render(items[0])
-    assert prompt.text.startswith(t.instruction())
-    assert prompt.text[-1] in ":："  # ends at the answer label: the gold answer is never in the prompt
+    first_line = t.paper_instruction() if style == "paper" else t.instruction()
+    assert prompt.text.startswith(first_line + "\n")
+    # Ends at the answer label (the paper's English prompts keep a space after some): never the answer.
+    assert prompt.text.rstrip()[-1] in ":："
     # The task's own text lies in the recorded spans, the template around them.
     own = "".join(prompt.text[a:b] for a, b in prompt.spans)
     block = prompt.text[prompt.input_start :]
     first_field = next(iter(items[0].fields.values()))
     first_field = first_field if isinstance(first_field, str) else str(first_field)
     assert first_field[:8] in own and first_field[:8] in block
-    zh = get_task(task, "ug", root=str(milic_root), prompt_lang="zh", **options).render(items[0])
-    assert zh.text.startswith(
-        get_task(task, "ug", root=str(milic_root), prompt_lang="zh", **options).instruction()
-    )
+    zh_task = get_task(task, "ug", root=str(milic_root), prompt_lang="zh", prompt_style=style, **options)
+    zh = zh_task.render(items[0])
+    assert zh.text.startswith(zh_task.paper_instruction() if style == "paper" else zh_task.instruction())
     assert zh.text[-1] == "：" and first_field[:8] in "".join(zh.text[a:b] for a, b in zh.spans)
+    assert t.generation_settings()["prompt_style"] == style  # recorded with every prediction
 
 
 def test_milic_scoring_rules(milic_root) -> None:

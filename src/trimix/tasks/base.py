@@ -204,15 +204,20 @@ class Task(ABC):
             example: the item.
             selection: render for label-free weight selection (its passage budget).
         """
-        self._budget = (self.selection_max_chars or self.max_chars) if selection else self.max_chars
-        self._cut = 0
+        self.start_render(selection)
         parts = [self.instruction()]
         parts += [f"{self.block(s)} {self.field(self.answer_text(s), clip=False)}" for s in self.shots()]
-        head = "\n\n".join(parts) + "\n\n"
-        marked = head + self.block(example)
-        text, spans = _strip_fields(marked)
-        start = len(_strip_fields(head)[0])
-        return RenderedPrompt(text, start, spans, self._cut)
+        return self.finish_render("\n\n".join(parts) + "\n\n", self.block(example))
+
+    def start_render(self, selection: bool) -> None:
+        """Set the passage budget of a render (the selection one with ``selection``) and reset its cut count."""
+        self._budget = (self.selection_max_chars or self.max_chars) if selection else self.max_chars
+        self._cut = 0
+
+    def finish_render(self, head: str, item: str) -> RenderedPrompt:
+        """The prompt ``head + item`` (both with field markers) with the item's start and the field spans."""
+        text, spans = _strip_fields(head + item)
+        return RenderedPrompt(text, len(_strip_fields(head)[0]), spans, self._cut)
 
     def field(self, value: str, clip: bool = True) -> str:
         """A field's own text inside a block: cut to the passage budget (when ``clip``) and marked."""

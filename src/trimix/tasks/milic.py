@@ -9,14 +9,15 @@ rejected with its file, item number and field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from trimix.errors import DataError
 from trimix.metrics import last_number
-from trimix.tasks.base import Example, Task, language_name
-from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt
+from trimix.tasks.base import Example, RenderedPrompt, Task, language_name
+from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt, lettered
 
 
 def read_json_items(path: Path) -> list[dict[str, Any]]:
@@ -50,13 +51,79 @@ def require(item: dict[str, Any], field: str, kind: type | tuple[type, ...], whe
     return value
 
 
+def paper_language_name(code: str, prompt_lang: str) -> str:
+    """A language's name as the paper's prompts write it (Chinese is 汉语 in Chinese prompts)."""
+    return "汉语" if prompt_lang == "zh" and code == "zh" else language_name(code, prompt_lang)
+
+
 @dataclass
 class MilicTask(Task):
-    """Shared reading and prompting of MiLiC-Eval items; subclasses parse one task's fields."""
+    """Shared reading and prompting of MiLiC-Eval items; subclasses parse one task's fields.
+
+    ``prompt_style: paper`` (the default) renders prompts as the TriMix authors' evaluation code does:
+    every exemplar is a whole block — instruction line, fields, answer — and the item repeats the
+    instruction; the wording, field labels, answer separators and exemplars (the first ``n`` items of
+    ``train_<exemplar_file>.json`` in file order; classification: the first ``n`` per label, shuffled with
+    seed 0) are the paper's, and ``n`` defaults to what its scripts pass (:attr:`paper_shots`: 5 at
+    inference and 3 in weight selection; title generation 3 and 3; classification 3 and 1 per label).
+    Dialogue passages are not cut, as in the paper. ``compact`` is trimix's own shorter layout (the
+    instruction once, then the blocks; seeded exemplars), as the SIB-200 tasks use.
+    """
 
     root: str | Path | None = None
     exemplar_file: int = 1
+    prompt_style: Literal["paper", "compact"] = "paper"
     folder: ClassVar[str] = ""
+    paper_shots: ClassVar[tuple[int, int]] = (5, 3)  # (inference, weight selection) in the paper's scripts
+    paper_answer_space: ClassVar[str] = ""  # after the item's answer label in English prompts
+    _paper_exemplars: dict[bool, list[Example]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prompt_style not in ("paper", "compact"):
+            raise ValueError(f"prompt_style must be 'paper' or 'compact'; got {self.prompt_style!r}")
+
+    def generation_settings(self) -> dict[str, Any]:
+        return super().generation_settings() | {"prompt_style": self.prompt_style}
+
+    def render(self, example: Example, selection: bool = False) -> RenderedPrompt:
+        if self.prompt_style == "compact":
+            return super().render(example, selection)
+        self.start_render(selection)
+        instruction = self.paper_instruction()
+        answer_sep = "" if self.prompt_lang == "zh" else " "
+        head = "".join(
+            f"{instruction}\n{self.paper_block(s)}{answer_sep}{self.field(self.answer_text(s), clip=False)}\n\n"
+            for s in self.paper_exemplars(selection)
+        )
+        item_end = "" if self.prompt_lang == "zh" else self.paper_answer_space
+        return self.finish_render(f"{head}{instruction}\n", self.paper_block(example) + item_end)
+
+    def paper_exemplars(self, selection: bool = False) -> list[Example]:
+        """The paper's exemplars: the first ``n`` items of the exemplar file, in file order."""
+        if selection not in self._paper_exemplars:
+            n = self.n_shots if self.n_shots is not None else self.paper_shots[int(selection)]
+            self._paper_exemplars[selection] = self.examples("train")[:n]
+        return self._paper_exemplars[selection]
+
+    def paper_instruction(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def paper_block(self, example: Example) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def paper_name(self, code: str | None = None) -> str:
+        return paper_language_name(code or self.lang, self.prompt_lang)
+
+    def paper_choice_block(self, example: Example) -> str:
+        """Dialogue lines, the question if any, lettered options and the answer label (not cut)."""
+        f, zh = example.fields, self.prompt_lang == "zh"
+        lines = [f"{'对话内容：' if zh else 'Context:'}\n{self.field(f['context'], clip=False)}"]
+        if "question" in f:
+            lines.append(f"{'问题：' if zh else 'Question: '}{self.field(f['question'], clip=False)}")
+        lines.append(f"{'选项：' if zh else 'Options:'}\n{self.field(lettered(f['options']), clip=False)}")
+        lines.append("答案：" if zh else "Answer:")
+        return "\n".join(lines)
 
     def _path(self, split: str) -> Path:
         if not self.root:
@@ -105,6 +172,14 @@ class MilicReadingComprehension(MultipleChoicePrompt, MilicTask):
         fields = {"context": "\n".join(map(str, context)), "question": question, "options": options}
         return Example(item_id, fields, answer, tuple(LETTERS[: len(options)]))
 
+    def paper_instruction(self):
+        if self.prompt_lang == "zh":
+            return f"请阅读以下{self.paper_name()}对话并回答问题。"
+        return f"Please read the following {self.paper_name()} dialogue and answer the question."
+
+    def paper_block(self, example):
+        return self.paper_choice_block(example)
+
 
 @dataclass
 class MilicResponseSelection(MilicReadingComprehension):
@@ -127,6 +202,11 @@ class MilicResponseSelection(MilicReadingComprehension):
         if self.prompt_lang == "zh":
             return f"选择最适合接在以下{name}对话之后的回复。只输出选项字母。"
         return f"Choose the best response to continue the {name} dialogue; answer with the option letter."
+
+    def paper_instruction(self):
+        if self.prompt_lang == "zh":
+            return f"请为以下{self.paper_name()}对话选择合适的回答。"
+        return f"Please select an appropriate response for the following {self.paper_name()} dialogue."
 
 
 @dataclass
@@ -171,6 +251,30 @@ class MilicTextClassification(MilicTask):
         text = self.field(example.fields["text"])
         return f"文本：{text}\n类别：" if self.prompt_lang == "zh" else f"Text: {text}\nLabel:"
 
+    def paper_exemplars(self, selection=False):
+        """The paper's classification exemplars: the first ``n`` of each label (default 3 at inference, 1
+        in weight selection) in the exemplar file, shuffled with seed 0. The paper walks the labels in a
+        Python set's order, which changes from process to process; trimix walks them sorted."""
+        if selection not in self._paper_exemplars:
+            n = self.n_shots if self.n_shots is not None else (1 if selection else 3)
+            pool, labels = self.examples("train"), self.examples("test")[0].choices
+            picked = [e for label in labels for e in [x for x in pool if x.target == label][:n]]
+            random.Random(0).shuffle(picked)
+            self._paper_exemplars[selection] = picked
+        return self._paper_exemplars[selection]
+
+    def paper_instruction(self):
+        if self.prompt_lang == "zh":
+            return f"请判断以下{self.paper_name()}文本的类别："
+        return f"Please classify the following {self.paper_name()} text."
+
+    def paper_block(self, example):
+        text = self.field(example.fields["text"])
+        labels = ("、" if self.prompt_lang == "zh" else ", ").join(example.choices)
+        if self.prompt_lang == "zh":
+            return f"文本：{text}\n候选类别：{labels}\n答案："
+        return f"Text: {text}\nCandidate labels: {labels}\nAnswer:"
+
 
 @dataclass
 class MilicTitleGeneration(MilicTask):
@@ -195,6 +299,17 @@ class MilicTitleGeneration(MilicTask):
     def block(self, example):
         content = self.field(example.fields["content"])
         return f"文章：{content}\n标题：" if self.prompt_lang == "zh" else f"Article: {content}\nTitle:"
+
+    paper_shots: ClassVar[tuple[int, int]] = (3, 3)
+    paper_answer_space: ClassVar[str] = " "
+
+    def paper_instruction(self):
+        if self.prompt_lang == "zh":
+            return f"请为以下{self.paper_name()}文章写一个标题。"
+        return f"Please write a title for the following article in {self.paper_name()}."
+
+    def paper_block(self, example):
+        return self.block(example)
 
 
 @dataclass
@@ -228,6 +343,19 @@ class MilicMath(MilicTask):
             f"题目：{q}\n逐步解答：" if self.prompt_lang == "zh" else f"Problem: {q}\nStep-by-step solution:"
         )
 
+    paper_answer_space: ClassVar[str] = " "
+
+    def paper_instruction(self):
+        if self.prompt_lang == "zh":
+            return f"请分步解答下面的{self.paper_name()}数学问题。"
+        return f"Please solve the following {self.paper_name()} math problem step by step."
+
+    def paper_block(self, example):
+        q = self.field(example.fields["question"], clip=False)
+        return (
+            f"问题：{q}\n分步解答：" if self.prompt_lang == "zh" else f"Problem: {q}\nStep-by-step solution:"
+        )
+
     def extract(self, generated):
         value = last_number(generated.strip().split("\n\n")[0])
         return "" if value is None else f"{value:g}"
@@ -257,6 +385,19 @@ class MilicTranslation(TranslationPrompt, MilicTask):
     def parse(self, item, where, item_id):
         src, tgt = self.pair
         return Example(item_id, {"source": require(item, src, str, where)}, require(item, tgt, str, where))
+
+    paper_answer_space: ClassVar[str] = " "
+
+    def paper_instruction(self):
+        src, tgt = (self.paper_name(c) for c in self.pair)
+        if self.prompt_lang == "zh":
+            return f"请将下面的{src}文本翻译成{tgt}。"
+        return f"Please translate the following {src} text into {tgt}."
+
+    def paper_block(self, example):
+        src, tgt = (self.paper_name(c) for c in self.pair)
+        sep = "：" if self.prompt_lang == "zh" else ": "
+        return f"{src}{sep}{self.field(example.fields['source'], clip=False)}\n{tgt}{sep.rstrip()}"
 
 
 @dataclass
