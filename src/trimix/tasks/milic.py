@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from trimix.errors import DataError
 from trimix.metrics import last_number
 from trimix.tasks.base import Example, RenderedPrompt, Task, language_name
-from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt, lettered
+from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt
 
 
 def read_json_items(path: Path) -> list[dict[str, Any]]:
@@ -115,16 +115,6 @@ class MilicTask(Task):
     def paper_name(self, code: str | None = None) -> str:
         return paper_language_name(code or self.lang, self.prompt_lang)
 
-    def paper_choice_block(self, example: Example) -> str:
-        """Dialogue lines, the question if any, lettered options and the answer label (not cut)."""
-        f, zh = example.fields, self.prompt_lang == "zh"
-        lines = [f"{'对话内容：' if zh else 'Context:'}\n{self.field(f['context'], clip=False)}"]
-        if "question" in f:
-            lines.append(f"{'问题：' if zh else 'Question: '}{self.field(f['question'], clip=False)}")
-        lines.append(f"{'选项：' if zh else 'Options:'}\n{self.field(lettered(f['options']), clip=False)}")
-        lines.append("答案：" if zh else "Answer:")
-        return "\n".join(lines)
-
     def _path(self, split: str) -> Path:
         if not self.root:
             raise DataError(
@@ -178,7 +168,7 @@ class MilicReadingComprehension(MultipleChoicePrompt, MilicTask):
         return f"Please read the following {self.paper_name()} dialogue and answer the question."
 
     def paper_block(self, example):
-        return self.paper_choice_block(example)
+        return self.choice_block(example, ("Context:", "对话内容："), clip=False)  # dialogues are not cut
 
 
 @dataclass

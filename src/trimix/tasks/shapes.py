@@ -55,9 +55,14 @@ class MultipleChoicePrompt:
         return f"Read the {name} passage and answer the multiple-choice question with the option letter."
 
     def block(self, example: Example) -> str:
+        return self.choice_block(example, ("Context:", "材料："))
+
+    def choice_block(self, example: Example, context_label: tuple[str, str], clip: bool = True) -> str:
+        """The passage under ``context_label`` (English, Chinese), cut to the budget when ``clip``, the
+        question if any, the lettered options and the answer label."""
         f = example.fields
         zh = self.prompt_lang == "zh"
-        parts = [f"{'材料：' if zh else 'Context:'}\n{self.field(f['context'])}"]
+        parts = [f"{context_label[zh]}\n{self.field(f['context'], clip=clip)}"]
         if "question" in f:
             parts.append(f"{'问题：' if zh else 'Question: '}{self.field(f['question'], clip=False)}")
         parts.append(f"{'选项：' if zh else 'Options:'}\n{self.field(lettered(f['options']), clip=False)}")
