@@ -50,14 +50,15 @@ SHAPES = {
 }
 
 
-def build_tokenizer():
+def build_tokenizer(size: int = VOCAB):
+    """A word-level tokenizer of ``size`` entries: ``w0`` ... and ``<pad>``, ``<bos>``, ``<eos>`` last."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(VOCAB - 3)} | {
-        "<pad>": VOCAB - 3,
-        "<bos>": VOCAB - 2,
-        "<eos>": VOCAB - 1,
+    vocab = {f"w{i}": i for i in range(size - 3)} | {
+        "<pad>": size - 3,
+        "<bos>": size - 2,
+        "<eos>": size - 1,
     }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -66,10 +67,18 @@ def build_tokenizer():
     )
 
 
-def build_model(role: str, seed: int):
+def build_model(
+    role: str,
+    seed: int,
+    shapes: dict = SHAPES,
+    vocab: int = VOCAB,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """A random Qwen2 model of ``shapes[role]`` (Qwen2.5's rotary base), built directly on ``device``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    hidden, inter, layers, heads, kv, rows, tied = SHAPES[role]
+    hidden, inter, layers, heads, kv, rows, tied = shapes[role]
     config = Qwen2Config(
         vocab_size=rows,
         hidden_size=hidden,
@@ -80,15 +89,15 @@ def build_model(role: str, seed: int):
         max_position_embeddings=32768,
         rope_theta=1_000_000.0,
         tie_word_embeddings=tied,
-        bos_token_id=VOCAB - 2,
-        eos_token_id=VOCAB - 1,
-        pad_token_id=VOCAB - 3,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 3,
     )
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -123,9 +132,10 @@ def copy_bandwidth() -> float:
     return 2 * 2 * 2**30 / sorted(times)[len(times) // 2]
 
 
-def prompts(batch: int, length: int, seed: int) -> list[str]:
+def prompts(batch: int, length: int, seed: int, vocab: int = VOCAB) -> list[str]:
+    """``batch`` seeded prompts of ``length`` random words of :func:`build_tokenizer`'s vocabulary."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB - 3, (batch, length), generator=g)
+    ids = torch.randint(0, vocab - 3, (batch, length), generator=g)
     return [" ".join(f"w{int(i)}" for i in row) for row in ids]
 
 

@@ -19,9 +19,11 @@ The reference and its pinned libraries are not part of trimix; fetch them once (
     pip download --no-deps -d .reference/wheels transformers==4.47.0 tokenizers==0.21.4 huggingface_hub==0.36.0
     git clone https://github.com/luciusssss/TriMix .reference/TriMix
 
-then, on a CPU (under a minute on 2 cores; tiny models, float32, tokens checked):
+then, on a CPU (under a minute on 2 cores; float32, tokens checked; ``mini`` rehearses the GPU run's
+word-level Qwen2.5 structure at a small size):
 
     python bench/reference_compare.py --shapes tiny --check-tokens
+    python bench/reference_compare.py --shapes mini --check-tokens --search
 
 and on a GPU (saves 21 GB of random bf16 weights under --workdir; the reference decodes batch 1 at
 about 14 tok/s, so the default 8 prompts x 64 tokens take it about 40 s there):
@@ -62,20 +64,44 @@ SEARCH_TOLERANCE = 1e-5  # relative, float32
 REFERENCE_PINS = ("transformers==4.47.0", "tokenizers==0.21.4", "huggingface_hub==0.36.0")
 
 
-def save_qwen25_trio(root: Path) -> dict[str, Path]:
-    """Random-weight Qwen2.5 7B / 1.5B / 1.5B (bf16, built on the GPU) and their tokenizer, saved under root."""
-    from gpu_decode import SHAPES, build_model, build_tokenizer
+# Word-level random trios (as bench/gpu_decode.py builds them): role -> (hidden, intermediate, layers, heads,
+# kv heads, output rows, tied), the tokenizer's size, and the dtype. ``mini`` keeps Qwen2.5's structure —
+# large padded beyond the small models, which pad beyond the tokenizer; tied small embeddings; rotary base
+# 1e6; a word-level tokenizer without BOS — at a size a CPU decodes in seconds, to rehearse the GPU path.
+MINI_SHAPES = {
+    "large": (128, 256, 2, 4, 2, 2048, False),
+    "small_cpt": (64, 128, 2, 4, 2, 2016, True),
+    "small_base": (64, 128, 2, 4, 2, 2016, True),
+}
+MINI_VOCAB = 2000
 
-    tokenizer = build_tokenizer()
+
+def word_level_trio(shapes: str) -> tuple[dict, int, torch.dtype]:
+    """(shapes, tokenizer size, dtype) of the ``qwen2.5`` (the real sizes, bf16) or ``mini`` trio."""
+    from gpu_decode import SHAPES, VOCAB
+
+    return (
+        (SHAPES, VOCAB, torch.bfloat16) if shapes == "qwen2.5" else (MINI_SHAPES, MINI_VOCAB, torch.float32)
+    )
+
+
+def save_word_level_trio(root: Path, shapes: str, device: str) -> dict[str, Path]:
+    """A random-weight word-level trio (:func:`word_level_trio`) and its tokenizer, built on ``device`` and
+    saved under root."""
+    from gpu_decode import build_model, build_tokenizer
+
+    sizes, vocab, dtype = word_level_trio(shapes)
+    tokenizer = build_tokenizer(vocab)
     paths = {}
-    for seed, role in enumerate(SHAPES):
+    for seed, role in enumerate(sizes):
         start = time.perf_counter()
-        model = build_model(role, seed)
+        model = build_model(role, seed, sizes, vocab, device, dtype)
         paths[role] = root / role
         model.save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
         del model
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         logger.warning("saved %s in %.0fs", role, time.perf_counter() - start)
     return paths
 
@@ -114,12 +140,12 @@ def model_facts(model) -> dict[str, float]:
 
 
 def prompt_texts(shapes: str, count: int, prompt_tokens: int) -> list[str]:
-    """``count`` prompts: word-level random prompts of ``prompt_tokens`` words for the Qwen2.5 shapes,
+    """``count`` prompts: word-level random prompts of ``prompt_tokens`` words for the word-level trios,
     corpus sentences of different lengths (so batches are padded) for the tiny models."""
-    if shapes == "qwen2.5":
+    if shapes in ("qwen2.5", "mini"):
         from gpu_decode import prompts
 
-        return prompts(count, prompt_tokens, seed=count)
+        return prompts(count, prompt_tokens, seed=count, vocab=word_level_trio(shapes)[1])
     return [" ".join(CORPUS[(i + j) % len(CORPUS)] for j in range(1 + i % 3)) for i in range(count)]
 
 
@@ -226,7 +252,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", choices=["qwen2.5", "tiny"], default="qwen2.5")
+    parser.add_argument(
+        "--shapes", choices=["qwen2.5", "mini", "tiny"], default="qwen2.5",
+        help="qwen2.5: the real sizes (GPU, bf16); mini: the same word-level structure, small (float32); "
+        "tiny: BPE tokenizer, ragged corpus prompts (float32)",
+    )  # fmt: skip
     parser.add_argument(
         "--reference-code", default=str(ROOT / ".reference" / "TriMix"), help="holds dexperts.py"
     )
@@ -285,9 +315,9 @@ def main() -> None:
         site = reference_site(args, workdir)
         start = time.perf_counter()
         paths = (
-            save_qwen25_trio(workdir)
-            if args.shapes == "qwen2.5"
-            else save_tiny_trio(workdir, padded_rows=args.padded_rows, rope_theta=1e6)  # as Qwen2.5
+            save_tiny_trio(workdir, padded_rows=args.padded_rows, rope_theta=1e6)  # Qwen2.5's rotary base
+            if args.shapes == "tiny"
+            else save_word_level_trio(workdir, args.shapes, device)
         )
         for folder in paths.values():
             portable_checkpoint(folder)
@@ -334,9 +364,9 @@ def main() -> None:
         search_texts = []
         if args.search:
             search_texts = (
-                prompt_texts(args.shapes, args.search_texts, args.search_tokens)
-                if args.shapes == "qwen2.5"
-                else prompt_texts(args.shapes, args.search_texts + 3, 0)[3:]
+                prompt_texts(args.shapes, args.search_texts + 3, 0)[3:]
+                if args.shapes == "tiny"
+                else prompt_texts(args.shapes, args.search_texts, args.search_tokens)
             )
             job |= {"search_texts": search_texts, "search_grid": list(PAPER_GRID)}
         # The reference runs in its own process with the models loaded by its own code; trimix's copy

@@ -20,6 +20,8 @@ if [[ "$which" == tiny || "$which" == all ]]; then
   run selection_study.py --model tiny --test-items 40
   if [[ -f ../.reference/TriMix/dexperts.py ]]; then  # the authors' implementation, if fetched
     run reference_compare.py --shapes tiny --check-tokens --batch-sizes 1 4 8 --new-tokens 32 --repeats 2 --engines eager static
+    run reference_compare.py --shapes tiny --check-tokens --batch-sizes 1 8 --new-tokens 32 --search --padded-rows 0
+    run reference_compare.py --shapes mini --check-tokens --batch-sizes 1 4 --new-tokens 32 --search --search-texts 8 --search-tokens 48
   fi
 fi
 if [[ "$which" == gemma || "$which" == all ]]; then
