@@ -292,8 +292,8 @@ def main() -> None:
     parser.add_argument(
         "--check-tokens",
         action="store_true",
-        help="fail unless every row decodes identically (and, with --search, both select the same weights "
-        "from the same scored tokens, with perplexities equal to 1e-5 on tiny models without padded rows)",
+        help="fail unless every row decodes identically (and, with --search, both score the same tokens; on "
+        "tiny models without padded rows, with perplexities equal to 1e-5 and the same selection)",
     )
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
@@ -453,20 +453,21 @@ def main() -> None:
         ]
         if bad:
             raise SystemExit(f"trimix and the reference decoded different tokens at (batch, engine) {bad}")
-        if search and not (
-            search["same_scored_tokens"] and search["trimix_selects"] == search["reference_selects"]
-        ):
-            raise SystemExit(
-                f"the two searches scored different tokens or selected different weights: {search}"
-            )
+        if search and not search["same_scored_tokens"]:
+            raise SystemExit(f"the two searches scored different tokens: {search}")
         # Without padded output rows both softmax over the same rows: the perplexities must agree to float
-        # precision (with them the reference also spreads probability over the padded rows).
-        exact = args.shapes == "tiny" and args.padded_rows == 0
-        if search and exact and search["max_relative_difference"] > SEARCH_TOLERANCE:
-            raise SystemExit(f"search perplexities differ by up to {search['max_relative_difference']:.2e}")
+        # precision and select the same weights. With them the reference also spreads probability over
+        # the padded rows, which can move the selection where the grid is flat (reported, not checked).
+        if search and args.shapes == "tiny" and args.padded_rows == 0:
+            if search["max_relative_difference"] > SEARCH_TOLERANCE:
+                raise SystemExit(
+                    f"search perplexities differ by up to {search['max_relative_difference']:.2e}"
+                )
+            if search["trimix_selects"] != search["reference_selects"]:
+                raise SystemExit(f"the two searches selected different weights: {search}")
         print(
             "tokens: every row identical to the reference's"
-            + ("; search: the same selection" if search else "")
+            + ("; search: the same scored tokens" if search else "")
         )
 
 

@@ -32,22 +32,25 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "fusion",
+    ("shapes", "fusion"),
     [
-        ["--weights", "0.3", "0.5"],  # all three sources, plausibility on small_cpt (the reference's default)
+        # All three sources, plausibility on small_cpt (the reference's default).
+        ("tiny", ["--weights", "0.3", "0.5"]),
         # Proxy Tuning, no constraint; and both weight searches on models without padded rows.
-        ["--weights", "1.0", "1.0", "--plausibility-alpha", "0", "--search", "--padded-rows", "0"],
+        ("tiny", ["--weights", "1.0", "1.0", "--plausibility-alpha", "0", "--search", "--padded-rows", "0"]),
+        # The GPU run's word-level Qwen2.5 structure at CPU size (padded rows: perplexities differ there).
+        ("mini", ["--search", "--search-texts", "4", "--search-tokens", "32"]),
     ],
-    ids=["trimix_plausibility", "proxy_tuning"],
+    ids=["trimix_plausibility", "proxy_tuning", "mini"],
 )
-def test_same_tokens_as_the_authors_implementation(tmp_path: Path, fusion: list[str]) -> None:
+def test_same_tokens_as_the_authors_implementation(tmp_path: Path, shapes: str, fusion: list[str]) -> None:
     out = tmp_path / "compare.json"
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "reference_compare.py"),
             "--shapes",
-            "tiny",
+            shapes,
             "--check-tokens",
             "--batch-sizes",
             "1",
@@ -73,8 +76,9 @@ def test_same_tokens_as_the_authors_implementation(tmp_path: Path, fusion: list[
     if "--search" in fusion:
         search = result["search"]
         assert search["points"] == 36 and search["same_scored_tokens"]
-        assert search["max_relative_difference"] < 1e-5
-        assert search["trimix_selects"] == search["reference_selects"]
+        if "--padded-rows" in fusion:  # no padded rows: both normalise over the same rows
+            assert search["max_relative_difference"] < 1e-5
+            assert search["trimix_selects"] == search["reference_selects"]
 
 
 @pytest.fixture(scope="module")
