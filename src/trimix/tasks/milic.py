@@ -273,6 +273,8 @@ class MilicTitleGeneration(MilicTask):
     metric_names: ClassVar[tuple[str, ...]] = ("rouge_l_f",)
     default_max_new_tokens: ClassVar[int] = 64
     description: ClassVar[str] = "MiLiC-Eval title generation for LRL articles (ROUGE-L F1, Unicode-aware)"
+    paper_shots: ClassVar[tuple[int, int]] = (3, 3)
+    paper_answer_space: ClassVar[str] = " "
     max_chars: int = 256
 
     def parse(self, item, where, item_id):
@@ -290,9 +292,6 @@ class MilicTitleGeneration(MilicTask):
         content = self.field(example.fields["content"])
         return f"文章：{content}\n标题：" if self.prompt_lang == "zh" else f"Article: {content}\nTitle:"
 
-    paper_shots: ClassVar[tuple[int, int]] = (3, 3)
-    paper_answer_space: ClassVar[str] = " "
-
     def paper_instruction(self):
         if self.prompt_lang == "zh":
             return f"请为以下{self.paper_name()}文章写一个标题。"
@@ -308,6 +307,7 @@ class MilicMath(MilicTask):
     folder: ClassVar[str] = "math"
     default_max_new_tokens: ClassVar[int] = 256
     description: ClassVar[str] = "MiLiC-Eval math word problems; the last number of the output (accuracy)"
+    paper_answer_space: ClassVar[str] = " "
 
     def parse(self, item, where, item_id):
         question = require(item, "question", str, where)
@@ -332,8 +332,6 @@ class MilicMath(MilicTask):
         return (
             f"题目：{q}\n逐步解答：" if self.prompt_lang == "zh" else f"Problem: {q}\nStep-by-step solution:"
         )
-
-    paper_answer_space: ClassVar[str] = " "
 
     def paper_instruction(self):
         if self.prompt_lang == "zh":
@@ -365,6 +363,7 @@ class MilicTranslation(TranslationPrompt, MilicTask):
     default_max_new_tokens: ClassVar[int] = 200
     unit: ClassVar[tuple[str, str]] = ("text", "文本")
     description: ClassVar[str] = "MiLiC-Eval translation between the LRL and en/zh (chrF++, BLEU)"
+    paper_answer_space: ClassVar[str] = " "
     source: str | None = None
     target: str = "en"
 
@@ -375,8 +374,6 @@ class MilicTranslation(TranslationPrompt, MilicTask):
     def parse(self, item, where, item_id):
         src, tgt = self.pair
         return Example(item_id, {"source": require(item, src, str, where)}, require(item, tgt, str, where))
-
-    paper_answer_space: ClassVar[str] = " "
 
     def paper_instruction(self):
         src, tgt = (self.paper_name(c) for c in self.pair)
