@@ -24,6 +24,7 @@ tensors keep their addresses, which the CUDA-graph decoder needs.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +158,16 @@ def attention_bias(
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    """The keyword ``decoder``'s forward takes the cache by.
+
+    transformers renamed ``past_key_values`` to ``cache`` during 5.x (5.25 names ``cache`` and warns, with a
+    FutureWarning, on ``past_key_values``; 5.17 knows only ``past_key_values``), and a family's forward may lag
+    behind. So ask the forward itself: ``cache`` where its signature names it, else ``past_key_values``.
+    """
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 def _layer_windows(model: PreTrainedModel) -> tuple[dict[str, int | None], bool]:
     """Attention layer type -> sliding window (None: full), and whether the model takes a dict of masks."""
     config = model.config.get_text_config()
@@ -206,6 +217,7 @@ class HFBackend:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.decoder = model.get_decoder()
+        self.cache_keyword = cache_keyword(self.decoder)
         self._compiled: Any = None
         if verify:
             self._verify()
@@ -326,7 +338,7 @@ class HFBackend:
             input_ids=tokens,
             attention_mask=self._masks(state.valid, state.positions, query),
             position_ids=query,
-            past_key_values=state.cache,
+            **{self.cache_keyword: state.cache},
             use_cache=True,
         )
         state.next_position.add_(width)
@@ -513,7 +525,7 @@ class HFBackend:
             input_ids=ids,
             attention_mask=self._masks(state.valid, state.positions, positions),
             position_ids=positions,
-            past_key_values=state.cache,
+            **{self.cache_keyword: state.cache},
             use_cache=True,
         )
         return out.last_hidden_state

@@ -9,6 +9,7 @@ folder that ``trimix generate`` loads as a source.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -167,6 +168,16 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def checkpointing_keyword() -> str:
+    """``TrainingArguments``' name for activation (gradient) checkpointing.
+
+    transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` during 5.x (5.25 keeps the old
+    name as an alias that warns with a FutureWarning; 5.17 knows only the old one), so look for the new field.
+    """
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _lora_targets(model: torch.nn.Module, settings: list[str] | None) -> list[str] | None:
     if settings:
         return settings
@@ -276,7 +287,7 @@ def run_cpt(
         report_to="none",
         use_cpu=device == "cpu",
         bf16=use_bf16,
-        gradient_checkpointing=cpt.gradient_checkpointing,
+        **{checkpointing_keyword(): cpt.gradient_checkpointing},
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
