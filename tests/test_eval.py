@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MILIC, UG, trio_config
+from conftest import FLOAT32_SUM_REL, MILIC, UG, assert_same_rows, row_key, trio_config
 from trimix.cli.main import main
 from trimix.config import load_config
 from trimix.errors import DataError
@@ -244,10 +244,10 @@ def test_scored_cells_share_forwards_and_match_each_method_alone(trio, milic_roo
         for row in read_predictions(alone / "predictions.jsonl"):
             other = shared[(row["method"], row["task"], row["id"])]
             if "nll" in row:
-                assert other["nll"] == pytest.approx(row["nll"], rel=1e-6)
+                assert other["nll"] == pytest.approx(row["nll"], rel=FLOAT32_SUM_REL)
                 assert other["n_tokens"] == row["n_tokens"]
             else:
-                assert other["choice_nll"] == pytest.approx(row["choice_nll"], rel=1e-6)
+                assert other["choice_nll"] == pytest.approx(row["choice_nll"], rel=FLOAT32_SUM_REL)
                 assert other["prediction"] == row["prediction"]
 
 
@@ -325,8 +325,10 @@ def test_resume_after_kill_loses_and_duplicates_nothing(trio, milic_root, tmp_pa
     keys = [(r["method"], r["task"], r["id"]) for r in rows]
     assert len(keys) == len(set(keys)) == 30
     _, resumed = write_report(killed)
-    assert sorted(resumed, key=lambda c: (c["method"], c["task"])) == sorted(
-        expected, key=lambda c: (c["method"], c["task"])
+    # The resumed run batches the remaining items differently: scores agree to float32 precision.
+    assert_same_rows(
+        sorted(resumed, key=lambda c: (c["method"], c["task"])),
+        sorted(expected, key=lambda c: (c["method"], c["task"])),
     )
 
 
@@ -471,8 +473,8 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(trio, milic_root, t
             *extra,
         ]
 
-    def rows(out: Path) -> list[str]:
-        return sorted(json.dumps(r, sort_keys=True) for r in read_predictions(out / "predictions.jsonl"))
+    def rows(out: Path) -> list[dict]:
+        return sorted(read_predictions(out / "predictions.jsonl"), key=row_key)
 
     start = time.perf_counter()
     subprocess.run(command(tmp_path / "clean"), check=True, capture_output=True)
@@ -486,4 +488,4 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(trio, milic_root, t
         process.wait()
         resumed = subprocess.run(command(out, "--resume"), capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr
-        assert rows(out) == rows(tmp_path / "clean")
+        assert_same_rows(rows(out), rows(tmp_path / "clean"))  # resumed batches differ: float32 precision

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 
+# An extra that scripts/setup.sh installs: a broken install fails here, never skips.
+import lm_eval
 import pytest
 import yaml
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
 
-from conftest import trio_config
+import trimix.lm_eval as backend
+from conftest import FLOAT32_SUM_REL, trio_config
 from trimix import FusedLM, load_config
 from trimix.cli.main import main
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-
-import trimix.lm_eval as backend  # noqa: E402
 
 LOGLIK = [
     ("Topic: science, travel, politics. Answer:", " sports"),
@@ -42,6 +41,8 @@ def single(make_model) -> tuple[FusedLM, str]:
     return FusedLM.from_config(load_config(raw)), str(folder)
 
 
+# lm-eval's ``hf`` model is the reference, made precise with ``softmax_dtype="float64"``; trimix sums
+# float32 log-softmax values: they agree to FLOAT32_SUM_REL (its derivation is in conftest).
 @pytest.mark.parametrize("max_length", [None, 12])
 def test_single_source_equals_lm_eval_hf(single, max_length) -> None:
     lm, folder = single
@@ -54,17 +55,18 @@ def test_single_source_equals_lm_eval_hf(single, max_length) -> None:
         batch_size=2,
         dtype="float32",
         max_length=max_length,
+        softmax_dtype="float64",
     )
     for a, b in zip(
         ours.loglikelihood(_requests("loglikelihood", LOGLIK)),
         hf.loglikelihood(_requests("loglikelihood", LOGLIK)),
         strict=True,
     ):
-        assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1]
+        assert a[0] == pytest.approx(b[0], rel=FLOAT32_SUM_REL) and a[1] == b[1]
     rolling = [(t,) for t in TEXTS]
     mine = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", rolling))
     theirs = hf.loglikelihood_rolling(_requests("loglikelihood_rolling", rolling))
-    assert mine == pytest.approx(theirs, abs=1e-4)
+    assert mine == pytest.approx(theirs, rel=FLOAT32_SUM_REL)
     if max_length is None:
         gen = [(p, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for p in PROMPTS]
         assert ours.generate_until(_requests("generate_until", gen)) == hf.generate_until(
@@ -78,25 +80,44 @@ def test_trimix_through_lm_eval_equals_its_own_loglikelihood(trio) -> None:
     lm = FusedLM.from_config(load_config(raw))
     via_lm_eval = backend.TrimixLM(lm=lm).loglikelihood(_requests("loglikelihood", LOGLIK))
     own = lm.loglikelihood(LOGLIK)
-    assert [r[0] for r in via_lm_eval] == pytest.approx([r.logprob for r in own], abs=1e-5)
+    assert [r[0] for r in via_lm_eval] == pytest.approx([r.logprob for r in own], rel=FLOAT32_SUM_REL)
     assert [r[1] for r in via_lm_eval] == [r.is_greedy for r in own]
 
 
 def test_simple_evaluate_runs_trimix_tasks_offline(trio, tmp_path) -> None:
+    """lm-eval's own pipeline scores what trimix's fused model says: each logged sample's accuracy is
+    recomputed from ``FusedLM.loglikelihood`` at the same weights, and each generation from ``generate``."""
     from lm_eval.tasks import TaskManager
 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(trio_config(trio)))
     manager = TaskManager(include_path=backend.tasks_dir(), include_defaults=False)
-    results = lm_eval.simple_evaluate(
+    loglik, gen = "trimix_sib200_topic_loglik_uig_Arab", "trimix_sib200_topic_gen_uig_Arab"
+    out = lm_eval.simple_evaluate(
         model="trimix",
         model_args=f"config={config},weights=large:0.1|small_cpt:0.9|small_base:0",
-        tasks=["trimix_sib200_topic_loglik_uig_Arab", "trimix_sib200_topic_gen_uig_Arab"],
+        tasks=[loglik, gen],
         limit=3,
         task_manager=manager,
-    )["results"]
-    assert 0.0 <= results["trimix_sib200_topic_loglik_uig_Arab"]["acc,none"] <= 1.0
-    assert "exact_match,none" in results["trimix_sib200_topic_gen_uig_Arab"]
+        log_samples=True,
+    )
+    raw = trio_config(trio, method="trimix")
+    raw["models"][0]["weight"], raw["models"][1]["weight"] = 0.1, 0.9
+    lm = FusedLM.from_config(load_config(raw))
+    hits = []
+    for sample in out["samples"][loglik]:
+        scores = [r.logprob for r in lm.loglikelihood([tuple(a) for a in sample["arguments"]])]
+        hits.append(float(max(range(len(scores)), key=scores.__getitem__) == sample["target"]))
+        assert sample["acc"] == hits[-1]
+    assert len(hits) == 3 and out["results"][loglik]["acc,none"] == pytest.approx(sum(hits) / 3)
+    samples = out["samples"][gen]
+    assert len(samples) == 3
+    for sample in samples:
+        context, settings = sample["arguments"][0]
+        direct = backend.TrimixLM(lm=lm).generate_until(_requests("generate_until", [(context, settings)]))
+        assert sample["resps"][0][0] == direct[0]
+    matched = [s["exact_match"] for s in samples]
+    assert out["results"][gen]["exact_match,none"] == pytest.approx(sum(matched) / 3)
 
 
 def test_trimix_lm_eval_command_writes_results(trio, tmp_path) -> None:

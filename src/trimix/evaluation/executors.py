@@ -12,6 +12,7 @@ started), and the driver drops any row it already holds (rows are keyed by metho
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,19 +27,50 @@ from trimix.evaluation.plan import EvalPlan, Unit
 logger = logging.getLogger(__name__)
 
 
-class LocalExecutor:
-    """Runs every unit in this process, on the fused model loaded once; rows come back batch by batch."""
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch using ``threads`` intra-op threads (None: leave torch's setting), then restore.
 
-    def __init__(self, plan: EvalPlan, lm: Any, progress: bool = False) -> None:
-        self.plan, self.lm, self.progress = plan, lm, progress
+    float32 results move in their last bits with the thread count (work is split differently), so the
+    local executor and Ray workers given the same ``threads_per_worker`` compute comparable numbers.
+    """
+    import torch
+
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class LocalExecutor:
+    """Runs every unit in this process, on the fused model loaded once; rows come back batch by batch.
+
+    ``threads`` (``eval.executor.threads_per_worker``) sets torch's threads while units run, as on a
+    Ray worker, so one config gives comparable numbers on either executor.
+    """
+
+    def __init__(self, plan: EvalPlan, lm: Any, progress: bool = False, threads: int | None = None) -> None:
+        self.plan, self.lm, self.progress, self.threads = plan, lm, progress, threads
 
     def select(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, Any]]:
         for unit in units:
-            yield unit, self.plan.select(self.lm, unit, self.progress)
+            with torch_threads(self.threads):
+                selection = self.plan.select(self.lm, unit, self.progress)
+            yield unit, selection
 
     def run(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, list[dict]]]:
         for unit in units:
-            for rows in self.plan.execute(self.lm, unit, self.progress):
+            batches = self.plan.execute(self.lm, unit, self.progress)
+            while True:
+                with torch_threads(self.threads):
+                    rows = next(batches, None)
+                if rows is None:
+                    break
                 yield unit, rows
 
     def close(self) -> None:
@@ -156,7 +188,7 @@ class _Worker:
         from trimix.config import TrimixConfig
         from trimix.decoding import FusedLM
 
-        if threads:
+        if threads:  # the actor's process does nothing else: set once
             torch.set_num_threads(threads)
         run = TrimixConfig.model_validate(config)
         self.plan = EvalPlan(run)

@@ -91,7 +91,9 @@ class Evaluator:
             self.executor: Any = RayExecutor(config, config.eval.executor, ray_address)
         else:
             self.lm = lm or FusedLM.from_config(config, load_all=True)
-            self.executor = LocalExecutor(self.plan, self.lm, progress)
+            self.executor = LocalExecutor(
+                self.plan, self.lm, progress, threads=config.eval.executor.threads_per_worker
+            )
 
     @property
     def cell_list(self) -> list[Cell]:

@@ -10,11 +10,20 @@ from typing import Any
 from trimix.server.app import Server, create_app
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port the OS picks), kept open for the server.
+
+    Binding here and handing the socket to uvicorn leaves no gap in which another process could take a
+    port that was free when it was chosen (the race of picking a free port and binding it later).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class BackgroundServer:
@@ -29,10 +38,13 @@ class BackgroundServer:
         import uvicorn
 
         self.server, self.host = server, host
-        self.port = port or free_port(host)
-        config = uvicorn.Config(create_app(server), host=host, port=self.port, log_level="warning")
+        self.socket = bound_socket(host, port or 0)
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(create_app(server), log_level="warning")
         self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, name="trimix-server", daemon=True)
+        self.thread = threading.Thread(
+            target=self.uvicorn.run, kwargs={"sockets": [self.socket]}, name="trimix-server", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -40,8 +52,8 @@ class BackgroundServer:
 
     def start(self, timeout: float = 60.0) -> BackgroundServer:
         self.thread.start()
-        deadline = time.time() + timeout
-        while not self.uvicorn.started and time.time() < deadline:
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started and self.thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if not self.uvicorn.started:
             raise RuntimeError(f"the server did not start on {self.url} within {timeout:.0f} s")
@@ -51,6 +63,7 @@ class BackgroundServer:
         """Stop accepting requests, end the batcher thread, and release the port."""
         self.uvicorn.should_exit = True
         self.thread.join(timeout=timeout)
+        self.socket.close()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()
