@@ -206,6 +206,38 @@ class GenerationConfig(_Strict):
         return value
 
 
+# Generation fields that change what a prompt decodes to (recorded in evaluation fingerprints); the
+# others (batch_size, engine, compile, speculative, inspect_top_k) change only how fast it is found.
+RESULT_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_ids", "ignore_eos")
+
+
+def resolve_generation(
+    run: GenerationConfig | None, *layers: dict[str, Any] | None, origin: str = "generation setting"
+) -> GenerationConfig:
+    """The one precedence rule for generation settings: the run's ``generation`` section, then each layer
+    in order — command flags or keyword arguments, then a request's fields (an evaluation task's own stop
+    strings and token budget count as request fields). A field a layer leaves out, or gives as None,
+    keeps the value below it.
+
+    Raises:
+        ConfigError: a value that is not valid for its field, named with ``origin`` and the value.
+    """
+    merged = (run or GenerationConfig()).model_dump()
+    given = {k: v for layer in layers if layer for k, v in layer.items() if v is not None}
+    if not given:
+        return run or GenerationConfig()
+    unknown = sorted(set(given) - set(GenerationConfig.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown {origin}(s) {unknown}; known: {sorted(GenerationConfig.model_fields)}")
+    try:
+        return GenerationConfig.model_validate({**merged, **given})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid {origin}(s): {problems}") from exc
+
+
 PAPER_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
@@ -390,7 +422,8 @@ class ExecutorConfig(_Strict):
     ``gpus_per_worker`` reserved (Ray shows an actor only its GPUs, so the sources' ``device: cuda:0`` /
     ``cuda:1`` in the run config place them on the actor's first and second GPU: e.g.
     ``gpus_per_worker: 2`` with ``large`` on cuda:0 and both small sources on cuda:1). Ray gives an actor
-    one thread unless told: ``threads_per_worker`` sets torch's threads. Cells are cut into shards of
+    one thread unless told: ``threads_per_worker`` sets torch's threads, on Ray workers and in the local
+    executor alike (float32 results move in their last bits with the thread count). Cells are cut into shards of
     ``shard_items`` items, scheduled over the pool; a unit whose worker died is retried up to
     ``retries`` times on a fresh worker.
     """

@@ -70,7 +70,19 @@ def fingerprint(description: Mapping[str, Any]) -> str:
 # what runs from before it existed did. A description recorded without the field still matches one that
 # has it at this value (any other value is a change), so upgrading trimix does not make finished work
 # look changed. Add a field here when adding one to a config section that descriptions include.
-ADDED_FIELDS: dict[str, Any] = {"search.average": "tokens"}
+ADDED_FIELDS: dict[str, Any] = {
+    "search.average": "tokens",
+    # Evaluation decodes with the run's generation section since it was recorded: before, with defaults.
+    "decoding": {
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 0,
+        "eos_token_ids": None,
+        "ignore_eos": False,
+    },
+}
 _ABSENT = "<absent>"
 
 

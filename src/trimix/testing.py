@@ -49,6 +49,30 @@ def build_tokenizer(vocab_size: int = 200, corpus: list[str] | None = None) -> P
     )
 
 
+def build_byte_level_tokenizer(
+    vocab_size: int = 400, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE (Qwen2 / Llama 3 style: every byte is a token) trained in memory.
+
+    Scripts absent from the corpus fall back to one token per UTF-8 byte: a Tibetan letter is three tokens,
+    as under English-centric tokenizers.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((corpus or CORPUS) * 3, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def build_model(
     arch: str,
     vocab_rows: int,
@@ -119,3 +143,30 @@ def save_tiny_trio(root: Path, arch: str = "qwen2", padded_rows: int = 8, **kwar
         role: save_tiny_model(root / role, arch, tokenizer, seed=seed, extra_rows=extra, **kwargs)
         for role, (seed, extra) in plan.items()
     }
+
+
+def build_chain_model(
+    tokenizer: PreTrainedTokenizerFast,
+    chain: dict[int, int],
+    seed: int = 0,
+    hidden_size: int = 64,
+    scale: float = 4.0,
+) -> PreTrainedModel:
+    """A tiny Llama whose next token is ``chain[last token]``: every layer's output projections are zero
+    (the residual stream is the last token's embedding) and the output row of ``y`` is the sum of the
+    normalised embeddings of the tokens ``x`` with ``chain[x] == y``, times ``scale``. Used to make a model
+    certain to emit a given text (a stop string, an end-of-sequence id) after a given prompt.
+    """
+    model = build_model("llama", len(tokenizer), seed=seed, hidden_size=hidden_size, num_layers=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embeddings = model.model.embed_tokens.weight
+        unit = embeddings / embeddings.norm(dim=-1, keepdim=True)
+        head = torch.zeros_like(model.lm_head.weight)
+        for source, target in chain.items():
+            head[target] += unit[source]
+        model.lm_head.weight.copy_(head * scale * hidden_size**0.5)
+    return model.eval()

@@ -34,7 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="most requests decoded at once")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; beyond it: HTTP 429")
-    p.add_argument("--default-max-tokens", type=int, default=128, help="max_tokens when a request gives none")
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens when a request gives none (default: the run's generation.max_new_tokens)",
+    )
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the largest max_tokens accepted")
     p.add_argument("--model-name", default="trimix", help="the id /v1/models reports")
     p.set_defaults(func=run)

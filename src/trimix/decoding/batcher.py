@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from trimix.config import GenerationConfig
-from trimix.decoding.engine import FinishReason, FusedLM, TokenInspection, emit_text, encode_texts
+from trimix.decoding.engine import FusedLM, TokenInspection, emit_text, encode_texts
 from trimix.decoding.sampling import TokenChooser, gumbel_noise, row_keys
+from trimix.decoding.stopping import FinishReason, StopChecker
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion, fused_scores
 
@@ -98,7 +99,7 @@ class _Row:
     handle: RequestHandle
     weights: list[float]
     key: int
-    budget: int
+    sequence: int  # the row's id in its group's stop checker
     tokens: list[int] = field(default_factory=list)
     shown: str = ""
 
@@ -108,6 +109,7 @@ class _Group:
     """Rows decoded together: the same sources and plausibility rule, each row its own weights."""
 
     lm: FusedLM
+    stops: StopChecker
     rows: list[_Row] = field(default_factory=list)
     states: list[Any] | None = None
     logits: list[torch.Tensor] | None = None  # each source's next-token logits (B, R_i)
@@ -135,6 +137,7 @@ class ContinuousBatcher:
         # caches) and decode steps (one fused step of a group, including dropping its finished rows).
         self.timing = {"admissions": 0, "admitted": 0, "admit_seconds": 0.0, "steps": 0, "step_seconds": 0.0}
         self.recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for tokens/s
+        self.sequences = 0  # ids given to rows (their key in a group's stop checker)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> ContinuousBatcher:
@@ -231,7 +234,8 @@ class ContinuousBatcher:
         for key, handles in new.items():
             group = self.groups.get(key)
             if group is None:
-                group = self.groups[key] = _Group(self.lm.with_fusion(handles[0].request.fusion))
+                lm = self.lm.with_fusion(handles[0].request.fusion)
+                group = self.groups[key] = _Group(lm, StopChecker(lm.tokenizer))
             try:
                 self._insert(group, handles)
             except TrimixError as exc:
@@ -251,10 +255,20 @@ class ContinuousBatcher:
         # The same rule as generate's: a row stops where the first source's context ends ("stop": requests
         # that cannot fit at all were refused with a 400 by check_prompt).
         budgets = lm.token_budgets(encodings, [h.request.generation.max_new_tokens for h in handles], "stop")
-        rows = [
-            _Row(handle, handle.request.fusion.vector(lm.roles), handle.request.key, budget)
-            for handle, budget in zip(handles, budgets, strict=True)
-        ]
+        rows = []
+        for handle, budget in zip(handles, budgets, strict=True):
+            gen = handle.request.generation
+            self.sequences += 1
+            group.stops.add_row(
+                self.sequences,
+                stops=gen.stop,
+                max_new_tokens=gen.max_new_tokens,
+                budget=budget,
+                eos=[] if gen.ignore_eos else lm.eos_token_ids(gen),
+            )
+            rows.append(
+                _Row(handle, handle.request.fusion.vector(lm.roles), handle.request.key, self.sequences)
+            )
         if group.states is None:
             group.states, group.logits = states, logits
         else:
@@ -280,25 +294,16 @@ class ContinuousBatcher:
             if inspect_k
             else [None] * len(tokens)
         )
-        eos = set(lm.eos_token_ids(GenerationConfig()))
         keep = []
         for i, (row, token) in enumerate(zip(group.rows, tokens.tolist(), strict=True)):
             if row.handle.cancelled.is_set():
                 self.stats["cancelled"] += 1
+                group.stops.remove(row.sequence)
                 continue
             row.tokens.append(token)
             gen = row.handle.request.generation
-            text = lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            reason: FinishReason | None = None
-            if token in eos and not gen.ignore_eos:
-                reason = "eos"
-            elif gen.stop and any(s in text for s in gen.stop):
-                reason = "stop"
-                text = text[: min(text.find(s) for s in gen.stop if s in text)]
-            elif len(row.tokens) >= gen.max_new_tokens:
-                reason = "length"
-            elif len(row.tokens) >= row.budget:
-                reason = "context"
+            reason = group.stops.add(row.sequence, token)
+            text = group.stops.rows[row.sequence].text  # grown incrementally: no whole-row decode per step
             delta, row.shown = emit_text(row.shown, text, reason is not None, gen.stop)
             event = TokenEvent(
                 token,
@@ -318,6 +323,7 @@ class ContinuousBatcher:
                 keep.append(i)
             else:
                 self.stats["finished"] += 1
+                group.stops.remove(row.sequence)
         self.stats["tokens"] += len(group.rows)
         self.recent = [*self.recent[-200:], (time.perf_counter(), len(group.rows))]
         if len(keep) < len(group.rows):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
-from trimix.config import FusionConfig, GenerationConfig, TrimixConfig
+from trimix.config import FusionConfig, GenerationConfig, TrimixConfig, resolve_generation
 from trimix.data import read_text_spec
 from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, gumbel_noise, row_keys
 from trimix.decoding.speculative import (
@@ -50,12 +50,12 @@ from trimix.decoding.static import (
     bucket_capacity,
     bucket_size,
 )
+from trimix.decoding.stopping import FinishReason, StopChecker, first_stop
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import Fusion, fused_scores, margin_contributions
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["eos", "stop", "length", "context"]
 Engine = Literal["auto", "eager", "static", "graphs"]
 
 
@@ -130,6 +130,7 @@ class _Step:
     inspection: list[TokenInspection] | None = None
     closed: list[tuple[int, FinishReason]] = field(default_factory=list)  # rows ended without a token
     stats: dict[int, dict[str, Any]] | None = None  # speculative accounting per row, sent once per batch
+    texts: list[str] = field(default_factory=list)  # each row's text after this step (set by _decode_batch)
 
 
 @dataclass
@@ -318,6 +319,13 @@ class FusedLM:
 
     # ---------------------------------------------------------------- properties
     @property
+    def generation(self) -> GenerationConfig:
+        """The run's ``generation`` section (defaults for a model built without a config): what
+        ``generate`` and ``stream`` decode with unless a call gives settings of its own."""
+        config = self.pool.config
+        return config.generation if config is not None else GenerationConfig()
+
+    @property
     def tokenizer(self) -> Any:
         return self.sources[0].tokenizer
 
@@ -380,7 +388,7 @@ class FusedLM:
             DataError: an empty prompt, or (with ``on_context_limit: error``) a prompt whose length plus
                 ``max_new_tokens`` exceeds a source's context.
         """
-        gen = merge_generation(generation, overrides)
+        gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
         ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         results: list[Generation] = []
         bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
@@ -414,7 +422,7 @@ class FusedLM:
     ) -> Iterator[StreamEvent]:
         """Yield each generated token as soon as it is chosen, with its decoded text delta; a prompt's last
         event carries its whole :class:`Generation`."""
-        gen = merge_generation(generation, overrides)
+        gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
         all_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         for start in range(0, len(prompts), gen.batch_size):
             batch = list(prompts[start : start + gen.batch_size])
@@ -428,12 +436,16 @@ class FusedLM:
                     )
                 for row, stats in (step.stats or {}).items():
                     rows[row].stats = stats
-                for row, token, reason in zip(step.rows, step.tokens, step.finish, strict=True):
+                for j, (row, token, reason) in enumerate(
+                    zip(step.rows, step.tokens, step.finish, strict=True)
+                ):
                     rows[row].token_ids.append(token)
                     rows[row].finish_reason = reason
-                    result = self._finish(batch[row], rows[row], gen)
-                    delta, shown[row] = emit_text(shown[row], result.text, reason is not None, gen.stop)
-                    final = result if reason is not None else None
+                    # While a row runs, its text is the stop checker's (grown incrementally); its last
+                    # event carries the whole decode, so the deltas add up to the final text exactly.
+                    final = self._finish(batch[row], rows[row], gen) if reason is not None else None
+                    text = final.text if final is not None else step.texts[j]
+                    delta, shown[row] = emit_text(shown[row], text, reason is not None, gen.stop)
                     yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
 
     def render(self, prompt: str | list[dict[str, str]]) -> dict[str, str]:
@@ -502,7 +514,7 @@ class FusedLM:
     def _finish(self, prompt: str, row: _RowText, gen: GenerationConfig) -> Generation:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
         if row.finish_reason == "stop":
-            text = text[: _first_stop(text, gen.stop)]
+            text = text[: first_stop(text, gen.stop)]
         return Generation(
             prompt=prompt,
             text=text,
@@ -521,16 +533,25 @@ class FusedLM:
             yield _Step([], [], [], closed=[(i, "context") for i, b in enumerate(budgets) if b == 0])
         engine = self.engine_for(gen)
         logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
-        tracker = _RowTracker(self, gen, budgets)
+        tracker = StopChecker.for_batch(
+            self.tokenizer,
+            budgets,
+            stops=gen.stop,
+            max_new_tokens=gen.max_new_tokens,
+            eos=[] if gen.ignore_eos else self.eos_token_ids(gen),
+        )
         keys = row_keys(gen.seed, row_ids)
         if gen.speculative is not None:
             if engine != "eager":
                 logger.info("speculative fusion runs on the eager engine (engine %s was asked)", engine)
-            yield from self._decode_speculative(prompts, encodings, gen, keys, tracker)
+            steps = self._decode_speculative(prompts, encodings, gen, keys, tracker)
         elif engine == "eager":
-            yield from self._decode_eager(encodings, gen, keys, tracker)
+            steps = self._decode_eager(encodings, gen, keys, tracker)
         else:
-            yield from self._decode_static(encodings, gen, keys, tracker, engine == "graphs")
+            steps = self._decode_static(encodings, gen, keys, tracker, engine == "graphs")
+        for step in steps:  # each row's text as the stop checker holds it after this step
+            step.texts = [tracker.rows[row].text for row in step.rows]
+            yield step
 
     @torch.inference_mode()
     def _decode_eager(
@@ -538,11 +559,10 @@ class FusedLM:
         encodings: list[dict[str, torch.Tensor]],
         gen: GenerationConfig,
         keys: torch.Tensor,
-        tracker: _RowTracker,
+        tracker: StopChecker,
     ) -> Iterator[_Step]:
         device = self.fusion_device
         chooser = TokenChooser(gen)
-        eos = torch.tensor(tracker.eos, dtype=torch.long, device=device)
         batch = len(tracker.rows)
         weights = torch.tensor([self.weight_vector()] * batch, dtype=torch.float32, device=device)
         keys, counters = keys.to(device), torch.zeros(batch, dtype=torch.long, device=device)
@@ -552,7 +572,7 @@ class FusedLM:
         ]
         logits, states = [p[0] for p in prefilled], [p[1] for p in prefilled]
         active = torch.arange(batch)
-        alive = [i for i in range(batch) if not tracker.done[i]]
+        alive = [i for i in range(batch) if not tracker.done(i)]
         if len(alive) < batch:  # rows with no room at all never decode
             active = torch.tensor(alive, dtype=torch.long)
             self._keep(states, active)
@@ -565,7 +585,7 @@ class FusedLM:
             )
             tokens = chooser(scores, keys[rows], counters[rows])
             counters[rows] += 1
-            finish = tracker.record(active.tolist(), tokens.tolist(), torch.isin(tokens, eos).tolist())
+            finish = tracker.record(active.tolist(), tokens.tolist())
             inspection = (
                 self._inspect(source_logits, scores, tokens, gen.inspect_top_k) if gen.inspect_top_k else None
             )
@@ -596,12 +616,12 @@ class FusedLM:
         encodings: list[dict[str, torch.Tensor]],
         gen: GenerationConfig,
         keys: torch.Tensor,
-        tracker: _RowTracker,
+        tracker: StopChecker,
         graphs: bool,
     ) -> Iterator[_Step]:
         live = len(tracker.rows)
         widest = max(int(e["input_ids"].shape[1]) for e in encodings)
-        needed = widest + max(tracker.budgets)
+        needed = widest + max(r.budget for r in tracker.rows.values())
         batch, capacity = (bucket_size(live), bucket_capacity(needed)) if graphs else (live, needed)
         padded = Batch(
             [
@@ -650,17 +670,16 @@ class FusedLM:
         all_keys = torch.cat([keys, torch.zeros(batch - live, dtype=torch.long)])
         session.load(padded, all_keys.to(self.fusion_device), weights.to(self.fusion_device), live)
         step = session.step_fn
-        never = [i for i in range(live) if tracker.done[i]]
+        never = [i for i in range(live) if tracker.done(i)]
         if never:
             step.finished[torch.tensor(never, device=step.finished.device)] = True
         while True:
-            active = [i for i in range(live) if not tracker.done[i]]
+            active = [i for i in range(live) if not tracker.done(i)]
             if not active:
                 return
             chosen = step.chosen.tolist()
             tokens = [chosen[i] for i in active]
-            is_eos = [t in tracker.eos_set for t in tokens]
-            finish = tracker.record(active, tokens, is_eos)
+            finish = tracker.record(active, tokens)
             inspection = None
             if gen.inspect_top_k:
                 rows = torch.tensor(active, device=self.fusion_device)
@@ -674,7 +693,7 @@ class FusedLM:
             ended = [i for i, f in zip(active, finish, strict=True) if f is not None]
             if ended:
                 step.finished[torch.tensor(ended, device=step.finished.device)] = True
-            if all(tracker.done[i] for i in range(live)):
+            if all(tracker.done(i) for i in range(live)):
                 return
             session.step()
 
@@ -699,7 +718,7 @@ class FusedLM:
         encodings: list[dict[str, torch.Tensor]],
         gen: GenerationConfig,
         keys: torch.Tensor,
-        tracker: _RowTracker,
+        tracker: StopChecker,
     ) -> Iterator[_Step]:
         """Rounds of draft-then-verify on growing caches (see :mod:`trimix.decoding.speculative`)."""
         device, vocab = self.fusion_device, self.vocab_size
@@ -741,10 +760,8 @@ class FusedLM:
         logits = [x.to(device) for x, _ in prefilled]
         scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha)
         first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
-        alive = [i for i in range(batch) if not tracker.done[i]]
-        finish = tracker.record(
-            alive, first[alive].tolist(), torch.isin(first[alive], self._eos(tracker)).tolist()
-        )
+        alive = [i for i in range(batch) if not tracker.done(i)]
+        finish = tracker.record(alive, first[alive].tolist())
         inspection = (
             self._inspect([x[alive] for x in logits], scores[alive], first[alive], gen.inspect_top_k)
             if gen.inspect_top_k
@@ -759,9 +776,9 @@ class FusedLM:
         total = SpeculativeStats()
         while active:
             rows = torch.tensor(active, dtype=torch.long, device=device)
-            room = min(tracker.budgets[r] - len(tracker.rows[r]) for r in active)
+            room = min(tracker.rows[r].budget - len(tracker.tokens(r)) for r in active)
             k_round = max(0, min(k, room - 1))
-            counters = torch.tensor([len(tracker.rows[r]) for r in active], dtype=torch.long, device=device)
+            counters = torch.tensor([len(tracker.tokens(r)) for r in active], dtype=torch.long, device=device)
             before = [state.next_position.clone() for state in all_states]
             # draft_logits: what each draft was chosen from; drafter_logits: the drafter's full logits at the
             # k + 1 positions (the same unless the drafter proposes from a smaller vocabulary).
@@ -820,7 +837,7 @@ class FusedLM:
             )
             for row, a, kept in zip(active, accepted.tolist(), counts.tolist(), strict=True):
                 stats[row].record(k_round, a, kept)
-            continuing = [i for i, row in enumerate(active) if not tracker.done[row]]
+            continuing = [i for i, row in enumerate(active) if not tracker.done(row)]
             keep = torch.tensor(continuing, dtype=torch.long)
             self._keep_all(backends, all_states, keep)
             for backend, state, old in zip(backends, all_states, before, strict=True):
@@ -857,7 +874,7 @@ class FusedLM:
         active: list[int],
         emitted: torch.Tensor,
         counts: torch.Tensor,
-        tracker: _RowTracker,
+        tracker: StopChecker,
         gen: GenerationConfig,
         source_logits: list[torch.Tensor],
         scores: torch.Tensor,
@@ -868,13 +885,12 @@ class FusedLM:
         """Hand a round's tokens to the host bookkeeping position by position, so that an end-of-sequence,
         a stop string, the token budget or the context inside the accepted run ends the row exactly there."""
         tokens, counts = emitted.tolist(), counts.tolist()
-        eos = set(tracker.eos)
         for position in range(max(counts)):
-            rows = [i for i, row in enumerate(active) if position < counts[i] and not tracker.done[row]]
+            rows = [i for i, row in enumerate(active) if position < counts[i] and not tracker.done(row)]
             if not rows:
                 break
             picked = [tokens[i][position] for i in rows]
-            finish = tracker.record([active[i] for i in rows], picked, [t in eos for t in picked])
+            finish = tracker.record([active[i] for i in rows], picked)
             inspection = None
             if gen.inspect_top_k:
                 index = torch.tensor(rows, device=scores.device)
@@ -886,7 +902,7 @@ class FusedLM:
                 )
             yield _Step([active[i] for i in rows], picked, finish, inspection)
 
-    def _eos(self, tracker: _RowTracker) -> torch.Tensor:
+    def _eos(self, tracker: StopChecker) -> torch.Tensor:
         return torch.tensor(tracker.eos, dtype=torch.long, device=self.fusion_device)
 
     @staticmethod
@@ -1076,44 +1092,6 @@ class FusedLM:
         ]
 
 
-class _RowTracker:
-    """Host-side stop conditions for one batch: EOS, stop strings, the token budget, the context."""
-
-    def __init__(self, lm: FusedLM, gen: GenerationConfig, budgets: list[int]) -> None:
-        self.lm, self.gen, self.budgets = lm, gen, budgets
-        self.eos = [] if gen.ignore_eos else lm.eos_token_ids(gen)
-        self.eos_set = set(self.eos)
-        self.rows: list[list[int]] = [[] for _ in budgets]
-        self.done = [b == 0 for b in budgets]
-
-    def record(
-        self, rows: Sequence[int], tokens: Sequence[int], is_eos: Sequence[bool]
-    ) -> list[FinishReason | None]:
-        finish: list[FinishReason | None] = []
-        for row, token, hit_eos in zip(rows, tokens, is_eos, strict=True):
-            generated = self.rows[row]
-            generated.append(token)
-            reason: FinishReason | None = None
-            if hit_eos:
-                reason = "eos"
-            elif self.gen.stop and self.lm_hits_stop(generated):
-                reason = "stop"
-            elif len(generated) >= self.gen.max_new_tokens:
-                reason = "length"
-            elif len(generated) >= self.budgets[row]:
-                reason = "context"
-            self.done[row] = reason is not None
-            finish.append(reason)
-        return finish
-
-    def lm_hits_stop(self, token_ids: list[int]) -> bool:
-        # Decode only a tail long enough to contain any stop string (a token is at least one character
-        # or a byte fragment of one); a full decode happens once, at the end.
-        tail_tokens = max(len(s) for s in self.gen.stop) + 4
-        tail = self.lm.tokenizer.decode(token_ids[-tail_tokens:], skip_special_tokens=True)
-        return any(s in tail for s in self.gen.stop)
-
-
 def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tuple[str, str]:
     """The text a stream may emit now: ``(delta, new shown text)``.
 
@@ -1214,22 +1192,6 @@ def _pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:
 
 def _chooser_key(gen: GenerationConfig) -> tuple:
     return (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) if gen.do_sample else (False,)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else len(text)
-
-
-def merge_generation(generation: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
-    """A generation config with single fields replaced (validated)."""
-    base = generation or GenerationConfig()
-    if not overrides:
-        return base
-    try:
-        return GenerationConfig.model_validate({**base.model_dump(), **overrides})
-    except Exception as exc:
-        raise ConfigError(f"invalid generation setting(s) {overrides}: {exc}") from exc
 
 
 __all__ = [

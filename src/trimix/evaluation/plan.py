@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from trimix.config import MethodSpec, TaskSpec, TrimixConfig, resolve_weights
+from trimix.config import RESULT_FIELDS, MethodSpec, TaskSpec, TrimixConfig, resolve_weights
 from trimix.decoding import FusedLM
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import Fusion
@@ -162,6 +162,9 @@ class EvalPlan:
             "dtype": self.config.dtype,
             "vocab": self.config.fusion.vocab,
         }
+        if cell.request == "generate":  # the run's generation section decodes what the task leaves open
+            run = self.config.generation.model_dump(mode="json")
+            description["decoding"] = {k: run[k] for k in RESULT_FIELDS}
         if method.select:
             description["search"] = self.config.search.model_dump(mode="json")
         else:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import queue
 import time
 import uuid
@@ -36,7 +37,7 @@ try:  # at module level: FastAPI resolves the handlers' (string) annotations fro
 except ImportError:  # pragma: no cover - the serve extra; create_app says what to install
     FastAPI = Request = HTMLResponse = JSONResponse = PlainTextResponse = StreamingResponse = None
 
-from trimix.config import GenerationConfig
+from trimix.config import resolve_generation
 from trimix.decoding import FusedLM
 from trimix.decoding.batcher import (
     ContinuousBatcher,
@@ -47,7 +48,7 @@ from trimix.decoding.batcher import (
     check_prompt,
     request_key,
 )
-from trimix.errors import TrimixError
+from trimix.errors import ConfigError, TrimixError
 from trimix.fusion import Fusion, Plausibility
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ def _number(
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(f"`{name}` must be a number; got {value!r}", name)
+    if not math.isfinite(value):
+        raise RequestError(f"`{name}` must be a finite number; got {value!r}", name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise RequestError(f"`{name}` must be between {low} and {high}; got {value!r}", name)
     return value
@@ -89,7 +92,9 @@ class Server:
     Args:
         lm: the fused model; every source of its pool is loadable by a request's weights.
         model_name: the id reported by ``/v1/models`` and in responses.
-        default_max_tokens: used when a request gives no ``max_tokens``.
+        default_max_tokens: used when a request gives no ``max_tokens`` (None: the run's
+            ``generation.max_new_tokens``). Every setting a request leaves out comes from the run's
+            ``generation`` section (``FusedLM.generation``: end-of-sequence ids, stops, sampling).
         max_tokens_cap: the largest ``max_tokens`` accepted.
         batcher: the continuous batcher (created from ``lm`` when omitted).
     """
@@ -98,7 +103,7 @@ class Server:
         self,
         lm: FusedLM,
         model_name: str = "trimix",
-        default_max_tokens: int = 128,
+        default_max_tokens: int | None = None,
         max_tokens_cap: int = 2048,
         batcher: ContinuousBatcher | None = None,
     ) -> None:
@@ -136,7 +141,9 @@ class Server:
                 or not all(isinstance(p, str) and p for p in prompts)
             ):
                 raise RequestError("`prompt` must be a non-empty string or a list of them", "prompt")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", self.default_max_tokens))
+        run = self.lm.generation  # the run's settings: what a request leaves out
+        default_max = self.default_max_tokens or min(run.max_new_tokens, self.max_tokens_cap)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
         if (
             isinstance(max_tokens, bool)
             or not isinstance(max_tokens, int)
@@ -146,30 +153,33 @@ class Server:
                 f"`max_tokens` must be an integer from 1 to {self.max_tokens_cap}; got {max_tokens!r}",
                 "max_tokens",
             )
-        temperature = _number(body, "temperature", 1.0 if body.get("top_p") is not None else 0.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        temperature = _number(body, "temperature", None, 0.0, 2.0)
+        top_p = _number(body, "top_p", None, 0.0, 1.0)
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
             raise RequestError(f"`n` must be an integer from 1 to 16; got {n!r}", "n")
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(f"`seed` must be an integer; got {seed!r}", "seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
-            raise RequestError("`stop` must be a non-empty string or a list of up to 8 of them", "stop")
+        stop = body.get("stop")
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
+                raise RequestError("`stop` must be a non-empty string or a list of up to 8 of them", "stop")
         logprobs = self._logprobs(body, chat)
         fusion, inspect = self._fusion(body.get("trimix"))
-        sampled = bool(temperature) and temperature > 0
+        fields: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": stop}
+        if temperature is not None:  # 0: greedy; otherwise sampling at that temperature
+            fields["do_sample"] = temperature > 0
+            if temperature > 0:
+                fields["temperature"] = temperature
+        elif top_p is not None:
+            fields["do_sample"] = True
+        if top_p is not None and top_p > 0:
+            fields["top_p"] = top_p
         try:
-            generation = GenerationConfig(
-                max_new_tokens=max_tokens,
-                do_sample=sampled,
-                temperature=temperature if sampled else 1.0,
-                top_p=top_p if sampled and top_p and top_p > 0 else 1.0,
-                stop=stop,
-            )
-        except ValueError as exc:
+            generation = resolve_generation(run, fields, origin="request field")
+        except ConfigError as exc:
             raise RequestError(str(exc)) from exc
         requests = []
         for prompt in prompts:

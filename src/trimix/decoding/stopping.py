@@ -1,0 +1,170 @@
+"""When a row stops, and the text it has shown: the one place a finish reason is set.
+
+:class:`IncrementalDetokenizer` turns a row's growing token list into text at a cost that does not grow
+with the row: each new token decodes a short window (the few tokens before the last complete character
+and the new ones), not the whole row. A token that ends inside a multi-byte character (a byte-level BPE
+spends three tokens on one Tibetan or Odia letter) adds no text until the character is complete, so the
+text only ever grows and is always a prefix of the row's full decode.
+
+:class:`StopChecker` applies the stop conditions to every row of a batch, in this order: end of sequence
+(an id of the run's set), a stop string (matched on the text, however many tokens its characters take),
+the token budget (``max_new_tokens``), the source's context. It is the only place a finish reason is
+chosen; decoding loops and the server ask it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["eos", "stop", "length", "context"]
+
+# How many already-shown tokens are decoded again with the new ones: enough context for a decoder that
+# drops or adds a space at a word start (SentencePiece's "▁", byte-level "Ġ").
+CONTEXT_TOKENS = 5
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """A row's text, grown token by token (see the module docstring).
+
+    ``text`` is what the row's tokens decode to so far, up to the last complete character; ``tokens`` the
+    row's ids. Decoding uses ``skip_special_tokens=True``, as the final text does.
+    """
+
+    tokenizer: Any
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    prefix_offset: int = 0  # tokens before this are never decoded again
+    read_offset: int = 0  # tokens before this are in ``text``
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text it completes (empty while a character is incomplete)."""
+        self.tokens.append(token_id)
+        decode = self.tokenizer.decode
+        shown = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        now = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        if len(now) <= len(shown) or now.endswith("\ufffd"):
+            return ""  # nothing new, or a character still incomplete: wait for its other bytes
+        new = now[len(shown) :]
+        self.text += new
+        self.prefix_offset = max(self.read_offset, len(self.tokens) - CONTEXT_TOKENS)
+        self.read_offset = len(self.tokens)
+        return new
+
+
+@dataclass
+class RowStop:
+    """One row's stop settings and progress."""
+
+    detokenizer: IncrementalDetokenizer
+    stops: tuple[str, ...]
+    max_new_tokens: int
+    budget: int  # tokens the context leaves (<= max_new_tokens)
+    eos: frozenset[int]
+    finish_reason: FinishReason | None = None
+    stop_at: int | None = None  # where the first stop string starts in ``text``
+
+    @property
+    def text(self) -> str:
+        """The row's text, cut before its stop string once it stopped on one."""
+        full = self.detokenizer.text
+        return full if self.stop_at is None else full[: self.stop_at]
+
+
+class StopChecker:
+    """Stop conditions for the rows of one batch or one server group (see the module docstring).
+
+    Args:
+        tokenizer: the fused vocabulary's tokenizer (the first source's).
+    """
+
+    def __init__(self, tokenizer: Any, eos: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.eos = list(eos)  # the end-of-sequence ids rows get by default
+        self.rows: dict[int, RowStop] = {}
+
+    @classmethod
+    def for_batch(
+        cls,
+        tokenizer: Any,
+        budgets: Sequence[int],
+        *,
+        stops: Sequence[str] = (),
+        max_new_tokens: int,
+        eos: Sequence[int] = (),
+    ) -> StopChecker:
+        """A checker for rows ``0 .. len(budgets) - 1`` sharing one generation's settings."""
+        checker = cls(tokenizer, eos)
+        for row, budget in enumerate(budgets):
+            checker.add_row(row, stops=stops, max_new_tokens=max_new_tokens, budget=budget, eos=eos)
+        return checker
+
+    def tokens(self, row: int) -> list[int]:
+        """The tokens a row has taken so far."""
+        return self.rows[row].detokenizer.tokens
+
+    def remove(self, row: int) -> None:
+        """Stop tracking a row (it left the batch)."""
+        del self.rows[row]
+
+    def add_row(
+        self,
+        row: int,
+        *,
+        stops: Sequence[str] = (),
+        max_new_tokens: int,
+        budget: int | None = None,
+        eos: Sequence[int] = (),
+    ) -> RowStop:
+        """Start tracking a row; a row whose budget is 0 is finished at once with reason ``context``."""
+        budget = max_new_tokens if budget is None else min(budget, max_new_tokens)
+        state = RowStop(
+            IncrementalDetokenizer(self.tokenizer), tuple(stops), max_new_tokens, budget, frozenset(eos)
+        )
+        if budget <= 0:
+            state.finish_reason = "context"
+        self.rows[row] = state
+        return state
+
+    def done(self, row: int) -> bool:
+        return self.rows[row].finish_reason is not None
+
+    def record(self, rows: Sequence[int], tokens: Sequence[int]) -> list[FinishReason | None]:
+        """Add one token to each row; return each row's finish reason (None: it goes on)."""
+        return [self.add(row, token) for row, token in zip(rows, tokens, strict=True)]
+
+    def add(self, row: int, token: int) -> FinishReason | None:
+        state = self.rows[row]
+        if state.finish_reason is not None:
+            raise RuntimeError(f"row {row} finished ({state.finish_reason}) and cannot take a token")
+        before = len(state.detokenizer.text)
+        state.detokenizer.add(token)
+        count = len(state.detokenizer.tokens)
+        reason: FinishReason | None = None
+        if token in state.eos:
+            reason = "eos"
+        elif state.stops and (at := _first_stop(state.detokenizer.text, state.stops, before)) is not None:
+            reason, state.stop_at = "stop", at
+        elif count >= state.max_new_tokens:
+            reason = "length"
+        elif count >= state.budget:
+            reason = "context"
+        state.finish_reason = reason
+        return reason
+
+
+def _first_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Where the earliest stop string starts in ``text``, looking only at matches that end in the text
+    added from ``new_from`` on (older text was checked when it was added)."""
+    longest = max(len(s) for s in stops)
+    start = max(0, new_from - longest + 1)
+    hits = [i for s in stops if (i := text.find(s, start)) != -1]
+    return min(hits) if hits else None
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in a whole text (its length when none occurs)."""
+    found = _first_stop(text, stops, 0) if stops else None
+    return len(text) if found is None else found
