@@ -21,7 +21,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 
 from trimix.config import GenerationConfig
 from trimix.decoding.engine import FusedLM, TokenInspection, emit_text, encode_texts
-from trimix.decoding.sampling import TokenChooser, gumbel_noise, row_keys
+from trimix.decoding.sampling import choose_rows, row_keys
 from trimix.decoding.stopping import FinishReason, StopChecker
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion, fused_scores
@@ -285,7 +284,7 @@ class ContinuousBatcher:
         scores = fused_scores(source_logits, weights, lm.vocab_size, lm.plausibility_index, lm._alpha)
         keys = torch.tensor([r.key for r in group.rows], dtype=torch.long, device=device)
         counters = torch.tensor([len(r.tokens) for r in group.rows], dtype=torch.long, device=device)
-        tokens = _choose(scores, [r.handle.request.generation for r in group.rows], keys, counters)
+        tokens = choose_rows(scores, [r.handle.request.generation for r in group.rows], keys, counters)
         wanted = [r.handle.request.logprobs for r in group.rows]
         logp = torch.log_softmax(scores, dim=-1) if any(w is not None for w in wanted) else None
         inspect_k = max(r.handle.request.inspect for r in group.rows)
@@ -340,27 +339,6 @@ class ContinuousBatcher:
             source.backend.advance(state, tokens[:, None])[:, -1]
             for source, state in zip(lm.sources, group.states, strict=True)
         ]
-
-
-def _choose(
-    scores: torch.Tensor, settings: Sequence[GenerationConfig], keys: torch.Tensor, counters: torch.Tensor
-) -> torch.Tensor:
-    """Per-row token choice: greedy rows take the argmax; sampled rows are warped with their own settings
-    (rows sharing settings together) and draw with their own noise."""
-    tokens = scores.argmax(dim=-1)
-    sampled: dict[tuple, list[int]] = {}
-    for i, gen in enumerate(settings):
-        if gen.do_sample:
-            sampled.setdefault((gen.temperature, gen.top_k, gen.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in sampled.items():
-        index = torch.tensor(rows, device=scores.device)
-        chooser = TokenChooser(
-            GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-        )
-        warped = chooser.warp(scores[index])
-        noise = gumbel_noise(keys[index], counters[index], warped.shape[-1])
-        tokens[index] = (warped + noise).argmax(dim=-1)
-    return tokens
 
 
 def request_key(seed: int | None, index: int = 0) -> int:

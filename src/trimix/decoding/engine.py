@@ -33,7 +33,7 @@ from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
 from trimix.config import FusionConfig, GenerationConfig, TrimixConfig, resolve_generation
 from trimix.data import read_text_spec
-from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, gumbel_noise, row_keys
+from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, row_keys, sampling_key
 from trimix.decoding.speculative import (
     K_AUTO_START,
     SpeculativeStats,
@@ -657,7 +657,7 @@ class FusedLM:
                 capacity,
                 self.plausibility_index,
                 self._alpha,
-                _chooser_key(gen),
+                sampling_key(gen),
                 tuple(tracker.eos),
                 compiled,
             )
@@ -864,10 +864,7 @@ class FusedLM:
     def _draft_choice(
         self, chooser: TokenChooser, logits: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
     ) -> torch.Tensor:
-        if not chooser.do_sample:
-            return logits.float().argmax(-1)
-        warped = chooser.warp(logits.float())
-        return (warped + gumbel_noise(keys, counters, warped.shape[-1], STREAM_DRAFT)).argmax(-1)
+        return chooser(logits.float(), keys, counters, STREAM_DRAFT)
 
     def _emit_round(
         self,
@@ -1188,10 +1185,6 @@ def _pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:
         return tensor
     extra = tensor.new_full((rows - tensor.shape[0], tensor.shape[1]), value)
     return torch.cat([tensor, extra])
-
-
-def _chooser_key(gen: GenerationConfig) -> tuple:
-    return (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) if gen.do_sample else (False,)
 
 
 __all__ = [

@@ -109,3 +109,32 @@ class TokenChooser:
             return scores.argmax(dim=-1)
         warped = self.warp(scores)
         return (warped + gumbel_noise(keys, counters, warped.shape[-1], stream)).argmax(dim=-1)
+
+
+def sampling_key(generation: GenerationConfig) -> tuple:
+    """What decides how a row's token is chosen: rows with equal keys share one :class:`TokenChooser`."""
+    if not generation.do_sample:
+        return (False,)
+    return (True, generation.temperature, generation.top_k, generation.top_p)
+
+
+def choose_rows(
+    scores: torch.Tensor,
+    settings: Sequence[GenerationConfig],
+    keys: torch.Tensor,
+    counters: torch.Tensor,
+    stream: int = STREAM_SAMPLE,
+) -> torch.Tensor:
+    """Per-row token choice when rows carry different sampling settings (a server batch): rows that share
+    settings are chosen together by one :class:`TokenChooser`, each with its own noise, so a row's token
+    is the one it would get alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, generation in enumerate(settings):
+        groups.setdefault(sampling_key(generation), []).append(i)
+    if len(groups) == 1:
+        return TokenChooser(settings[0])(scores, keys, counters, stream)
+    tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=scores.device)
+        tokens[index] = TokenChooser(settings[rows[0]])(scores[index], keys[index], counters[index], stream)
+    return tokens
