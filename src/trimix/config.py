@@ -370,6 +370,11 @@ class MethodSpec(_Strict):
     def _check(self) -> MethodSpec:
         if self.select and self.weights:
             raise ValueError(f"method {self.name!r}: give `weights` or `select: true`, not both")
+        if self.select and not get_method(self.method).linear:
+            raise ValueError(
+                f"method {self.name!r}: fusion method {self.method!r} recomputes its weights at every token, "
+                "so the label-free weight search (fixed weights) does not apply; give `weights` instead"
+            )
         return self
 
     def fusion(self) -> FusionConfig:

@@ -32,6 +32,7 @@ from trimix.decoding.sampling import choose_rows, row_keys
 from trimix.decoding.stopping import FinishReason, StopChecker
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion, fused_scores
+from trimix.fusion.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,13 @@ class ContinuousBatcher:
                 continue
             fusion = handle.request.fusion
             plaus = fusion.plausibility
-            key = (fusion.roles, plaus.role if plaus else None, plaus.alpha if plaus else None)
+            method = get_method(fusion.method)  # rows of linear methods share a batch, each its own weights
+            key = (
+                fusion.roles,
+                plaus.role if plaus else None,
+                plaus.alpha if plaus else None,
+                "linear" if method.linear else fusion.method,
+            )
             new.setdefault(key, []).append(handle)
             room -= 1
         for key, handles in new.items():
@@ -281,7 +288,9 @@ class ContinuousBatcher:
         device = lm.fusion_device
         weights = torch.tensor([r.weights for r in group.rows], dtype=torch.float32, device=device)
         source_logits = [x.to(device) for x in group.logits]
-        scores = fused_scores(source_logits, weights, lm.vocab_size, lm.plausibility_index, lm._alpha)
+        scores = fused_scores(
+            source_logits, weights, lm.vocab_size, lm.plausibility_index, lm._alpha, lm.combine
+        )
         keys = torch.tensor([r.key for r in group.rows], dtype=torch.long, device=device)
         counters = torch.tensor([len(r.tokens) for r in group.rows], dtype=torch.long, device=device)
         tokens = choose_rows(scores, [r.handle.request.generation for r in group.rows], keys, counters)

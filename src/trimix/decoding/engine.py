@@ -53,6 +53,7 @@ from trimix.decoding.static import (
 from trimix.decoding.stopping import FinishReason, StopChecker, first_stop
 from trimix.errors import ConfigError, DataError
 from trimix.fusion import Fusion, fused_scores, margin_contributions
+from trimix.fusion.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ class FusedLM:
         plaus = fusion.plausibility
         self.plausibility_index = self.roles.index(plaus.role) if plaus else None
         self.fusion_device = self.sources[0].input_device
+        self.combine = get_method(fusion.method).combine  # the method's combination of source logits
         logger.info("fusion %s over %d tokens", fusion.describe(), self.vocab_size)
 
     # ---------------------------------------------------------------- construction
@@ -581,7 +583,12 @@ class FusedLM:
             rows = active.to(device)
             source_logits = [x.to(device) for x in logits]
             scores = fused_scores(
-                source_logits, weights[rows], self.vocab_size, self.plausibility_index, self._alpha
+                source_logits,
+                weights[rows],
+                self.vocab_size,
+                self.plausibility_index,
+                self._alpha,
+                self.combine,
             )
             tokens = chooser(scores, keys[rows], counters[rows])
             counters[rows] += 1
@@ -645,6 +652,7 @@ class FusedLM:
                 eos,
                 int(self.tokenizer.pad_token_id),
                 compiled,
+                self.combine,
             )
 
         def create() -> GraphSession:
@@ -657,6 +665,7 @@ class FusedLM:
                 capacity,
                 self.plausibility_index,
                 self._alpha,
+                self.fusion.method,
                 sampling_key(gen),
                 tuple(tracker.eos),
                 compiled,
@@ -758,7 +767,7 @@ class FusedLM:
             logger.info("the drafter proposes among %d of %d tokens", len(draft_ids), vocab)
         # The first token comes from the prefill, as in plain fused decoding.
         logits = [x.to(device) for x, _ in prefilled]
-        scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha)
+        scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha, self.combine)
         first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
         alive = [i for i in range(batch) if not tracker.done(i)]
         finish = tracker.record(alive, first[alive].tolist())
@@ -816,7 +825,9 @@ class FusedLM:
                 drafter_logits if i == draft_index else source.backend.advance(states[i], sequence).to(device)
                 for i, source in enumerate(self.sources)
             ]
-            scores = fused_scores(source_logits, weights[rows], vocab, self.plausibility_index, self._alpha)
+            scores = fused_scores(
+                source_logits, weights[rows], vocab, self.plausibility_index, self._alpha, self.combine
+            )
             drafted = torch.stack(drafts, 1) if drafts else sequence[:, :0]
             target = _warp_positions(chooser, scores)
             draft_scores = None  # greedy: drafts are checked against the fused argmax
@@ -1074,19 +1085,25 @@ class FusedLM:
         used = {r for fusion in fusions for r in fusion.weights if fusion.weight(r) != 0.0}
         roles = [r for r in self.pool.roles if r in used]
         scorer = self.scorer(items, roles=roles, progress=progress, share_prefix=True)
-        matrix = torch.tensor([fusion.vector(roles) for fusion in fusions], dtype=torch.float32)
-        totals = scorer.score(matrix, greedy=True)
-        return [
-            [
-                Loglikelihood(
-                    -float(totals.per_text[i, c]),
-                    bool(totals.per_text_greedy[i, c]),
-                    totals.tokens_per_text[i],
-                )
-                for i in range(len(items))
-            ]
-            for c in range(len(fusions))
-        ]
+        # Linear methods: every weight combination from one factorised pass. Others fuse the full logits
+        # with their own combination, one fusion at a time (the forwards are still shared).
+        results: list[list[Loglikelihood] | None] = [None] * len(fusions)
+        linear = [c for c, f in enumerate(fusions) if get_method(f.method).linear]
+        batches = [(linear, None)] if linear else []
+        batches += [([c], get_method(f.method).combine) for c, f in enumerate(fusions) if c not in linear]
+        for members, combine in batches:
+            matrix = torch.tensor([fusions[c].vector(roles) for c in members], dtype=torch.float32)
+            totals = scorer.score(matrix, greedy=True, combine=combine)
+            for j, c in enumerate(members):
+                results[c] = [
+                    Loglikelihood(
+                        -float(totals.per_text[i, j]),
+                        bool(totals.per_text_greedy[i, j]),
+                        totals.tokens_per_text[i],
+                    )
+                    for i in range(len(items))
+                ]
+        return results  # type: ignore[return-value]
 
 
 def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tuple[str, str]:

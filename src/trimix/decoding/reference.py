@@ -51,7 +51,7 @@ def generate_without_cache(
                 .to(lm.fusion_device)
                 for s in lm.sources
             ]
-            scores = fused_scores(logits, weights, lm.vocab_size, lm.plausibility_index, alpha)
+            scores = fused_scores(logits, weights, lm.vocab_size, lm.plausibility_index, alpha, lm.combine)
             token = int(
                 chooser(
                     scores, keys[i : i + 1].to(lm.fusion_device), torch.tensor([t], device=lm.fusion_device)

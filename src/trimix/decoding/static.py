@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +61,7 @@ class FusedStep:
         eos_ids: ``(E,)`` end-of-sequence ids on the fusion device.
         pad_id: the token finished rows feed.
         compiled: run each source's decoder through ``torch.compile`` (see ``generation.compile``).
+        combine: the fusion method's combination of the source logits (None: the weighted sum).
     """
 
     def __init__(
@@ -74,9 +75,10 @@ class FusedStep:
         eos_ids: torch.Tensor,
         pad_id: int,
         compiled: bool = False,
+        combine: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.backends, self.states = list(backends), list(states)
-        self.compiled = compiled
+        self.compiled, self.combine = compiled, combine
         self.vocab, self.plausibility_index, self.alpha = vocab, plausibility_index, alpha
         self.chooser = chooser
         device = eos_ids.device
@@ -96,7 +98,9 @@ class FusedStep:
         """Fuse, constrain and choose from per-source logits ``(B, R_i)``; update the step's buffers."""
         device = self.chosen.device
         logits = [x.to(device) for x in logits]
-        scores = fused_scores(logits, self.weights, self.vocab, self.plausibility_index, self.alpha)
+        scores = fused_scores(
+            logits, self.weights, self.vocab, self.plausibility_index, self.alpha, self.combine
+        )
         chosen = torch.where(self.finished, self.pad, self.chooser(scores, self.keys, self.counters))
         self.finished |= torch.isin(chosen, self.eos_ids)
         self.chosen.copy_(chosen)

@@ -9,7 +9,7 @@ so does this module. Every function here upcasts to float32 and never edits its 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -96,6 +96,7 @@ def fused_scores(
     vocab: int,
     plausibility_index: int | None = None,
     alpha: float = 0.1,
+    combine: Callable[[Sequence[torch.Tensor], torch.Tensor, int | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The scores a decoder chooses from: fused raw logits, implausible tokens set to ``-inf``.
 
@@ -105,11 +106,12 @@ def fused_scores(
         vocab: V.
         plausibility_index: the source that judges plausibility (None: no constraint).
         alpha: keep tokens with ``p >= alpha * p_max`` under that source.
+        combine: the fusion method's combination (``FusionMethod.combine``); None: the weighted sum.
 
     Returns:
         float32 ``(B, ..., V)``.
     """
-    fused = fuse_rows(logits, weights, vocab)
+    fused = (combine or fuse_rows)(logits, weights, vocab)
     if plausibility_index is not None:
         keep = plausibility_mask(logits[plausibility_index][..., :vocab], alpha)
         fused = fused.masked_fill(~keep, float("-inf"))

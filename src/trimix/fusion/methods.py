@@ -13,6 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+import torch
+
+from trimix.fusion.math import fuse_rows
+
 LARGE, SMALL_CPT, SMALL_BASE = "large", "small_cpt", "small_base"
 PAPER_ROLES = (LARGE, SMALL_CPT, SMALL_BASE)
 _TOLERANCE = 1e-6
@@ -30,6 +34,17 @@ class FusionMethod(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     required_roles: ClassVar[tuple[str, ...]] = ()
+    # A linear method fuses L = sum_i w_i L_i with fixed weights: the scorer then computes many weight
+    # combinations from one forward (factorised log-partition), and the weight search applies. A method
+    # whose weights depend on the logits is scored by fusing the full logits.
+    linear: ClassVar[bool] = True
+
+    def combine(
+        self, logits: Sequence[torch.Tensor], weights: torch.Tensor, vocab: int | None
+    ) -> torch.Tensor:
+        """The fused logits a decoder or scorer uses: ``(B, ..., V)`` float32 from one ``(B, ..., R_i)``
+        tensor per source and the ``(B, N)`` weights each row carries (the resolved weights)."""
+        return fuse_rows(logits, weights, vocab)
 
     @abstractmethod
     def resolve(
@@ -164,3 +179,54 @@ class TriMix(FusionMethod):
         base = 1.0 - a - b
         self._agree(SMALL_BASE, given[SMALL_BASE], base)
         return {r: {LARGE: a, SMALL_CPT: b, SMALL_BASE: base}.get(r, 0.0) for r in given}
+
+
+@register_method
+class Entropy(FusionMethod):
+    """Per-token weights from each source's confidence at that step.
+
+    At every position ``t`` each source's weight is recomputed from its predictive entropy
+    ``H_i(t) = -sum_v p_i(v) log p_i(v)`` (nats):
+
+        w_i(t) = g_i * exp(-H_i(t) / tau) / sum_j g_j * exp(-H_j(t) / tau),   L(t) = sum_i w_i(t) L_i(t)
+
+    with ``g_i >= 0`` the weights the user writes (priors; a source without one gets 1) and ``tau = 1``
+    nat. A source that is sure of the next token (low entropy) takes a larger share; the weights are
+    non-negative and sum to 1 at every step. Not linear: scored by fusing the full logits, and the weight
+    search does not apply.
+    """
+
+    name = "entropy"
+    summary = "weights recomputed per token: prior g_i times exp(-entropy_i), normalised over sources"
+    linear = False
+    temperature: ClassVar[float] = 1.0
+
+    def resolve(self, given, *, role=None, alpha=1.0):
+        priors = {r: 1.0 if w is None else float(w) for r, w in given.items()}
+        negative = {r: w for r, w in priors.items() if w < 0}
+        if negative:
+            raise ValueError(
+                f"fusion method 'entropy' takes non-negative prior weights; got {negative}. "
+                "Set them to 0 or more (0 leaves a source out)."
+            )
+        if not any(priors.values()):
+            raise ValueError("fusion method 'entropy' needs a positive prior weight on at least one source")
+        return priors
+
+    def combine(self, logits, weights, vocab):
+        extra = (1,) * (logits[0].dim() - 2)  # positions between the batch and the vocabulary
+        values = [x[..., :vocab].float() for x in logits]
+        entropies = torch.stack([_entropy(v) for v in values], dim=-1)  # (B, ..., N)
+        priors = weights.view(weights.shape[0], *extra, weights.shape[1])
+        share = priors * torch.exp(-(entropies - entropies.amin(-1, keepdim=True)) / self.temperature)
+        share = share / share.sum(-1, keepdim=True)
+        fused = values[0] * share[..., :1]
+        for i, source in enumerate(values[1:], start=1):
+            fused += source * share[..., i : i + 1]
+        return fused
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of ``softmax(logits)`` over the last dimension."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

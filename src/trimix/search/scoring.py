@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -260,10 +260,18 @@ class FusedPerplexityScorer:
 
     @torch.inference_mode()
     def score(
-        self, weights: torch.Tensor, desc: str = "search: scoring", greedy: bool = False
+        self,
+        weights: torch.Tensor,
+        desc: str = "search: scoring",
+        greedy: bool = False,
+        combine: Callable[..., torch.Tensor] | None = None,
     ) -> ScoreTotals:
         """Summed NLL of each row of ``weights`` ``(C, N)`` over all scored tokens; with ``greedy``, also
-        whether every scored token of a text is the fused argmax under each combination."""
+        whether every scored token of a text is the fused argmax under each combination.
+
+        ``combine``: a fusion method's combination that is not a fixed weighted sum (its weights depend on
+        the logits, ``FusionMethod.linear`` False): each combination is then fused from the full logits
+        instead of the factorised log-partition."""
         weights = torch.as_tensor(weights, dtype=torch.float32)
         n_sources, n_combos = len(self.sources), weights.shape[0]
         # The output projection runs on blocks of positions sized by the memory budget (a GEMM; one
@@ -286,6 +294,18 @@ class FusedPerplexityScorer:
                 for n, source in enumerate(self.sources):
                     head_logits(source, item.features[source.role][p0:p1], out=logits[n])
                 targets = item.targets[p0:p1].to(self.device)
+                if combine is not None:
+                    for c in range(n_combos):
+                        fused = combine(list(logits), weights[c].expand(count, n_sources), self.vocab_size)
+                        nll = (torch.logsumexp(fused, -1) - fused.gather(-1, targets[:, None])[:, 0]).double()
+                        per_text[text_index, c] += nll.sum().cpu()
+                        if item.groups is not None and item.groups.numel():
+                            groups = item.groups[p0:p1].to(nll.device)
+                            for g in range(2):
+                                per_text_group[text_index, g, c] += nll[groups == g].sum().cpu()
+                        if greedy:
+                            all_greedy[text_index, c] &= bool((fused.argmax(-1) == targets).all())
+                    continue
                 if item.groups is not None and item.groups.numel():
                     sums = combination_nll(logits, targets, weights, item.groups[p0:p1], n_groups=2)
                     per_text_group[text_index] += sums

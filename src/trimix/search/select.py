@@ -223,6 +223,11 @@ def search_weights(
     """Score the grid and the method's baselines (each source alone, Proxy Tuning), then refine around
     the best grid point, in the configured scoring mode and in the other one (no extra forward pass)."""
     roles = [s.role for s in scorer.sources]
+    if not get_method(method).linear:
+        raise ConfigError(
+            f"fusion method {method!r} recomputes its weights at every token: the weight search (fixed "
+            "weights scored by fused perplexity) does not apply; set the method's weights directly"
+        )
     if scorer.n_tokens < _MIN_TOKENS:
         raise DataError(
             f"only {scorer.n_tokens} tokens to score; give at least {_MIN_TOKENS} (more or longer prompts)"
