@@ -289,7 +289,7 @@ class ContinuousBatcher:
         weights = torch.tensor([r.weights for r in group.rows], dtype=torch.float32, device=device)
         source_logits = [x.to(device) for x in group.logits]
         scores = fused_scores(
-            source_logits, weights, lm.vocab_size, lm.plausibility_index, lm._alpha, lm.combine
+            source_logits, weights, lm.vocab_size, lm.plausibility_index, lm.plausibility_alpha, lm.combine
         )
         keys = torch.tensor([r.key for r in group.rows], dtype=torch.long, device=device)
         counters = torch.tensor([len(r.tokens) for r in group.rows], dtype=torch.long, device=device)
@@ -298,7 +298,7 @@ class ContinuousBatcher:
         logp = torch.log_softmax(scores, dim=-1) if any(w is not None for w in wanted) else None
         inspect_k = max(r.handle.request.inspect for r in group.rows)
         inspection = (
-            lm._inspect(source_logits, scores, tokens, inspect_k, weights)
+            lm.inspect_step(source_logits, scores, tokens, inspect_k, weights)
             if inspect_k
             else [None] * len(tokens)
         )

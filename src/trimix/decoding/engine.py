@@ -587,14 +587,16 @@ class FusedLM:
                 weights[rows],
                 self.vocab_size,
                 self.plausibility_index,
-                self._alpha,
+                self.plausibility_alpha,
                 self.combine,
             )
             tokens = chooser(scores, keys[rows], counters[rows])
             counters[rows] += 1
             finish = tracker.record(active.tolist(), tokens.tolist())
             inspection = (
-                self._inspect(source_logits, scores, tokens, gen.inspect_top_k) if gen.inspect_top_k else None
+                self.inspect_step(source_logits, scores, tokens, gen.inspect_top_k)
+                if gen.inspect_top_k
+                else None
             )
             yield _Step(active.tolist(), tokens.tolist(), finish, inspection)
             keep = torch.tensor([f is None for f in finish])
@@ -614,7 +616,8 @@ class FusedLM:
             source.backend.keep_rows(state, rows)
 
     @property
-    def _alpha(self) -> float:
+    def plausibility_alpha(self) -> float:
+        """The plausibility threshold (0 without the constraint)."""
         return self.fusion.plausibility.alpha if self.fusion.plausibility else 0.0
 
     @torch.inference_mode()
@@ -647,7 +650,7 @@ class FusedLM:
                 states,
                 self.vocab_size,
                 self.plausibility_index,
-                self._alpha,
+                self.plausibility_alpha,
                 chooser,
                 eos,
                 int(self.tokenizer.pad_token_id),
@@ -664,7 +667,7 @@ class FusedLM:
                 batch,
                 capacity,
                 self.plausibility_index,
-                self._alpha,
+                self.plausibility_alpha,
                 self.fusion.method,
                 sampling_key(gen),
                 tuple(tracker.eos),
@@ -692,7 +695,7 @@ class FusedLM:
             inspection = None
             if gen.inspect_top_k:
                 rows = torch.tensor(active, device=self.fusion_device)
-                inspection = self._inspect(
+                inspection = self.inspect_step(
                     [x[rows] for x in step.source_logits],
                     step.scores[rows],
                     step.chosen[rows],
@@ -767,12 +770,14 @@ class FusedLM:
             logger.info("the drafter proposes among %d of %d tokens", len(draft_ids), vocab)
         # The first token comes from the prefill, as in plain fused decoding.
         logits = [x.to(device) for x, _ in prefilled]
-        scores = fused_scores(logits, weights, vocab, self.plausibility_index, self._alpha, self.combine)
+        scores = fused_scores(
+            logits, weights, vocab, self.plausibility_index, self.plausibility_alpha, self.combine
+        )
         first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
         alive = [i for i in range(batch) if not tracker.done(i)]
         finish = tracker.record(alive, first[alive].tolist())
         inspection = (
-            self._inspect([x[alive] for x in logits], scores[alive], first[alive], gen.inspect_top_k)
+            self.inspect_step([x[alive] for x in logits], scores[alive], first[alive], gen.inspect_top_k)
             if gen.inspect_top_k
             else None
         )
@@ -826,7 +831,12 @@ class FusedLM:
                 for i, source in enumerate(self.sources)
             ]
             scores = fused_scores(
-                source_logits, weights[rows], vocab, self.plausibility_index, self._alpha, self.combine
+                source_logits,
+                weights[rows],
+                vocab,
+                self.plausibility_index,
+                self.plausibility_alpha,
+                self.combine,
             )
             drafted = torch.stack(drafts, 1) if drafts else sequence[:, :0]
             target = _warp_positions(chooser, scores)
@@ -902,7 +912,7 @@ class FusedLM:
             inspection = None
             if gen.inspect_top_k:
                 index = torch.tensor(rows, device=scores.device)
-                inspection = self._inspect(
+                inspection = self.inspect_step(
                     [x[index, position] for x in source_logits],
                     scores[index, position],
                     torch.tensor(picked, device=scores.device),
@@ -924,7 +934,7 @@ class FusedLM:
         for backend, state in zip(backends, states, strict=True):
             backend.keep_rows(state, rows)
 
-    def _inspect(
+    def inspect_step(
         self,
         source_logits: Sequence[torch.Tensor],
         scores: torch.Tensor,
@@ -932,6 +942,9 @@ class FusedLM:
         k: int,
         weights: torch.Tensor | None = None,
     ) -> list[TokenInspection]:
+        """What each source proposed at one decoding step (its top-``k`` candidates) and how much each
+        contributed to the chosen token's margin over the runner-up (``generate --inspect``, the server's
+        ``trimix.inspect``)."""
         vocab = self.vocab_size
         fused_probs = torch.softmax(scores, dim=-1)
         source_probs = [torch.softmax(x[..., :vocab].float(), dim=-1) for x in source_logits]
