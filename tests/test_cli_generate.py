@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from conftest import trio_config
+from trimix import FusedLM, load_config
 from trimix.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def lm(trio) -> FusedLM:
+    """The fused model of ``config_file``, for decoding directly what the CLI should have decoded."""
+    return FusedLM.from_config(load_config(trio_config(trio)), load_all=True)
 
 
 @pytest.fixture
@@ -20,7 +27,7 @@ def config_file(trio, tmp_path):
     return path
 
 
-def test_generate_writes_jsonl_and_resolved_config(config_file, tmp_path, capsys) -> None:
+def test_generate_writes_jsonl_and_resolved_config(lm, config_file, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     code = main(
         [
@@ -39,7 +46,11 @@ def test_generate_writes_jsonl_and_resolved_config(config_file, tmp_path, capsys
     )
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["id"] for x in lines] == [0, 1] and all(len(x["token_ids"]) <= 4 for x in lines)
+    assert [x["id"] for x in lines] == [0, 1]
+    direct = lm.generate(["Hello", "ئۇيغۇر"], max_new_tokens=4)  # the config's fusion, decoded directly
+    assert [(x["prompt"], x["token_ids"], x["text"]) for x in lines] == [
+        (g.prompt, g.token_ids, g.text) for g in direct
+    ]
     saved = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert saved == lines
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -47,7 +58,7 @@ def test_generate_writes_jsonl_and_resolved_config(config_file, tmp_path, capsys
     assert json.loads((out / "run.json").read_text())["seed"] == 0
 
 
-def test_generate_from_jsonl_with_weights_override(config_file, tmp_path, capsys) -> None:
+def test_generate_from_jsonl_with_weights_override(lm, config_file, tmp_path, capsys) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "prompt": "Hello"}\n{"id": "b", "prompt": "The"}\n')
     code = main(
@@ -63,15 +74,27 @@ def test_generate_from_jsonl_with_weights_override(config_file, tmp_path, capsys
             "3",
             "--inspect",
             "2",
+            "-o",
+            str(tmp_path / "out"),
         ]
     )
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["id"] for x in lines] == ["a", "b"]
     assert set(lines[0]["inspection"][0]["sources"]) == {"large", "small_cpt"}  # small_base has weight 0
+    # The override is what was recorded and what decoded: a direct fused decode at 0.1 / 0.9 / 0, which
+    # differs from the decode at the config's own weights (Proxy Tuning's 1, 1, -1).
+    recorded = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["models"]
+    weights = {"large": 0.1, "small_cpt": 0.9, "small_base": 0.0}
+    assert {m["role"]: m["weight"] for m in recorded} == weights
+    direct = lm.with_weights(method="weighted", **weights).generate(["Hello", "The"], max_new_tokens=3)
+    assert [x["token_ids"] for x in lines] == [g.token_ids for g in direct]
+    assert [x["token_ids"] for x in lines] != [
+        g.token_ids for g in lm.generate(["Hello", "The"], max_new_tokens=3)
+    ]
 
 
-def test_generate_reads_stdin_through_entry_point(config_file) -> None:
+def test_generate_reads_stdin_through_entry_point(lm, config_file) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -91,7 +114,9 @@ def test_generate_reads_stdin_through_entry_point(config_file) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.strip().splitlines()) == 2
+    lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    direct = lm.generate(["Hello", "The quick"], max_new_tokens=2)
+    assert [(x["prompt"], x["token_ids"]) for x in lines] == [(g.prompt, g.token_ids) for g in direct]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from trimix.config import CptConfig, SourceConfig
 from trimix.errors import ConfigError, DataError
 from trimix.testing import CORPUS
 from trimix.training import CptInterrupted, pack_blocks, read_documents, run_cpt, split_corpus
+from trimix.training.cpt import held_out_perplexity
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,69 @@ def test_saved_adapter_reloads_as_a_source_with_the_same_logits(base, corpus, tm
     assert len(lm.generate(["Hello"], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
 
 
-def test_full_finetuning_and_merge(base, corpus, tmp_path) -> None:
-    report = run_cpt(
-        base, _cpt(corpus, method="full", max_steps=2, learning_rate=1e-3), tmp_path / "full", progress=False
+def test_full_finetuning_changes_every_weight_and_saves_the_trained_model(base, corpus, tmp_path) -> None:
+    settings = _cpt(corpus, method="full", max_steps=2, learning_rate=1e-3)
+    report = run_cpt(base, settings, tmp_path / "full", progress=False)
+    assert report.method == "full" and report.output == str(tmp_path / "full" / "model")
+    before = load_file(f"{base.model}/model.safetensors")
+    after = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    assert after.keys() == before.keys()
+    # Adam's first step moves every element with a non-zero gradient by about the learning rate, whatever
+    # the gradient's scale: each tensor must move by at least half of it somewhere (float32 resolves steps of
+    # ~1e-7 on these weights of magnitude ~1, so 5e-4 is no rounding effect).
+    unchanged = [k for k in before if (after[k] - before[k]).abs().max() < settings.lr() / 2]
+    assert not unchanged, f"not trained: {unchanged}"
+    # The saved weights are the trained ones: reloaded, they give the held-out perplexity the run measured
+    # on its in-memory model after training (and the base gives the one it measured before). Both are the
+    # same float32 computation on the same weights and texts; perplexity = exp(mean NLL), so a relative
+    # difference equals the NLL's absolute one, here ~5 nats: 1e-5 allows ~30 float32 ulps (6e-8 x 5.3) of
+    # reordered summation, while training moved the perplexity by several percent.
+    split = split_corpus(
+        settings.corpus,
+        settings.text_field,
+        settings.dedup,
+        settings.seed,
+        settings.validation_fraction,
+        settings.max_validation_lines,
     )
-    assert (tmp_path / "full" / "model" / "config.json").is_file() and report.method == "full"
-    run_cpt(base, _cpt(corpus, max_steps=2, merge=True), tmp_path / "merged", progress=False)
-    assert (tmp_path / "merged" / "merged" / "config.json").is_file()
+    trained = load_source(SourceConfig(model=report.output, role="small_cpt", weight=1.0))
+    original = load_source(base.model_copy(update={"weight": 1.0}))
+    after_ppl, before_ppl = report.perplexity_after["heldout_lrl"], report.perplexity_before["heldout_lrl"]
+    assert held_out_perplexity(trained, split.validation) == pytest.approx(after_ppl, rel=1e-5, abs=0)
+    assert held_out_perplexity(original, split.validation) == pytest.approx(before_ppl, rel=1e-5, abs=0)
+    assert abs(after_ppl - before_ppl) > 100 * 1e-5 * before_ppl
+
+
+def test_merged_model_has_the_adapter_models_logits(base, corpus, tmp_path) -> None:
+    """``merge: true`` saves W + (alpha / r) B A: the same function as the base with its adapter. The adapter
+    merged is the last checkpoint's (the run saves one at its final step)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    report = run_cpt(base, _cpt(corpus, max_steps=2, merge=True), tmp_path, progress=False)
+    assert report.output == str(tmp_path / "merged") and not (tmp_path / "adapter").exists()
+    adapter = tmp_path / "checkpoints" / "checkpoint-2"
+    ids = torch.tensor([[1, 17, 33, 9, 70, 5, 120, 44, 3, 98, 150, 11]])
+    with torch.no_grad():
+        merged = load_source(SourceConfig(model=report.output, role="small_cpt", weight=1.0))
+        merged_logits = merged.model(input_ids=ids).logits
+        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.model), adapter)
+        adapter_logits = unmerged(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base.model)(input_ids=ids).logits
+    # Both are float32 evaluations of one function, differing in rounding only: the merged weights are
+    # rounded once, and the adapter adds x A^T B^T to x W^T in another order. A float32 result of n chained
+    # roundings is within n * u (u = 2^-24, the unit roundoff) of exact, relative to the magnitudes
+    # involved; along this forward n is the sum of the dot-product lengths met in sequence (per layer: the
+    # projections, the attention over the sequence, the MLP; then the head) and the magnitudes are those of
+    # the logits. Twice that bound (one per model) is the tolerance.
+    config = merged.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_layer = 3 * config.hidden_size + head_dim + ids.shape[1] + config.intermediate_size
+    n = config.num_hidden_layers * per_layer + config.hidden_size
+    tolerance = 2 * n * 2.0**-24 * float(adapter_logits.abs().max())
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=0, atol=tolerance)
+    # ...and the adapter really changed the function, by far more than that tolerance.
+    assert (merged_logits - base_logits).abs().max() > 100 * tolerance
 
 
 def test_packing_puts_eos_between_documents_and_bos_first(tokenizer) -> None:

@@ -55,8 +55,12 @@ def test_translation_metrics_ignore_case_as_the_papers_evaluation_does() -> None
     [
         # Uyghur: 3 of 3 predicted tokens in order in a 4-token reference -> P=1, R=3/4, F=6/7.
         ("ئۇيغۇر تىلى تۈركىي", "ئۇيغۇر تىلى تۈركىي تىللار", 100 * 6 / 7),
-        # Tibetan syllables split at the tsheg; vowel signs stay attached: LCS 2 of 3 and 4 -> F=4/7.
+        # Tibetan syllables split at the tsheg; vowel signs stay attached (ཀྱི, ཡིག are one token each), so the
+        # tokens are [བོད ཀྱི ཡིག] and [བོད ཀྱི སྐད ཡིག]: LCS 3 of 3 and 4 -> P=1, R=3/4, F=2PR/(P+R)=6/7.
         ("བོད་ཀྱི་ཡིག", "བོད་ཀྱི་སྐད་ཡིག", 100 * 2 * (3 / 3) * (3 / 4) / (3 / 3 + 3 / 4)),
+        # The same syllables out of order, [བོད ཡིག ཀྱི]: the longest common subsequence is 2 (བོད ཀྱི, or
+        # བོད ཡིག), not the 3 shared tokens -> P=2/3, R=2/4, F=2PR/(P+R)=4/7.
+        ("བོད་ཡིག་ཀྱི", "བོད་ཀྱི་སྐད་ཡིག", 100 * 4 / 7),
         # Kazakh Cyrillic, case-insensitive: identical after lower-casing.
         ("Қазақ Тілі", "қазақ тілі", 100.0),
         ("", "қазақ тілі", 0.0),

@@ -39,8 +39,11 @@ def lm(trio) -> FusedLM:
     return FusedLM.from_config(load_config(trio_config(trio)), load_all=True)
 
 
-def direct_nll(lm: FusedLM, item: ScoringText, weights: list[float]) -> tuple[float, int]:
-    """Fuse and score one combination with full forwards: the definition, computed the slow way."""
+def direct_nll(
+    lm: FusedLM, item: ScoringText, weights: list[float], task_text_only: bool = False
+) -> tuple[float, int]:
+    """Fuse and score one combination with full forwards: the definition, computed the slow way (only the
+    tokens that start inside the item's task-text spans, with ``task_text_only``)."""
     enc = lm.tokenizer(item.text, return_offsets_mapping=True)
     ids = torch.tensor([enc["input_ids"]])
     with torch.no_grad():
@@ -49,7 +52,7 @@ def direct_nll(lm: FusedLM, item: ScoringText, weights: list[float]) -> tuple[fl
     starts = [start for start, _ in enc["offset_mapping"]][1:]
     total, count = 0.0, 0
     for position, start in enumerate(starts):
-        if start >= item.score_from:
+        if start >= item.score_from and (not task_text_only or any(a <= start < b for a, b in item.spans)):
             total -= float(logp[position, ids[0, position + 1]])
             count += 1
     return total, count
@@ -102,7 +105,7 @@ def test_combination_nll_equals_fusing_each_combination(n_sources, n_combos, aff
 def test_combination_nll_recomputes_sums_that_would_underflow() -> None:
     # Two tokens that each source alone strongly prefers push the factor shifts ~400 nats above the
     # fused maximum of a Proxy-Tuning-like combination: the guarded positions are recomputed directly.
-    logits = torch.randn(3, 4, 50)
+    logits = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
     logits[0, :, 0] += 200
     logits[1, :, 1] += 200
     targets = torch.tensor([0, 1, 2, 3])
@@ -236,6 +239,9 @@ def test_selection_can_average_over_texts_as_the_authors_script_does(lm) -> None
     by_text = search_weights(scorer, search.model_copy(update={"average": "texts"}), origin)
     assert (pooled.average, by_text.average) == ("tokens", "texts")  # recorded in selection.json
     roles = list(lm.roles)
+    # perplexity = exp(mean NLL), so its relative error is the mean NLL's absolute one; each float32 token
+    # log-probability (fused logits of magnitude <= ~10) is exact to ~10 * 2^-24 ~ 6e-7 nats in either
+    # computation, and rel=1e-5 leaves a margin of more than ten over their difference.
     for candidate in by_text.candidates[::9]:  # four grid points, computed the slow way
         weights = [candidate.weights[r] for r in roles]
         per_text = [direct_nll(lm, t, weights) for t in texts]
@@ -244,9 +250,13 @@ def test_selection_can_average_over_texts_as_the_authors_script_does(lm) -> None
         )
     assert [c.weights for c in by_text.candidates] == [c.weights for c in pooled.candidates]
     assert [c.perplexity for c in by_text.candidates] != [c.perplexity for c in pooled.candidates]
-    # Task text only: each prompt's mean over its own task-text tokens.
-    task_only = [c.by_mode["input"] for c in by_text.candidates]
-    assert all(math.isfinite(v) and v > 1 for v in task_only)
+    # Task text only: each prompt's mean over its own task-text tokens (prompts without any left out).
+    for candidate in by_text.candidates[::9]:
+        weights = [candidate.weights[r] for r in roles]
+        means = [total / count for total, count in (direct_nll(lm, t, weights, True) for t in texts) if count]
+        assert means and candidate.by_mode["input"] == pytest.approx(
+            math.exp(sum(means) / len(means)), rel=1e-5
+        )
 
 
 def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:
@@ -265,7 +275,7 @@ def test_clear_errors_for_long_and_empty_inputs(lm, tmp_path) -> None:
         selection_texts(SearchConfig(text_file=str(empty)))
 
 
-def test_select_cli_writes_selection_usable_by_generate(trio, tmp_path, capsys) -> None:
+def test_select_cli_writes_selection_usable_by_generate(lm, trio, tmp_path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**trio_config(trio), "search": {"lang": "uig_Arab", "shots": 1}}))
     out = tmp_path / "sel"
@@ -277,21 +287,17 @@ def test_select_cli_writes_selection_usable_by_generate(trio, tmp_path, capsys) 
     assert payload["prompts"]["seed"] == 0 and len(payload["prompt_ids"]) == 3
     assert (out / "heatmap.png").stat().st_size > 10_000
     assert "selected" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "generate",
-                "-c",
-                str(config),
-                "--weights-from",
-                str(out / "selection.json"),
-                "-p",
-                "Hello",
-                "--max-new-tokens",
-                "2",
-            ]
-        )
-        == 0
-    )
+    selected = payload["selected"]  # the candidate of lowest perplexity, grid or refinement
+    assert selected in payload["candidates"]
+    assert selected["perplexity"] == min(c["perplexity"] for c in payload["candidates"])
+    generated = tmp_path / "gen"
+    args = ["generate", "-c", str(config), "--weights-from", str(out / "selection.json"), "-p", "Hello"]
+    assert main([*args, "--max-new-tokens", "4", "-o", str(generated)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(line["token_ids"]) <= 2
+    # generate recorded the selected weights and decoded with them: its tokens are a direct fused decode at
+    # those weights, and not the decode at the config's own weights (Proxy Tuning's 1, 1, -1).
+    recorded = yaml.safe_load((generated / "config.yaml").read_text())["models"]
+    assert {m["role"]: m["weight"] for m in recorded} == selected["weights"]
+    direct = lm.with_weights(method="weighted", **selected["weights"]).generate(["Hello"], max_new_tokens=4)
+    assert line["token_ids"] == direct[0].token_ids and line["text"] == direct[0].text
+    assert line["token_ids"] != lm.generate(["Hello"], max_new_tokens=4)[0].token_ids

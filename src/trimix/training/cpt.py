@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,11 @@ def run_cpt(
             lora_dropout=cpt.lora.dropout,
             target_modules=targets,
         )
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing` attribute
+            # (transformers 5.25 warns); not trimix's call, and nothing a user can change: keep it quiet.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("LoRA on %s: %d trainable parameters", targets or "PEFT's default modules", trainable)
     else:
