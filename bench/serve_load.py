@@ -33,7 +33,7 @@ from common import demo_trio, machine, save
 from trimix import FusedLM, GenerationConfig
 from trimix.data import read_sib200
 from trimix.decoding.batcher import ContinuousBatcher
-from trimix.decoding.engine import encode_texts
+from trimix.decoding.text import encode_texts
 from trimix.server import BackgroundServer, Server
 
 logger = logging.getLogger("bench")

@@ -272,7 +272,7 @@ def test_inspected_tokens_read_as_text_not_vocabulary_symbols(tokenizer) -> None
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trimix.decoding.engine import readable_token
+    from trimix.decoding.text import readable_token
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FLOAT32_SUM_REL, trio_config
 from trimix import FusedLM, load_config
-from trimix.decoding.engine import rolling_windows
+from trimix.decoding.text import rolling_windows
 from trimix.fusion import fuse_logits
 
 REQUESTS = [

@@ -1,13 +1,8 @@
 """The fused model and its decoding: per-source caches, left-padded batches, stops, streaming, CUDA graphs."""
 
-from trimix.decoding.engine import (
-    FusedLM,
-    Generation,
-    Loglikelihood,
-    SourcePool,
-    StreamEvent,
-    TokenInspection,
-)
+from trimix.decoding.fused import FusedLM
+from trimix.decoding.pool import SourcePool
+from trimix.decoding.results import Generation, Loglikelihood, StreamEvent, TokenInspection
 from trimix.decoding.sampling import TokenChooser
 
 __all__ = [

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 
 from trimix.config import GenerationConfig
-from trimix.decoding.engine import FusedLM, TokenInspection, emit_text, encode_texts
+from trimix.decoding.fused import FusedLM
+from trimix.decoding.results import TokenInspection
 from trimix.decoding.sampling import choose_rows, row_keys
-from trimix.decoding.stopping import FinishReason, StopChecker
+from trimix.decoding.stopping import FinishReason, StopChecker, emit_text
+from trimix.decoding.text import encode_texts
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion, fused_scores
 from trimix.fusion.methods import get_method

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from trimix.config import GenerationConfig
-from trimix.decoding.engine import FusedLM
+from trimix.decoding.fused import FusedLM
 from trimix.decoding.sampling import TokenChooser, row_keys
 from trimix.fusion import fused_scores
 

@@ -168,3 +168,22 @@ def first_stop(text: str, stops: Sequence[str]) -> int:
     """Where the earliest stop string starts in a whole text (its length when none occurs)."""
     found = _first_stop(text, stops, 0) if stops else None
     return len(text) if found is None else found
+
+
+def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tuple[str, str]:
+    """The text a stream may emit now: ``(delta, new shown text)``.
+
+    Emitted text is never taken back, so while a row runs the last ``len(longest stop) - 1`` characters
+    are held back (a stop string may be starting there; the output never contains it) and so is an
+    incomplete multi-byte character (U+FFFD at the end). When the row ends, the rest is emitted.
+    """
+    if finished:
+        visible = text
+    else:
+        limit = len(text) - max((len(s) - 1 for s in stops), default=0)
+        while limit > len(shown) and text[limit - 1] == "\ufffd":
+            limit -= 1
+        visible = text[: max(limit, len(shown))]
+    if not visible.startswith(shown):  # cannot happen for text that only grows; never repeat what was sent
+        return "", shown
+    return visible[len(shown) :], visible
