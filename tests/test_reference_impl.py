@@ -231,7 +231,8 @@ def their_prompts(source: str, task: str, items: list[dict], shots: int, prompt_
     return strings
 
 
-SOURCES = ["golden", pytest.param("live", marks=live)]
+# The live variants run only with -m slow (and the reference fetched): the default suite skips nothing here.
+SOURCES = ["golden", pytest.param("live", marks=[pytest.mark.slow, live])]
 
 
 @pytest.mark.parametrize("source", SOURCES)
