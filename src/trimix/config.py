@@ -187,7 +187,7 @@ class GenerationConfig(_Strict):
     ignore_eos: bool = False
     batch_size: int = Field(8, ge=1)
     inspect_top_k: int = Field(0, ge=0)
-    # auto: CUDA graphs when every fused source sits on one GPU, else eager (see trimix.decoding.engine)
+    # auto: CUDA graphs when every fused source sits on one GPU, else eager (see trimix.decoding.runners)
     engine: Literal["auto", "eager", "static", "graphs"] = "auto"
     # Static/graph engines: run each source's one-token forward through torch.compile, which fuses a
     # layer's small elementwise kernels (norms, rotary, activations) before the step is captured. Costs a

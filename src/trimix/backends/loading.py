@@ -16,7 +16,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -404,6 +405,15 @@ def _has_tokenizer(folder: Path | None) -> bool:
     )
 
 
+@contextlib.contextmanager
+def peft_without_checkpointing_warning() -> Iterator[None]:
+    """Wrap a PEFT call that reads transformers' deprecated ``is_gradient_checkpointing`` (peft 0.21's
+    ``PeftModel``; transformers 5.25 warns on every read): not trimix's call, and nothing a user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, cfg: SourceConfig) -> PreTrainedModel:
     try:
         from peft import PeftModel
@@ -412,7 +422,8 @@ def _attach_adapter(model: PreTrainedModel, adapter_dir: Path, cfg: SourceConfig
     with contextlib.suppress(Exception):
         model.config.use_cache = True
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_without_checkpointing_warning():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (OSError, ValueError, RuntimeError) as exc:
         raise SourceLoadError(
             f"adapter {str(adapter_dir)!r} does not fit the base model of source {cfg.role!r}: {exc}"

@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.trainer_callback import PrinterCallback
 
 from trimix.backends.hf import HFBackend
-from trimix.backends.loading import SOURCE_CARD, Source, load_source
+from trimix.backends.loading import SOURCE_CARD, Source, load_source, peft_without_checkpointing_warning
 from trimix.config import CptConfig, SourceConfig
 from trimix.data import read_text_spec
 from trimix.errors import ConfigError, TrimixError
@@ -263,10 +262,7 @@ def run_cpt(
             lora_dropout=cpt.lora.dropout,
             target_modules=targets,
         )
-        with warnings.catch_warnings():
-            # peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing` attribute
-            # (transformers 5.25 warns); not trimix's call, and nothing a user can change: keep it quiet.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_without_checkpointing_warning():
             model = get_peft_model(model, lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("LoRA on %s: %d trainable parameters", targets or "PEFT's default modules", trainable)
