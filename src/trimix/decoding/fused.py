@@ -237,28 +237,13 @@ class FusedLM:
                 ``max_new_tokens`` exceeds a source's context.
         """
         gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
-        ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-        results: list[Generation] = []
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
-        for start in range(0, len(prompts), gen.batch_size):
-            batch = list(prompts[start : start + gen.batch_size])
-            rows = [RowText() for _ in batch]
-            for step in self._decode_batch(batch, gen, ids[start : start + gen.batch_size]):
-                for row, reason in step.closed:
-                    rows[row].finish_reason = reason
-                for row, stats in (step.stats or {}).items():
-                    rows[row].stats = stats
-                for j, (row, token, reason) in enumerate(
-                    zip(step.rows, step.tokens, step.finish, strict=True)
-                ):
-                    rows[row].token_ids.append(token)
-                    rows[row].finish_reason = reason
-                    if step.inspection is not None:
-                        rows[row].inspection.append(step.inspection[j])
-            results.extend(self._finish(p, r, gen) for p, r in zip(batch, rows, strict=True))
-            bar.update(len(batch))
-        bar.close()
-        return results
+        results: list[Generation | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
+            for event in self.stream(prompts, gen, row_ids=row_ids):  # one loop for both
+                if event.generation is not None:
+                    results[event.index] = event.generation
+                    bar.update(1)
+        return results  # type: ignore[return-value]
 
     def stream(
         self,
@@ -276,6 +261,7 @@ class FusedLM:
             batch = list(prompts[start : start + gen.batch_size])
             rows = [RowText() for _ in batch]
             shown = [""] * len(batch)
+            finals: list[Generation | None] = [None] * len(batch)
             for step in self._decode_batch(batch, gen, all_ids[start : start + len(batch)]):
                 for row, reason in step.closed:
                     rows[row].finish_reason = reason
@@ -284,14 +270,19 @@ class FusedLM:
                     )
                 for row, stats in (step.stats or {}).items():
                     rows[row].stats = stats
+                    if finals[row] is not None:  # accounting comes once per batch, after a row may end
+                        finals[row].stats = stats
                 for j, (row, token, reason) in enumerate(
                     zip(step.rows, step.tokens, step.finish, strict=True)
                 ):
                     rows[row].token_ids.append(token)
                     rows[row].finish_reason = reason
+                    if step.inspection is not None:
+                        rows[row].inspection.append(step.inspection[j])
                     # While a row runs, its text is the stop checker's (grown incrementally); its last
                     # event carries the whole decode, so the deltas add up to the final text exactly.
                     final = self._finish(batch[row], rows[row], gen) if reason is not None else None
+                    finals[row] = final
                     text = final.text if final is not None else step.texts[j]
                     delta, shown[row] = emit_text(shown[row], text, reason is not None, gen.stop)
                     yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
