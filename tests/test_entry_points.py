@@ -171,3 +171,40 @@ def test_every_entry_point_decodes_the_run_alike(chain_trio, tmp_path, engine, s
                 assert have[0] == len(want[0]) and have[2] == reason, (name, prompt, have, want)
             elif have[0] is not None:
                 assert have[0] == want[0] and have[2] == want[2], (name, prompt, have, want)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("engine", ["eager", "static", "speculative"])
+def test_an_evaluation_generate_cell_decodes_with_the_run(chain_trio, tmp_path, engine, sampled) -> None:
+    """``trimix eval``'s generation cells decode each rendered prompt as ``generate`` does under the run's
+    settings (engine, end-of-sequence id, sampling), with the task's stop strings and token budget."""
+    from trimix.evaluation import Evaluator, read_predictions
+    from trimix.evaluation.plan import EvalPlan
+
+    folders, eos = chain_trio
+    run = _run_yaml(folders, eos, tmp_path, engine, sampled)
+    raw = yaml.safe_load(run.read_text(encoding="utf-8"))
+    raw["eval"] = {
+        "methods": [{"name": "fused", "method": "trimix", "weights": {"large": 0.6, "small_cpt": 0.6}}],
+        "tasks": [{"task": "sib200_topic", "langs": ["uig_Arab"], "limit": 4, "shots": 0}],
+        "batch_size": 2,
+    }
+    config = trimix.load_config(raw)
+    out = tmp_path / "eval"
+    out.mkdir()
+    Evaluator(config, out, progress=False).run()
+    rows = {str(r["id"]): r for r in read_predictions(out / "predictions.jsonl")}
+    (cell,) = EvalPlan(config).cells
+    settings = cell.task.generation_settings()
+    lm = trimix.FusedLM.from_config(config)
+    for start in range(0, len(cell.items), 2):  # the cell's batches: sampling keys restart per batch
+        batch = cell.items[start : start + 2]
+        expected = lm.generate(
+            [cell.task.render(e).text for e in batch],
+            max_new_tokens=settings["max_new_tokens"],
+            stop=settings["stop"],
+            on_context_limit="stop",
+        )
+        for example, generation in zip(batch, expected, strict=True):
+            row = rows[str(example.id)]
+            assert (row["output"], row["finish_reason"]) == (generation.text, generation.finish_reason)
