@@ -358,7 +358,7 @@ class FusedLM:
             prompt=prompt,
             text=text,
             token_ids=list(row.token_ids),
-            finish_reason=row.finish_reason or "length",
+            finish_reason=row.finish_reason,
             inspection=row.inspection if gen.inspect_top_k else None,
             stats=row.stats,
         )
@@ -368,10 +368,6 @@ class FusedLM:
     ) -> Iterator[Step]:
         encodings = [self.encode(s, prompts) for s in self.sources]
         budgets = self.token_budgets(encodings, gen.max_new_tokens, gen.on_context_limit)
-        if any(b == 0 for b in budgets):
-            yield Step([], [], [], closed=[(i, "context") for i, b in enumerate(budgets) if b == 0])
-        engine = self.engine_for(gen)
-        logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
         tracker = StopChecker.for_batch(
             self.tokenizer,
             budgets,
@@ -379,6 +375,11 @@ class FusedLM:
             max_new_tokens=gen.max_new_tokens,
             eos=[] if gen.ignore_eos else self.eos_token_ids(gen),
         )
+        closed = [(i, r.finish_reason) for i, r in tracker.rows.items() if r.finish_reason is not None]
+        if closed:  # rows the context leaves no room in end before decoding (the checker says why)
+            yield Step([], [], [], closed=closed)
+        engine = self.engine_for(gen)
+        logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
         keys = row_keys(gen.seed, row_ids)
         if gen.speculative is not None:
             if engine != "eager":
