@@ -267,3 +267,54 @@ def test_an_overlong_evaluation_item_stops_at_the_context_and_is_counted(trio, t
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["cells"][0]["stopped_at_context"] == 1
     assert "generations stopped at a source's context: " in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_overwrite_into_a_busy_folder_deletes_nothing(trio, cfg, tmp_path, capsys, command) -> None:
+    """--overwrite while another run writes into the folder: refused, and that run's progress file is
+    untouched (it used to be deleted before the lock was checked)."""
+    from trimix.runinfo import folder_lock
+
+    _sib_folder(tmp_path / "conf" / "my_sib200")
+    out = tmp_path / "o"
+    out.mkdir()
+    progress = out / ("predictions.jsonl" if command == "eval" else "generations.jsonl")
+    progress.write_text('{"id": 0, "text": "the other run\'s work"}\n')
+    args = (
+        ["-q", "eval", "-c", str(_eval_cfg(trio, tmp_path, "./my_sib200"))]
+        if command == "eval"
+        else ["-q", "generate", "-c", str(cfg), "-p", "Hello"]
+    )
+    before = progress.read_bytes()
+    with folder_lock(out):  # another run holds the folder
+        code, err = _run(capsys, [*args, "-o", str(out), "--overwrite"])
+    assert code == 2 and "in use by another trimix run" in err
+    assert progress.read_bytes() == before
+
+
+def test_a_damaged_line_in_the_middle_is_an_error_and_nothing_is_truncated(tmp_path, capsys) -> None:
+    from trimix.errors import DataError
+    from trimix.io import read_jsonl
+
+    path = tmp_path / "predictions.jsonl"
+    lines = [json.dumps({"id": i}) for i in range(5)]
+    lines[2] = lines[2][:-3]  # damaged, but not the last line
+    path.write_text("\n".join(lines) + "\n")
+    before = path.read_bytes()
+    with pytest.raises(DataError, match=r"predictions.jsonl:3: not a complete JSON line"):
+        read_jsonl(path)
+    assert path.read_bytes() == before
+    code, err = _run(capsys, ["report", str(tmp_path)])
+    assert code == 2 and "predictions.jsonl:3" in err and path.read_bytes() == before
+
+
+def test_only_a_torn_last_line_is_dropped(tmp_path, caplog) -> None:
+    from trimix.io import read_jsonl
+
+    path = tmp_path / "generations.jsonl"
+    whole = "".join(json.dumps({"id": i}) + "\n" for i in range(3))
+    path.write_text(whole + '{"id": 3, "te')
+    assert read_jsonl(path, repair=False) == [{"id": 0}, {"id": 1}, {"id": 2}]
+    assert path.read_text().endswith('"te')  # a reader that does not repair leaves the file alone
+    assert read_jsonl(path) == [{"id": 0}, {"id": 1}, {"id": 2}]
+    assert path.read_text() == whole and "incomplete last line" in caplog.text

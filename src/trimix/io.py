@@ -110,30 +110,46 @@ def disk_error(exc: OSError, path: str | Path) -> OSError | TrimixError:
     return exc
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The complete lines of a JSON-lines results file; a last line cut short by a kill is removed from
-    the file (with a warning), so appending can continue after it."""
+def read_jsonl(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines results file.
+
+    Only the last line may be incomplete (a run killed while writing it): it is dropped with a warning
+    and, with ``repair``, cut from the file so appending can continue after it. A damaged line anywhere
+    else is an error naming the file and line; nothing is removed.
+
+    Raises:
+        DataError: a line before the last that is not a complete JSON object.
+    """
     import logging
 
     path = Path(path)
     if not path.is_file():
         return []
     raw = path.read_bytes()
+    chunks = raw.splitlines(keepends=True)
     rows, good_bytes = [], 0
-    for chunk in raw.splitlines(keepends=True):
-        if not chunk.endswith(b"\n"):
-            break
+    for number, chunk in enumerate(chunks, start=1):
+        last = number == len(chunks)
         try:
-            rows.append(json.loads(chunk))
-        except json.JSONDecodeError:
+            row = json.loads(chunk) if chunk.endswith(b"\n") or not last else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if last:
+                break
+            raise DataError(
+                f"{path}:{number}: not a complete JSON line ({exc.__class__.__name__}); the file is damaged "
+                "before its end, so it was left as it is. Repair or remove that line, then run again"
+            ) from exc
+        if row is None:  # the last line, cut short
             break
+        rows.append(row)
         good_bytes += len(chunk)
     if good_bytes < len(raw):
         logging.getLogger(__name__).warning(
-            "dropping an incomplete last line of %s (the previous run was interrupted)", path
+            "%s: dropping an incomplete last line (the run writing it was interrupted)", path
         )
-        with path.open("r+b") as handle:
-            handle.truncate(good_bytes)
+        if repair:
+            with path.open("r+b") as handle:
+                handle.truncate(good_bytes)
     return rows
 
 

@@ -123,9 +123,8 @@ def prepare_output_dir(
 ) -> Path:
     """Create an output folder; refuse one with results unless ``overwrite`` or ``resume``.
 
-    ``progress_files`` name what a run resumes from (a predictions file, cached selections): with
-    ``overwrite`` and without ``resume`` they are deleted, so the run starts afresh instead of
-    silently continuing the previous one. Nothing else in the folder is touched.
+    Deletes nothing: the files a run resumes from are removed by :func:`locked_output_dir` once the
+    folder's lock is held (another run may be writing them until then).
     """
     folder = Path(path).expanduser()
     _check_parents(folder)
@@ -136,18 +135,31 @@ def prepare_output_dir(
             f"output dir {str(folder)!r} is not empty; pass --overwrite to replace its files"
             + (" or --resume to continue it" if progress_files else "")
         )
-    stale = [folder / name for name in progress_files] if overwrite else []
-    for item in filter(Path.exists, stale):
-        if item.is_dir():
-            shutil.rmtree(item)
-        else:
-            item.unlink()
-        logger.info("--overwrite: removed %s", item)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create output dir {str(folder)!r}: {exc.strerror}") from exc
     return folder
+
+
+@contextlib.contextmanager
+def locked_output_dir(
+    path: str | Path, overwrite: bool = False, resume: bool = False, progress_files: Sequence[str] = ()
+) -> Iterator[Path]:
+    """:func:`prepare_output_dir`, then hold the folder's lock; only then, with ``overwrite``, delete the
+    ``progress_files`` a run resumes from (a predictions file, cached selections), so the run starts
+    afresh instead of silently continuing the previous one. A folder another run holds is refused before
+    anything in it is touched."""
+    folder = prepare_output_dir(path, overwrite=overwrite, resume=resume, progress_files=progress_files)
+    with folder_lock(folder):
+        stale = [folder / name for name in progress_files] if overwrite else []
+        for item in filter(Path.exists, stale):
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+            logger.info("--overwrite: removed %s", item)
+        yield folder
 
 
 def _alive(pid: int) -> bool:

@@ -6,7 +6,7 @@ import argparse
 
 from trimix.demo import run_demo
 from trimix.evaluation import RESUMED_FROM
-from trimix.runinfo import folder_lock, prepare_output_dir
+from trimix.runinfo import locked_output_dir
 
 EXAMPLE = """example:
   trimix demo                      # about 15 minutes on 2 CPU cores the first time; reruns reuse the adapters
@@ -43,13 +43,9 @@ def run(args: argparse.Namespace) -> int:
         from trimix.errors import ConfigError
 
         raise ConfigError(f"--scale must be positive; got {args.scale}")
-    out_dir = prepare_output_dir(
-        args.output_dir,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        progress_files=RESUMED_FROM,
-    )
-    with folder_lock(out_dir):
+    with locked_output_dir(
+        args.output_dir, overwrite=args.overwrite, resume=args.resume, progress_files=RESUMED_FROM
+    ) as out_dir:
         print(
             run_demo(
                 out_dir,

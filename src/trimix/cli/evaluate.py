@@ -8,7 +8,7 @@ import logging
 from trimix.cli.common import add_config_args, config_from_args
 from trimix.errors import ConfigError
 from trimix.evaluation import RESUMED_FROM, Evaluator, write_report
-from trimix.runinfo import folder_lock, prepare_output_dir, write_run_info
+from trimix.runinfo import locked_output_dir, write_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,9 @@ def run_eval(args: argparse.Namespace) -> int:
             spec.limit = args.limit
     if args.rerun_changed and not args.resume:
         raise ConfigError("--rerun-changed goes with --resume")
-    out_dir = prepare_output_dir(
-        args.output_dir,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        progress_files=RESUMED_FROM,
-    )
-    with folder_lock(out_dir):
+    with locked_output_dir(
+        args.output_dir, overwrite=args.overwrite, resume=args.resume, progress_files=RESUMED_FROM
+    ) as out_dir:
         evaluator = Evaluator(
             config,
             out_dir,

@@ -19,8 +19,7 @@ from trimix.io import JsonlSink, read_jsonl
 from trimix.runinfo import (
     describe_change,
     fingerprint,
-    folder_lock,
-    prepare_output_dir,
+    locked_output_dir,
     read_run_json,
     write_run_info,
 )
@@ -126,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
         lm = FusedLM.from_config(config)
         _print_or_stream(lm, config, prompts, args, sink=None)
         return 0
-    out_dir = prepare_output_dir(
+    with locked_output_dir(
         args.output_dir, overwrite=args.overwrite, resume=args.resume, progress_files=(GENERATIONS,)
-    )
-    with folder_lock(out_dir):
+    ) as out_dir:
         description = run_description(config, prompts)
         check_resume(out_dir, description, args.resume)
         done = {str(r["id"]) for r in read_jsonl(out_dir / GENERATIONS)}

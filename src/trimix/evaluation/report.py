@@ -270,7 +270,7 @@ def _fill_fusion_methods(rows: list[dict[str, Any]], run_dir: Path) -> None:
 def write_report(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """Rebuild ``report.md``, ``report.json`` and ``report.png`` of a run from its predictions alone."""
     run_dir = Path(run_dir)
-    rows = read_predictions(run_dir / PREDICTIONS)
+    rows = read_predictions(run_dir / PREDICTIONS, repair=False)  # a report never edits the results
     if not rows:
         raise DataError(f"{run_dir / PREDICTIONS} holds no predictions; run `trimix eval` first")
     _fill_fusion_methods(rows, run_dir)

@@ -43,9 +43,10 @@ CELLS = "cells.json"  # fingerprint -> the description it was computed from, for
 RESUMED_FROM = (PREDICTIONS, SELECTIONS, CELLS)  # what a run continues from; `--overwrite` removes them
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a predictions file; a last line cut short by a kill is removed from the file."""
-    return read_jsonl(path)
+def read_predictions(path: Path, repair: bool = True) -> list[dict[str, Any]]:
+    """The complete rows of a predictions file; a last line cut short by a kill is dropped (and, with
+    ``repair``, removed from the file); a damaged line before the last is an error (see ``read_jsonl``)."""
+    return read_jsonl(path, repair=repair)
 
 
 def _key(method: str, task: str, item_id: str) -> tuple[str, str, str]:
