@@ -318,3 +318,48 @@ def test_only_a_torn_last_line_is_dropped(tmp_path, caplog) -> None:
     assert path.read_text().endswith('"te')  # a reader that does not repair leaves the file alone
     assert read_jsonl(path) == [{"id": 0}, {"id": 1}, {"id": 2}]
     assert path.read_text() == whole and "incomplete last line" in caplog.text
+
+
+def test_a_full_disk_during_generate_names_it_and_loses_nothing_printed(
+    cfg, tmp_path, capsys, monkeypatch
+) -> None:
+    """The second batch cannot be written: one message (no traceback), exit 2, and every row printed
+    before is on disk (rows are written before they are printed)."""
+    import errno
+    import os as os_module
+
+    import trimix.io
+
+    calls = {"n": 0}
+    real_fsync = os_module.fsync
+
+    def fsync(fd):  # the disk fills up at the second batch of generations.jsonl
+        if os_module.readlink(f"/proc/self/fd/{fd}").endswith("generations.jsonl"):
+            calls["n"] += 1
+            if calls["n"] >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(trimix.io.os, "fsync", fsync)
+    out = tmp_path / "o"
+    code = main(
+        [
+            "-q",
+            "generate",
+            "-c",
+            str(cfg),
+            "-p",
+            "Hello",
+            "-p",
+            "The quick",
+            "-o",
+            str(out),
+            "--batch-size",
+            "1",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 2 and "no space left on the device" in captured.err and "Traceback" not in captured.err
+    printed = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    on_disk = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(printed) == 1 and [r["id"] for r in on_disk][: len(printed)] == [r["id"] for r in printed]

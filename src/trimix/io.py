@@ -110,6 +110,16 @@ def disk_error(exc: OSError, path: str | Path) -> OSError | TrimixError:
     return exc
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error a user can cause: what failed, on which file, what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space and run the same command with --resume"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not allowed to write{where}: {exc.strerror}; choose a folder you can write to (-o)"
+    return f"{exc.strerror or exc}{where}"
+
+
 def read_jsonl(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
     """The rows of a JSON-lines results file.
 
@@ -165,6 +175,7 @@ class JsonlSink:
     def __init__(self, path: str | Path, fault: str | None = None) -> None:
         self.path = Path(path)
         self.fault = fault
+        self.failed = False
         try:
             self.handle = self.path.open("a", encoding="utf-8")
         except OSError as exc:
@@ -184,10 +195,17 @@ class JsonlSink:
             self.handle.flush()
             os.fsync(self.handle.fileno())
         except OSError as exc:
+            self.failed = True
             raise disk_error(exc, self.path) from exc
 
     def close(self) -> None:
-        self.handle.close()
+        """Close the file; after a failed write the error already raised is the one that counts (closing
+        flushes the same unwritable bytes again)."""
+        try:
+            self.handle.close()
+        except OSError as exc:
+            if not self.failed:
+                raise disk_error(exc, self.path) from exc
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         """Replace the file's contents atomically (e.g. to drop the rows of cells that will be redone)."""

@@ -166,6 +166,8 @@ def _print_or_stream(
         else:
             generations = lm.generate(texts, gen, row_ids=ids)
         rows = [{"id": p["id"], **g.to_dict()} for p, g in zip(batch, generations, strict=True)]
+        if sink is not None:  # on disk before it is printed: what the user saw is never lost
+            sink.write(rows)
         if not args.stream:
             for row in rows:
                 print(json.dumps(row, ensure_ascii=False))
@@ -174,8 +176,6 @@ def _print_or_stream(
             for p, g in zip(batch, generations, strict=True):
                 table = inspection_table(str(p["id"]), g.inspection or [])
                 tqdm.write(table + speculative_summary(g.stats), file=sys.stderr)
-        if sink is not None:
-            sink.write(rows)
         bar.update(len(batch))
     bar.close()
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from trimix import __version__
 from trimix.errors import TrimixError
+from trimix.io import describe_os_error
 
 logger = logging.getLogger("trimix")
 
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValidationError as exc:  # a config built in code rather than read from a file
         print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the operating system refused: a full disk, a read-only folder, a bad path
+        print(f"trimix {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
         resumable = args.command in {"eval", "generate", "demo", "cpt"} and getattr(args, "output_dir", None)
