@@ -129,6 +129,24 @@ CASES = {
         "could not read the GGUF file",
     ),
     "missing_folder": (None, ["generate", "-c", "{d}/m.yaml", "-p", "x"], "does not exist"),
+    # #25: silently wrong before
+    "eval_ignores_weights": (
+        None,
+        ["eval", "-c", "{c}", "-o", "{d}/o", "--weights", "large=0.9,small_cpt=0.1"],
+        "trimix eval does not use --weights",
+    ),
+    "repeated_role": (
+        None,
+        ["generate", "-c", "{c}", "-p", "x", "--weights", "large=0.3,large=0.9,small_cpt=0.1"],
+        "gives role 'large' twice",
+    ),
+    "nan_weight": (None, ["generate", "-c", "{c}", "-p", "x", "--weights", "large=nan"], "finite number"),
+    "blank_prompt": (None, ["generate", "-c", "{c}", "-p", "   "], "--prompt number 1 is blank"),
+    "resume_nothing": (
+        None,
+        ["eval", "-c", "{c}", "-o", "{d}/never_made", "--resume"],
+        "there is nothing to continue",
+    ),
 }
 
 

@@ -641,15 +641,22 @@ def parse_weights_arg(
     weights: dict[str, float] = {}
     for item in filter(None, (p.strip() for p in text.split(pairs))):
         role, sep, value = item.partition(assign)
+        role = role.strip()
+        if role in weights:
+            raise ConfigError(
+                f"{what} gives role {role!r} twice ({weights[role]:g} and {value.strip()}); give each role once"
+            )
         try:
             if not sep:
                 raise ValueError
-            weights[role.strip()] = float(value)
+            weights[role] = float(value)
         except ValueError as exc:
             example = pairs.join(f"{r}{assign}{w}" for r, w in (("large", 0.1), ("small_cpt", 0.9)))
             raise ConfigError(
                 f"{what} expects role{assign}number pairs joined by {pairs!r}, like '{example}'; got {item!r}"
             ) from exc
+        if not math.isfinite(weights[role]):
+            raise ConfigError(f"{what}: the weight of {role!r} must be a finite number; got {value.strip()}")
     return weights
 
 

@@ -56,6 +56,11 @@ def read_prompts(texts: list[str] | None, file: str | None) -> list[dict[str, An
     """Prompts from --prompt arguments, a text/JSONL file, or stdin; each as {"id", "prompt", "index"}
     (``index``: its position, which keys its sampling noise, so a resumed run samples as an unbroken one)."""
     if texts:
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:
+            raise DataError(
+                f"--prompt number {blank[0] + 1} is blank; give some text (a file or stdin skips blank lines)"
+            )
         return [{"id": i, "prompt": t, "index": i} for i, t in enumerate(texts)]
     if file:
         text = read_text(file, "prompts file")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from trimix.cli.common import add_config_args, config_from_args
 from trimix.errors import ConfigError
@@ -61,7 +62,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_report)
 
 
+# Fusion flags every model-using command accepts that evaluation has no use for (flag -> argparse dest).
+FUSION_FLAGS = {
+    "--weights": "weights",
+    "--weights-from": "weights_from",
+    "--method": "method",
+    "--role": "role",
+}
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    unused = [flag for flag, value in FUSION_FLAGS.items() if getattr(args, value)]
+    if unused:
+        raise ConfigError(
+            f"trimix eval does not use {', '.join(unused)}: each method under eval.methods carries its own "
+            "fusion (method, weights or select: true). Set the weights there, or use trimix generate"
+        )
+    if args.resume and not args.overwrite and not Path(args.output_dir).expanduser().is_dir():
+        raise ConfigError(
+            f"--resume: {args.output_dir!r} does not exist, so there is nothing to continue; "
+            "drop --resume to start a new run there"
+        )
     config = config_from_args(args)
     if args.limit is not None:
         if args.limit < 1:
