@@ -130,6 +130,11 @@ CASES = {
     ),
     "missing_folder": (None, ["generate", "-c", "{d}/m.yaml", "-p", "x"], "does not exist"),
     # #25: silently wrong before
+    "duplicate_yaml_key": (
+        lambda d, c: d.joinpath("dup.yaml").write_text(c.read_text() + "generation: {max_new_tokens: 3}\n"),
+        ["generate", "-c", "{d}/dup.yaml", "-p", "x"],
+        "the key 'generation' is given twice",
+    ),
     "eval_ignores_weights": (
         None,
         ["eval", "-c", "{c}", "-o", "{d}/o", "--weights", "large=0.9,small_cpt=0.1"],

@@ -660,6 +660,22 @@ def parse_weights_arg(
     return weights
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # merge keys (<<) first, as the safe loader does
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     source: str | Path | dict[str, Any],
     overrides: dict[str, Any] | None = None,
@@ -689,7 +705,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {origin!r} does not exist")
         try:
-            raw = yaml.safe_load(read_text(path, "config file")) or {}
+            raw = yaml.load(read_text(path, "config file"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
