@@ -262,3 +262,17 @@ def test_cpt_cli_runs_and_refuses_to_clobber(base, corpus, tmp_path, capsys) -> 
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cpt_cli_interrupted_exits_130_with_a_resume_hint(
+    base, corpus, tmp_path, capsys, monkeypatch
+) -> None:
+    """One exit-code contract: an interrupted run (checkpoint saved) exits 130 like eval and generate,
+    not 2 (bad input)."""
+    out = tmp_path / "run"
+    args = ["cpt", "--model", base.model, "--corpus", corpus, "--max-steps", "4", "--block-size", "32"]
+    codes = []
+    _interrupted("cpt.step:2", monkeypatch, lambda: codes.append(main([*args, "-o", str(out)])))
+    assert codes == [130]
+    err = capsys.readouterr().err
+    assert "interrupted at step 2/4" in err and "--resume" in err

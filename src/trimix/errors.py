@@ -25,3 +25,7 @@ class VocabularyMismatchError(TrimixError):
 
 class DataError(TrimixError):
     """A data file (prompts, corpus, task data) is missing or malformed."""
+
+
+class Interrupted(TrimixError):
+    """The user stopped a run (Ctrl-C, SIGTERM) after its work so far was saved; the CLI exits 130."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from trimix import __version__
-from trimix.errors import TrimixError
+from trimix.errors import Interrupted, TrimixError
 from trimix.io import describe_os_error
 
 logger = logging.getLogger("trimix")
@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         return int(args.func(args) or 0)
+    except Interrupted as exc:  # Ctrl-C during training, checkpoint saved: interrupted, not bad input
+        print(f"trimix {args.command}: interrupted: {exc}", file=sys.stderr)
+        return 130
     except TrimixError as exc:
         print(f"trimix {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from trimix.backends.hf import HFBackend
 from trimix.backends.loading import SOURCE_CARD, Source, load_source, peft_without_checkpointing_warning
 from trimix.config import CptConfig, SourceConfig
 from trimix.data import read_text_spec
-from trimix.errors import ConfigError, TrimixError
+from trimix.errors import ConfigError, Interrupted
 from trimix.faults import SimulatedKill, fault_point
 from trimix.io import atomic_write_json
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
@@ -42,7 +42,7 @@ LORA_TARGETS = {
 }
 
 
-class CptInterrupted(TrimixError):
+class CptInterrupted(Interrupted):
     """Training stopped on Ctrl-C after saving a checkpoint."""
 
 
