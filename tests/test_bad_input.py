@@ -129,6 +129,27 @@ CASES = {
         "could not read the GGUF file",
     ),
     "missing_folder": (None, ["generate", "-c", "{d}/m.yaml", "-p", "x"], "does not exist"),
+    # #25: tracebacks before
+    "section_not_a_mapping": (
+        lambda d, c: d.joinpath("g16.yaml").write_text(c.read_text() + "cpt: 16\n"),
+        ["generate", "-c", "{d}/g16.yaml", "-p", "x"],
+        "`cpt` must be a mapping of settings",
+    ),
+    "cuda_without_gpu": (
+        None,
+        ["generate", "-c", "{c}", "-p", "x", "--device", "cuda:0"],
+        "sees no CUDA GPU",
+    ),
+    "lone_surrogate_in_jsonl": (
+        lambda d, c: d.joinpath("p.jsonl").write_text('{"prompt": "\\ud800"}\n'),
+        ["generate", "-c", "{c}", "-f", "{d}/p.jsonl"],
+        "p.jsonl:1 is not valid Unicode text",
+    ),
+    "undecodable_prompt_argument": (
+        None,
+        ["generate", "-c", "{c}", "-p", "caf\udce9"],
+        "--prompt number 1 is not valid Unicode text",
+    ),
     # #25: silently wrong before
     "duplicate_yaml_key": (
         lambda d, c: d.joinpath("dup.yaml").write_text(c.read_text() + "generation: {max_new_tokens: 3}\n"),

@@ -710,6 +710,7 @@ def load_config(
             raise ConfigError(f"{origin} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{origin} must hold a mapping with a `models` list at the top level")
+        _check_section_shapes(raw, origin)
         _resolve_relative_paths(raw, path.parent)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
@@ -734,6 +735,29 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
+
+
+# The top-level sections that hold settings (a mapping each) and the example a message shows.
+_SECTIONS = {
+    "fusion": "fusion: {method: trimix}",
+    "generation": "generation: {max_new_tokens: 16}",
+    "search": "search: {task: sib200_topic}",
+    "cpt": "cpt: {corpus: [uig.txt]}",
+    "eval": "eval: {methods: [...], tasks: [...]}",
+}
+
+
+def _check_section_shapes(raw: dict[str, Any], origin: str) -> None:
+    """A section written as a number or a list (``generation: 16``) is named before anything reads it."""
+    for key, example in _SECTIONS.items():
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f"{origin}: `{key}` must be a mapping of settings, like `{example}`; got {value!r}"
+            )
+    models = raw.get("models")
+    if models is not None and not isinstance(models, list):
+        raise ConfigError(f"{origin}: `models` must be a list of sources (`- {{model: ..., role: ...}}`)")
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:

@@ -343,6 +343,29 @@ def _split_adapter(cfg: SourceConfig) -> tuple[SourceConfig, Path | None]:
     return cfg, None
 
 
+def check_device(device: str, role: str) -> None:
+    """Refuse a device this torch cannot use, before any weight loads (a CPU-only build asked for CUDA).
+
+    Raises:
+        SourceLoadError: naming the source, the device and what to do.
+    """
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as exc:
+        raise SourceLoadError(f"source {role!r}: {device!r} is not a device torch knows ({exc})") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SourceLoadError(
+            f"source {role!r} asks for device {device!r}, but this torch ({torch.__version__}) sees no CUDA "
+            "GPU; use --device cpu, or install a CUDA build of torch on a GPU machine"
+        )
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise SourceLoadError(
+            f"source {role!r} asks for device {device!r}, but only {torch.cuda.device_count()} GPU(s) are "
+            "visible; use another index or --device cpu"
+        )
+
+
 def load_source(
     cfg: SourceConfig,
     *,
@@ -364,6 +387,7 @@ def load_source(
     Raises:
         SourceLoadError: the model, adapter or tokenizer cannot be found or read.
     """
+    check_device(cfg.device or default_device, cfg.role)
     base_cfg, adapter_dir = _split_adapter(cfg)
     location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
     dtype_name = cfg.dtype or default_dtype

@@ -56,6 +56,8 @@ def read_prompts(texts: list[str] | None, file: str | None) -> list[dict[str, An
     """Prompts from --prompt arguments, a text/JSONL file, or stdin; each as {"id", "prompt", "index"}
     (``index``: its position, which keys its sampling noise, so a resumed run samples as an unbroken one)."""
     if texts:
+        for i, t in enumerate(texts):
+            _check_encodable(t, f"--prompt number {i + 1}")
         blank = [i for i, t in enumerate(texts) if not t.strip()]
         if blank:
             raise DataError(
@@ -73,6 +75,18 @@ def read_prompts(texts: list[str] | None, file: str | None) -> list[dict[str, An
     return _parse_prompt_lines(decode_stdin(raw).splitlines(), "<stdin>", jsonl=False)
 
 
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate from a JSON escape, or bytes the shell could
+    not decode as UTF-8): no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(
+            f"{where} is not valid Unicode text (character {exc.start}: {text[exc.start]!r}, a lone surrogate "
+            "or undecodable byte); give UTF-8 text"
+        ) from None
+
+
 def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict[str, Any]]:
     prompts = []
     for number, line in enumerate(lines, start=1):
@@ -87,6 +101,7 @@ def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict
             raise DataError(f"{origin}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise DataError(f'{origin}:{number}: each line needs a string field "prompt"')
+        _check_encodable(row["prompt"], f"{origin}:{number}")
         prompts.append({"id": row.get("id", len(prompts)), "prompt": row["prompt"]})
     if not prompts:
         raise DataError(f"{origin} holds no prompts")
