@@ -151,6 +151,21 @@ CASES = {
         "--prompt number 1 is not valid Unicode text",
     ),
     # #25: silently wrong before
+    "method_flag_contradicts_weights": (
+        None,
+        [
+            "generate",
+            "-c",
+            "{c}",
+            "-p",
+            "x",
+            "--method",
+            "trimix",
+            "--weights",
+            "large=0.1,small_cpt=0.9,small_base=0.9",
+        ],
+        "--method trimix and --weights disagree",
+    ),
     "duplicate_yaml_key": (
         lambda d, c: d.joinpath("dup.yaml").write_text(c.read_text() + "generation: {max_new_tokens: 3}\n"),
         ["generate", "-c", "{d}/dup.yaml", "-p", "x"],

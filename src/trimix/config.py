@@ -574,11 +574,14 @@ def read_selected_weights(path: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def apply_weights(raw: dict[str, Any], weights: dict[str, float], origin: str = "--weights") -> None:
+def apply_weights(
+    raw: dict[str, Any], weights: dict[str, float], origin: str = "--weights", method_given: bool = False
+) -> None:
     """Set per-role weights on a raw (unvalidated) config dict, keeping the method's meaning.
 
     * Every source named: an explicit fusion. It stays TriMix when the weights are TriMix's
-      (``small_base = 1 - large - small_cpt``) and becomes ``weighted`` otherwise.
+      (``small_base = 1 - large - small_cpt``) and becomes ``weighted`` otherwise — unless the method was
+      named on the command line (``method_given``): then weights that contradict it are refused.
     * Under method ``trimix``, naming ``large`` and ``small_cpt`` (a and b) is TriMix: small_base is derived.
     * Anything else is ambiguous and refused, with both readings spelled out.
 
@@ -597,6 +600,12 @@ def apply_weights(raw: dict[str, Any], weights: dict[str, float], origin: str = 
         for m in models:
             m["weight"] = weights[m["role"]]
         if not (method == "trimix" and _is_trimix_point(weights)):
+            if method_given and method != "weighted":
+                raise ConfigError(
+                    f"--method {method} and {origin} disagree: {weights} are not weights of method {method!r} "
+                    f"(TriMix derives small_base = 1 - large - small_cpt). Drop --method to fuse them as "
+                    "'weighted', or give only large and small_cpt"
+                )
             fusion["method"] = "weighted"
     elif method == "trimix" and {LARGE, SMALL_CPT} <= named <= set(PAPER_ROLES):
         for m in models:
@@ -720,7 +729,7 @@ def load_config(
         weights = read_selected_weights(weights_from)
         origin_of_weights = f"fusion.weights_from ({weights_from})"
     if weights is not None:
-        apply_weights(raw, weights, origin_of_weights)
+        apply_weights(raw, weights, origin_of_weights, method_given="fusion.method" in (overrides or {}))
     try:
         return TrimixConfig.model_validate(raw)
     except ValidationError as exc:
