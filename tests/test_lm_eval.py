@@ -189,3 +189,17 @@ def test_chat_template_of_the_chat_sources_or_a_clear_error(trio) -> None:
     small_cpt.chat_template = template.replace("<assistant>", "Assistant:")
     with pytest.raises(ConfigError, match=r"\(large, small_cpt\) have different chat templates"):
         backend.TrimixLM(lm=lm).apply_chat_template(history)
+
+
+def test_lm_eval_mistakes_are_messages(trio, tmp_path, capsys) -> None:
+    """An unknown task and a batch size that is not a number: exit 2 with one message (no traceback)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trio_config(trio)))
+    common = ["lm-eval", "--model", "trimix", "--limit", "1"]
+    code = main([*common, "--model_args", f"config={config}", "--tasks", "no_such_task_xyz"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Tasks not found: no_such_task_xyz" in err and "Traceback" not in err
+    tasks = ["--tasks", "trimix_sib200_topic_loglik_uig_Arab"]
+    code = main([*common, "--model_args", f"config={config},batch_size=abc", *tasks])
+    err = capsys.readouterr().err
+    assert code == 2 and "batch_size must be a positive integer or 'auto'; got 'abc'" in err

@@ -42,6 +42,18 @@ logger = logging.getLogger(__name__)
 MODEL_ARGS = ("config", "weights", "weights_from", "batch_size", "max_length", "device", "dtype", "engine")
 
 
+def _batch_size(value: int | str) -> int:
+    """lm-eval's batch size: a positive integer, or ``auto`` (trimix then decodes 8 rows at a time)."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    if text.startswith("auto"):
+        return 8
+    raise ConfigError(
+        f"batch_size must be a positive integer or 'auto'; got {value!r} (model_args or --batch_size)"
+    )
+
+
 def parse_weights(text: str) -> dict[str, float]:
     """``large:0.1|small_cpt:0.9`` (lm-eval's model_args split on commas, so pairs use ``|`` and ``:``)."""
     return parse_weights_arg(str(text), pairs="|", assign=":", what="model_args weights")
@@ -91,7 +103,7 @@ class TrimixLM(TemplateLM):
         self.lm = _reading_raw_text(lm)
         self.tokenizer = lm.tokenizer
         self.engine = engine
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 8
+        self.batch_size_per_gpu = _batch_size(batch_size)
         self._max_length = int(max_length) if max_length else None
         logger.info("lm-eval backend over %s", lm.fusion.describe())
 

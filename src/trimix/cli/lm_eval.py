@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cli = HarnessCLI()
         cli.execute(cli.parse_args())
+    except ValueError as exc:  # lm-eval reports a user's mistake (an unknown task, a bad option) so
+        if isinstance(exc, ConfigError):
+            raise
+        hint = "; `trimix lm-eval ls tasks` lists the tasks" if "task" in str(exc).lower() else ""
+        raise ConfigError(f"lm-evaluation-harness: {exc}{hint}") from exc
     finally:
         sys.argv = argv
     return 0
