@@ -239,7 +239,7 @@ class FusedLM:
         gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
         results: list[Generation | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
-            for event in self.stream(prompts, gen, row_ids=row_ids):  # one loop for both
+            for event in self._events(prompts, gen, row_ids, deltas=False):  # stream's loop
                 if event.generation is not None:
                     results[event.index] = event.generation
                     bar.update(1)
@@ -256,13 +256,20 @@ class FusedLM:
         """Yield each generated token as soon as it is chosen, with its decoded text delta; a prompt's last
         event carries its whole :class:`Generation`."""
         gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
+        yield from self._events(prompts, gen, row_ids, deltas=True)
+
+    def _events(
+        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int] | None, deltas: bool
+    ) -> Iterator[StreamEvent]:
+        """The one decoding loop behind ``stream`` and ``generate`` (which needs no text deltas: then rows
+        are decoded to text only where stop strings need it, and once at their end)."""
         all_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         for start in range(0, len(prompts), gen.batch_size):
             batch = list(prompts[start : start + gen.batch_size])
             rows = [RowText() for _ in batch]
             shown = [""] * len(batch)
             finals: list[Generation | None] = [None] * len(batch)
-            for step in self._decode_batch(batch, gen, all_ids[start : start + len(batch)]):
+            for step in self._decode_batch(batch, gen, all_ids[start : start + len(batch)], deltas):
                 for row, reason in step.closed:
                     rows[row].finish_reason = reason
                     yield StreamEvent(
@@ -283,8 +290,10 @@ class FusedLM:
                     # event carries the whole decode, so the deltas add up to the final text exactly.
                     final = self._finish(batch[row], rows[row], gen) if reason is not None else None
                     finals[row] = final
-                    text = final.text if final is not None else step.texts[j]
-                    delta, shown[row] = emit_text(shown[row], text, reason is not None, gen.stop)
+                    delta = ""
+                    if deltas:
+                        text = final.text if final is not None else step.texts[j]
+                        delta, shown[row] = emit_text(shown[row], text, reason is not None, gen.stop)
                     yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
 
     def render(self, prompt: str | list[dict[str, str]]) -> dict[str, str]:
@@ -364,7 +373,7 @@ class FusedLM:
         )
 
     def _decode_batch(
-        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int]
+        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int], texts: bool = True
     ) -> Iterator[Step]:
         encodings = [self.encode(s, prompts) for s in self.sources]
         budgets = self.token_budgets(encodings, gen.max_new_tokens, gen.on_context_limit)
@@ -389,8 +398,9 @@ class FusedLM:
             steps = decode_eager(self, encodings, gen, keys, tracker)
         else:
             steps = decode_static(self, encodings, gen, keys, tracker, engine == "graphs")
-        for step in steps:  # each row's text as the stop checker holds it after this step
-            step.texts = [tracker.rows[row].text for row in step.rows]
+        for step in steps:  # each row's text as the stop checker holds it after this step (for stream)
+            if texts:
+                step.texts = [tracker.rows[row].text for row in step.rows]
             yield step
 
     @property

@@ -30,25 +30,40 @@ class IncrementalDetokenizer:
     """A row's text, grown token by token (see the module docstring).
 
     ``text`` is what the row's tokens decode to so far, up to the last complete character; ``tokens`` the
-    row's ids. Decoding uses ``skip_special_tokens=True``, as the final text does.
+    row's ids. Decoding uses ``skip_special_tokens=True``, as the final text does. Tokens may be appended
+    without decoding (:meth:`append`): the text catches up when it is next read, over all of them at once.
     """
 
     tokenizer: Any
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
+    shown: str = ""  # the text decoded so far
     prefix_offset: int = 0  # tokens before this are never decoded again
-    read_offset: int = 0  # tokens before this are in ``text``
+    read_offset: int = 0  # tokens before this are in ``shown``
+
+    def append(self, token_id: int) -> None:
+        """Append a token without decoding it yet."""
+        self.tokens.append(token_id)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the text it completes (empty while a character is incomplete)."""
         self.tokens.append(token_id)
+        return self._catch_up()
+
+    @property
+    def text(self) -> str:
+        self._catch_up()
+        return self.shown
+
+    def _catch_up(self) -> str:
+        if self.read_offset == len(self.tokens):
+            return ""
         decode = self.tokenizer.decode
-        shown = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        before = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         now = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
-        if len(now) <= len(shown) or now.endswith("\ufffd"):
+        if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""  # nothing new, or a character still incomplete: wait for its other bytes
-        new = now[len(shown) :]
-        self.text += new
+        new = now[len(before) :]
+        self.shown += new
         self.prefix_offset = max(self.read_offset, len(self.tokens) - CONTEXT_TOKENS)
         self.read_offset = len(self.tokens)
         return new
@@ -139,13 +154,17 @@ class StopChecker:
         state = self.rows[row]
         if state.finish_reason is not None:
             raise RuntimeError(f"row {row} finished ({state.finish_reason}) and cannot take a token")
-        before = len(state.detokenizer.text)
-        state.detokenizer.add(token)
-        count = len(state.detokenizer.tokens)
+        detokenizer = state.detokenizer
+        if state.stops:  # stop strings need the text now; otherwise it is decoded when read
+            before = len(detokenizer.text)
+            detokenizer.add(token)
+        else:
+            detokenizer.append(token)
+        count = len(detokenizer.tokens)
         reason: FinishReason | None = None
         if token in state.eos:
             reason = "eos"
-        elif state.stops and (at := _first_stop(state.detokenizer.text, state.stops, before)) is not None:
+        elif state.stops and (at := _first_stop(detokenizer.text, state.stops, before)) is not None:
             reason, state.stop_at = "stop", at
         elif count >= state.max_new_tokens:
             reason = "length"
