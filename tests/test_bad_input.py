@@ -150,6 +150,11 @@ CASES = {
         ["generate", "-c", "{c}", "-p", "caf\udce9"],
         "--prompt number 1 is not valid Unicode text",
     ),
+    "selection_weight_not_a_number": (
+        lambda d, c: d.joinpath("sel.json").write_text('{"selected": {"weights": {"large": "heavy"}}}'),
+        ["generate", "-c", "{c}", "-p", "x", "--weights-from", "{d}/sel.json"],
+        "sel.json: 'selected.weights' must map roles to finite numbers; {'large': 'heavy'}",
+    ),
     # #25: silently wrong before
     "method_flag_contradicts_weights": (
         None,

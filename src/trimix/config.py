@@ -571,6 +571,18 @@ def read_selected_weights(path: str | Path) -> dict[str, float]:
         raise ConfigError(
             f"{path}: expected the JSON written by `trimix select` with a 'selected.weights' object ({exc})"
         ) from exc
+    if not isinstance(weights, dict):
+        raise ConfigError(f"{path}: 'selected.weights' must map roles to numbers; got {weights!r}")
+    bad = {
+        k: v
+        for k, v in weights.items()
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+    }
+    if bad:
+        raise ConfigError(
+            f"{path}: 'selected.weights' must map roles to finite numbers; {bad} are not. "
+            "Rerun `trimix select`, or fix the file"
+        )
     return {str(k): float(v) for k, v in weights.items()}
 
 
