@@ -302,3 +302,24 @@ def test_a_request_at_the_context_limit_stops_where_generate_does(served) -> Non
     expected = lm.generate([prompt], max_new_tokens=8, on_context_limit="stop")[0]
     assert out.usage.completion_tokens == len(expected.token_ids) <= room
     assert out.choices[0].text == expected.text
+
+
+def test_trimix_method_is_honoured_without_weights_and_unknown_methods_refused(served) -> None:
+    """`trimix.method` alone selects that method (Proxy Tuning sets its own weights: 1, 1, -1); an unknown
+    method is a 400 naming it, not the run's fusion under another name."""
+    lm, _, base, _ = served
+    body = {"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "trimix": {"method": "proxy_tuning"}}
+    answer = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+    expected = lm.with_weights(method="proxy_tuning").generate([PROMPTS[0]], max_new_tokens=5)[0]
+    assert answer["choices"][0]["text"] == expected.text
+    assert lm.with_weights(method="proxy_tuning").fusion.weights == {
+        "large": 1.0,
+        "small_cpt": 1.0,
+        "small_base": -1.0,
+    }
+    body["trimix"] = {"method": "quadmix"}
+    response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    assert (
+        response.status_code == 400
+        and "unknown `trimix.method` 'quadmix'" in response.json()["error"]["message"]
+    )

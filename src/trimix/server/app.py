@@ -50,6 +50,7 @@ from trimix.decoding.batcher import (
 )
 from trimix.errors import ConfigError, TrimixError
 from trimix.fusion import Fusion, Plausibility
+from trimix.fusion.methods import METHODS
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -222,6 +223,20 @@ class Server:
             )
         lm = self.lm
         weights = extension.get("weights")
+        method = extension.get("method")
+        if method is not None:
+            if not isinstance(method, str) or method not in METHODS:
+                raise RequestError(
+                    f"unknown `trimix.method` {method!r}; one of {', '.join(METHODS)}", "trimix.method"
+                )
+            if weights is None:  # the method alone: the weights it sets itself, else the run's weights
+                try:
+                    lm = lm.with_weights(method=method)
+                except TrimixError:
+                    try:
+                        lm = lm.with_weights(method=method, **_written_weights(lm))
+                    except TrimixError as exc:
+                        raise RequestError(str(exc), "trimix.method") from exc
         if weights is not None:
             if not isinstance(weights, dict) or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in weights.values()
@@ -453,6 +468,11 @@ class Server:
             f"trimix_running_batch_size {self.batcher.running}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _written_weights(lm: FusedLM) -> dict[str, float]:
+    """The run's weights as a user would write them, for a method that needs weights it does not set."""
+    return {role: weight for role, weight in lm.fusion.weights.items() if weight != 0.0}
 
 
 def _finish(reason: str | None) -> str:
