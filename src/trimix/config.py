@@ -222,15 +222,15 @@ def resolve_generation(
     Raises:
         ConfigError: a value that is not valid for its field, named with ``origin`` and the value.
     """
-    merged = (run or GenerationConfig()).model_dump()
+    base = run or GenerationConfig()
     given = {k: v for layer in layers if layer for k, v in layer.items() if v is not None}
     if not given:
-        return run or GenerationConfig()
+        return base
     unknown = sorted(set(given) - set(GenerationConfig.model_fields))
     if unknown:
         raise ConfigError(f"unknown {origin}(s) {unknown}; known: {sorted(GenerationConfig.model_fields)}")
     try:
-        return GenerationConfig.model_validate({**merged, **given})
+        return GenerationConfig.model_validate({**base.model_dump(), **given})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}" for e in exc.errors()

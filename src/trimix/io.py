@@ -140,8 +140,10 @@ def read_jsonl(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
     rows, good_bytes = [], 0
     for number, chunk in enumerate(chunks, start=1):
         last = number == len(chunks)
+        if last and not chunk.endswith(b"\n"):
+            break  # the last line, cut short
         try:
-            row = json.loads(chunk) if chunk.endswith(b"\n") or not last else None
+            rows.append(json.loads(chunk))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             if last:
                 break
@@ -149,9 +151,6 @@ def read_jsonl(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
                 f"{path}:{number}: not a complete JSON line ({exc.__class__.__name__}); the file is damaged "
                 "before its end, so it was left as it is. Repair or remove that line, then run again"
             ) from exc
-        if row is None:  # the last line, cut short
-            break
-        rows.append(row)
         good_bytes += len(chunk)
     if good_bytes < len(raw):
         logging.getLogger(__name__).warning(

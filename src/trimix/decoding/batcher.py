@@ -101,8 +101,7 @@ class _Row:
     handle: RequestHandle
     weights: list[float]
     key: int
-    sequence: int  # the row's id in its group's stop checker
-    tokens: list[int] = field(default_factory=list)
+    sequence: int  # the row's id in its group's stop checker (which holds its tokens and text)
     shown: str = ""
 
 
@@ -294,7 +293,9 @@ class ContinuousBatcher:
             source_logits, weights, lm.vocab_size, lm.plausibility_index, lm.plausibility_alpha, lm.combine
         )
         keys = torch.tensor([r.key for r in group.rows], dtype=torch.long, device=device)
-        counters = torch.tensor([len(r.tokens) for r in group.rows], dtype=torch.long, device=device)
+        counters = torch.tensor(
+            [len(group.stops.tokens(r.sequence)) for r in group.rows], dtype=torch.long, device=device
+        )
         tokens = choose_rows(scores, [r.handle.request.generation for r in group.rows], keys, counters)
         wanted = [r.handle.request.logprobs for r in group.rows]
         logp = torch.log_softmax(scores, dim=-1) if any(w is not None for w in wanted) else None
@@ -310,7 +311,6 @@ class ContinuousBatcher:
                 self.stats["cancelled"] += 1
                 group.stops.remove(row.sequence)
                 continue
-            row.tokens.append(token)
             gen = row.handle.request.generation
             reason = group.stops.add(row.sequence, token)
             text = group.stops.rows[row.sequence].text  # grown incrementally: no whole-row decode per step

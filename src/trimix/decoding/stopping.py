@@ -113,7 +113,7 @@ class StopChecker:
         """A checker for rows ``0 .. len(budgets) - 1`` sharing one generation's settings."""
         checker = cls(tokenizer, eos)
         for row, budget in enumerate(budgets):
-            checker.add_row(row, stops=stops, max_new_tokens=max_new_tokens, budget=budget, eos=eos)
+            checker.add_row(row, stops=stops, max_new_tokens=max_new_tokens, budget=budget)
         return checker
 
     def tokens(self, row: int) -> list[int]:
@@ -131,12 +131,14 @@ class StopChecker:
         stops: Sequence[str] = (),
         max_new_tokens: int,
         budget: int | None = None,
-        eos: Sequence[int] = (),
+        eos: Sequence[int] | None = None,
     ) -> RowStop:
-        """Start tracking a row; a row whose budget is 0 is finished at once with reason ``context``."""
+        """Start tracking a row (``eos``: its end-of-sequence ids, default the checker's); a row whose budget
+        is 0 is finished at once with reason ``context``."""
         budget = max_new_tokens if budget is None else min(budget, max_new_tokens)
+        ids = self.eos if eos is None else eos
         state = RowStop(
-            IncrementalDetokenizer(self.tokenizer), tuple(stops), max_new_tokens, budget, frozenset(eos)
+            IncrementalDetokenizer(self.tokenizer), tuple(stops), max_new_tokens, budget, frozenset(ids)
         )
         if budget <= 0:
             state.finish_reason = "context"
