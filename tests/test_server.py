@@ -200,9 +200,9 @@ def test_a_full_queue_answers_429(trio) -> None:
         try:
             waiting = pool.submit(httpx.post, url, json={"prompt": PROMPTS[0], "max_tokens": 3}, timeout=60)
             deadline = time.monotonic() + 30
-            while batcher.waiting.qsize() < 1 and time.monotonic() < deadline:
+            while batcher.queued < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert batcher.waiting.qsize() == 1, "the first request never reached the queue"
+            assert batcher.queued == 1, "the first request never reached the queue"
             # Refusing needs no decoding, so the answer is immediate; a request let into the queue would hang
             # here (nothing drains it) and fail with a timeout instead.
             refused = httpx.post(url, json={"prompt": PROMPTS[1], "max_tokens": 3}, timeout=10)
@@ -212,7 +212,7 @@ def test_a_full_queue_answers_429(trio) -> None:
             client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=10)
             with pytest.raises(openai.RateLimitError):
                 client.completions.create(model="trimix", prompt=PROMPTS[2], max_tokens=3)
-            assert batcher.waiting.qsize() == 1 and batcher.stats["requests"] == 1  # refusals never queued
+            assert batcher.queued == 1 and batcher.stats["requests"] == 1  # refusals never queued
         finally:
             batcher.release()
         answered = waiting.result(timeout=60)

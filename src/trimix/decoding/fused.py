@@ -43,14 +43,13 @@ from trimix.decoding.results import (
     Loglikelihood,
     RowText,
     SourceCandidates,
-    Step,
     StreamEvent,
     TokenInspection,
     inspect_tokens,
 )
-from trimix.decoding.runners import decode_eager, decode_speculative, decode_static
 from trimix.decoding.sampling import row_keys
-from trimix.decoding.stopping import StopChecker, emit_text, first_stop
+from trimix.decoding.scheduler import RowRequest, Scheduler
+from trimix.decoding.stopping import emit_text, first_stop
 from trimix.decoding.text import (
     encode_texts,
     readable_token,
@@ -58,7 +57,7 @@ from trimix.decoding.text import (
     split_continuation,
 )
 from trimix.errors import ConfigError, DataError
-from trimix.fusion import Fusion
+from trimix.fusion import Fusion, fused_scores
 from trimix.fusion.methods import get_method
 
 logger = logging.getLogger(__name__)
@@ -261,40 +260,62 @@ class FusedLM:
     def _events(
         self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int] | None, deltas: bool
     ) -> Iterator[StreamEvent]:
-        """The one decoding loop behind ``stream`` and ``generate`` (which needs no text deltas: then rows
-        are decoded to text only where stop strings need it, and once at their end)."""
-        all_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-        for start in range(0, len(prompts), gen.batch_size):
-            batch = list(prompts[start : start + gen.batch_size])
-            rows = [RowText() for _ in batch]
-            shown = [""] * len(batch)
-            finals: list[Generation | None] = [None] * len(batch)
-            for step in self._decode_batch(batch, gen, all_ids[start : start + len(batch)], deltas):
-                for row, reason in step.closed:
-                    rows[row].finish_reason = reason
-                    yield StreamEvent(
-                        start + row, -1, "", True, reason, self._finish(batch[row], rows[row], gen)
-                    )
-                for row, stats in (step.stats or {}).items():
-                    rows[row].stats = stats
-                    if finals[row] is not None:  # accounting comes once per batch, after a row may end
-                        finals[row].stats = stats
-                for j, (row, token, reason) in enumerate(
+        """The scheduler's steps as events, behind ``stream`` and ``generate`` (which needs no text
+        deltas: then rows are decoded to text only where stop strings need it, and once at their end).
+        Prompts are admitted ``batch_size`` at a time, each batch encoded together."""
+        keys = row_keys(gen.seed, list(range(len(prompts))) if row_ids is None else list(row_ids)).tolist()
+        scheduler = Scheduler(self, gen, max_batch=gen.batch_size, texts=deltas)
+        index = {
+            scheduler.submit(RowRequest(p, gen, key)): i
+            for i, (p, key) in enumerate(zip(prompts, keys, strict=True))
+        }
+        rows = {i: RowText() for i in range(len(prompts))}
+        shown = dict.fromkeys(rows, "")
+        finals: dict[int, Generation] = {}
+        while scheduler.busy():
+            for step in scheduler.step():
+                for sequence, reason in step.closed:
+                    i = index[sequence]
+                    rows[i].finish_reason = reason
+                    finals[i] = self._finish(prompts[i], rows[i], gen)
+                    yield StreamEvent(i, -1, "", True, reason, finals[i])
+                for sequence, stats in (step.stats or {}).items():
+                    i = index[sequence]
+                    rows[i].stats = stats
+                    if i in finals:  # accounting comes once per batch, after a row may end
+                        finals[i].stats = stats
+                for j, (sequence, token, reason) in enumerate(
                     zip(step.rows, step.tokens, step.finish, strict=True)
                 ):
-                    rows[row].token_ids.append(token)
-                    rows[row].finish_reason = reason
+                    i = index[sequence]
+                    row = rows[i]
+                    row.token_ids.append(token)
+                    row.finish_reason = reason
                     if step.inspection is not None:
-                        rows[row].inspection.append(step.inspection[j])
+                        row.inspection.append(step.inspection[j])
                     # While a row runs, its text is the stop checker's (grown incrementally); its last
                     # event carries the whole decode, so the deltas add up to the final text exactly.
-                    final = self._finish(batch[row], rows[row], gen) if reason is not None else None
-                    finals[row] = final
+                    final = None
+                    if reason is not None:
+                        final = finals[i] = self._finish(prompts[i], row, gen)
                     delta = ""
                     if deltas:
                         text = final.text if final is not None else step.texts[j]
-                        delta, shown[row] = emit_text(shown[row], text, reason is not None, gen.stop)
-                    yield StreamEvent(start + row, token, delta, reason is not None, reason, final)
+                        delta, shown[i] = emit_text(shown[i], text, reason is not None, gen.stop)
+                    yield StreamEvent(i, token, delta, reason is not None, reason, final)
+
+    def fuse(self, source_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """The fused scores a token is chosen from: each source's logits ``(B, ..., R_i)`` combined by the
+        fusion method with per-row ``weights`` ``(B, S)``, implausible tokens at ``-inf`` (float32
+        ``(B, ..., V)``). Every runner's step fuses through here."""
+        return fused_scores(
+            source_logits,
+            weights,
+            self.vocab_size,
+            self.plausibility_index,
+            self.plausibility_alpha,
+            self.combine,
+        )
 
     def render(self, prompt: str | list[dict[str, str]]) -> dict[str, str]:
         """What each fused source reads for a prompt.
@@ -333,16 +354,18 @@ class FusedLM:
         self,
         encodings: Sequence[dict[str, torch.Tensor]],
         max_new_tokens: int | Sequence[int],
-        on_context_limit: str = "error",
+        on_context_limit: str | Sequence[str] = "error",
     ) -> list[int]:
         """How many tokens each row may generate: its ``max_new_tokens`` (one for all rows, or one per row),
-        or less where a source's context ends (each source's own encoding of the row counts).
+        or less where a source's context ends (each source's own encoding of the row counts);
+        ``on_context_limit`` is one for all rows or one per row.
 
         Raises:
             DataError: with ``on_context_limit: error``, for the first row that does not fit.
         """
         rows = int(encodings[0]["input_ids"].shape[0])
         wanted = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        modes = [on_context_limit] * rows if isinstance(on_context_limit, str) else list(on_context_limit)
         budgets = list(wanted)
         for source, enc in zip(self.sources, encodings, strict=True):
             limit = source.max_positions
@@ -350,7 +373,7 @@ class FusedLM:
                 continue
             for i, length in enumerate(enc["attention_mask"].sum(-1).tolist()):
                 room = limit - length
-                if room < wanted[i] and on_context_limit == "error":
+                if room < wanted[i] and modes[i] == "error":
                     raise DataError(
                         f"prompt {i} has {length} tokens for source {source.role!r}; with max_new_tokens "
                         f"{wanted[i]} it needs {length + wanted[i]} positions, more than the "
@@ -371,37 +394,6 @@ class FusedLM:
             inspection=row.inspection if gen.inspect_top_k else None,
             stats=row.stats,
         )
-
-    def _decode_batch(
-        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int], texts: bool = True
-    ) -> Iterator[Step]:
-        encodings = [self.encode(s, prompts) for s in self.sources]
-        budgets = self.token_budgets(encodings, gen.max_new_tokens, gen.on_context_limit)
-        tracker = StopChecker.for_batch(
-            self.tokenizer,
-            budgets,
-            stops=gen.stop,
-            max_new_tokens=gen.max_new_tokens,
-            eos=[] if gen.ignore_eos else self.eos_token_ids(gen),
-        )
-        closed = [(i, r.finish_reason) for i, r in tracker.rows.items() if r.finish_reason is not None]
-        if closed:  # rows the context leaves no room in end before decoding (the checker says why)
-            yield Step([], [], [], closed=closed)
-        engine = self.engine_for(gen)
-        logger.debug("decoding %d prompts with engine %s", len(prompts), engine)
-        keys = row_keys(gen.seed, row_ids)
-        if gen.speculative is not None:
-            if engine != "eager":
-                logger.info("speculative fusion runs on the eager engine (engine %s was asked)", engine)
-            steps = decode_speculative(self, prompts, encodings, gen, keys, tracker)
-        elif engine == "eager":
-            steps = decode_eager(self, encodings, gen, keys, tracker)
-        else:
-            steps = decode_static(self, encodings, gen, keys, tracker, engine == "graphs")
-        for step in steps:  # each row's text as the stop checker holds it after this step (for stream)
-            if texts:
-                step.texts = [tracker.rows[row].text for row in step.rows]
-            yield step
 
     @property
     def plausibility_alpha(self) -> float:

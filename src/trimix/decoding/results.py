@@ -78,13 +78,17 @@ class Loglikelihood:
 
 @dataclass
 class Step:
-    rows: list[int]  # indices (within the batch) of the rows that got a token this step
+    """One position of decoding, as a runner hands it to the scheduler (rows by their sequence ids)."""
+
+    rows: list[int]  # the rows that got a token this step
     tokens: list[int]
     finish: list[FinishReason | None]
     inspection: list[TokenInspection] | None = None
     closed: list[tuple[int, FinishReason]] = field(default_factory=list)  # rows ended without a token
     stats: dict[int, dict[str, Any]] | None = None  # speculative accounting per row, sent once per batch
-    texts: list[str] = field(default_factory=list)  # each row's text after this step (set by _decode_batch)
+    texts: list[str] = field(default_factory=list)  # each row's text after this step (scheduler ``texts``)
+    scores: torch.Tensor | None = None  # (rows, V) the fused scores each token was chosen from, on request
+    failed: list[tuple[int, Exception]] = field(default_factory=list)  # rows refused at admission
 
 
 @dataclass

@@ -1,31 +1,32 @@
-"""The decoding loops ``FusedLM`` runs a batch with: eager (growing caches; finished rows dropped),
-static (preallocated caches and one in-place fused step, captured as a CUDA graph on a GPU) and
-speculative (a drafter proposes, every fused source checks in one forward). Each yields one
-:class:`~trimix.decoding.results.Step` per position; the stop checker decides when a row ends.
+"""The runners a scheduler group decodes with (:mod:`trimix.decoding.scheduler`).
+
+* :class:`EagerRunner`: one cached forward per source per step on caches that grow; takes new rows
+  between steps and drops finished ones (the server's continuous batching).
+* :class:`StaticRunner`: preallocated caches and one in-place fused step
+  (:class:`~trimix.decoding.static.FusedStep`), captured as a CUDA graph on a GPU (``graphs``); decodes
+  one batch from start to end.
+* :class:`~trimix.decoding.drafting.SpeculativeRunner` (in :mod:`trimix.decoding.drafting`): a drafter
+  proposes, every fused source checks in one forward; one batch.
+
+A runner's :meth:`~Runner.step` returns one :class:`~trimix.decoding.results.Step` per position (None
+when its rows are done). All of them fuse with :meth:`FusedLM.fuse <trimix.FusedLM.fuse>`, choose with
+the sampler and end rows through the group's stop checker.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from trimix.config import GenerationConfig
 from trimix.decoding.results import Step
-from trimix.decoding.sampling import STREAM_DRAFT, TokenChooser, sampling_key
-from trimix.decoding.speculative import (
-    K_AUTO_START,
-    SpeculativeStats,
-    describe_stats,
-    frequent_tokens,
-    next_k,
-    verify_drafts,
-)
+from trimix.decoding.sampling import TokenChooser, choose_rows, sampling_key
 from trimix.decoding.static import Batch, FusedStep, GraphSession, bucket_capacity, bucket_size
-from trimix.decoding.stopping import StopChecker
-from trimix.fusion import fused_scores
+from trimix.decoding.stopping import FinishReason, StopChecker
 
 if TYPE_CHECKING:
     from trimix.decoding.fused import FusedLM
@@ -33,77 +34,188 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
-def decode_eager(
-    lm: FusedLM,
-    encodings: list[dict[str, torch.Tensor]],
-    gen: GenerationConfig,
-    keys: torch.Tensor,
-    tracker: StopChecker,
-) -> Iterator[Step]:
-    device = lm.fusion_device
-    chooser = TokenChooser(gen)
-    batch = len(tracker.rows)
-    weights = torch.tensor([lm.weight_vector()] * batch, dtype=torch.float32, device=device)
-    keys, counters = keys.to(device), torch.zeros(batch, dtype=torch.long, device=device)
-    prefilled = [
-        s.backend.prefill(e["input_ids"], e["attention_mask"])
-        for s, e in zip(lm.sources, encodings, strict=True)
-    ]
-    logits, states = [p[0] for p in prefilled], [p[1] for p in prefilled]
-    active = torch.arange(batch)
-    alive = [i for i in range(batch) if not tracker.done(i)]
-    if len(alive) < batch:  # rows with no room at all never decode
-        active = torch.tensor(alive, dtype=torch.long)
-        _keep(lm, states, active)
-        logits = [x[active.to(x.device)] for x in logits]
-    while active.numel():
-        rows = active.to(device)
-        source_logits = [x.to(device) for x in logits]
-        scores = fused_scores(
-            source_logits,
-            weights[rows],
-            lm.vocab_size,
-            lm.plausibility_index,
-            lm.plausibility_alpha,
-            lm.combine,
-        )
-        tokens = chooser(scores, keys[rows], counters[rows])
-        counters[rows] += 1
-        finish = tracker.record(active.tolist(), tokens.tolist())
-        inspection = (
-            lm.inspect_step(source_logits, scores, tokens, gen.inspect_top_k) if gen.inspect_top_k else None
-        )
-        yield Step(active.tolist(), tokens.tolist(), finish, inspection)
-        keep = torch.tensor([f is None for f in finish])
-        if not keep.any():
-            return
-        if not keep.all():
-            kept = keep.nonzero().squeeze(-1)
-            active, tokens = active[kept], tokens[kept.to(tokens.device)]
-            _keep(lm, states, kept)
-        logits = [
-            s.backend.advance(st, tokens[:, None])[:, -1] for s, st in zip(lm.sources, states, strict=True)
+@dataclass
+class Admission:
+    """Rows a scheduler hands a runner: tokenised for every source, with their settings and weights."""
+
+    rows: list[int]  # sequence ids, the stop checker's keys
+    prompts: list[Any]  # as submitted (a drafter outside the fusion renders them itself)
+    encodings: list[dict[str, torch.Tensor]]  # per fused source: left-padded ids and mask
+    settings: list[GenerationConfig]  # per row
+    weights: torch.Tensor  # (n, S) per-row fusion weights
+    keys: torch.Tensor  # (n,) sampling keys
+    scores: bool  # attach fused scores to the steps
+    checker: StopChecker
+
+    @property
+    def inspect_k(self) -> int:
+        return max(g.inspect_top_k for g in self.settings)
+
+
+class Runner(Protocol):
+    inserts: bool  # takes new rows while running
+
+    def step(self) -> Step | None: ...
+
+    def insert(self, admission: Admission) -> None: ...
+
+
+class EagerRunner:
+    """Growing caches; rows join between steps and leave when they end (see the module docstring).
+
+    The tokens chosen at a step are fed at the start of the next, after the rows that ended (or were
+    cancelled) are dropped, so a step's tokens reach the caller before the next forward runs.
+    """
+
+    inserts = True
+
+    def __init__(self, lm: FusedLM, admission: Admission, compact: bool = False) -> None:
+        self.lm, self.compact, self.checker = lm, compact, admission.checker
+        self.device = lm.fusion_device
+        self.rows: list[int] = []
+        self.settings: list[GenerationConfig] = []
+        self.states: list[Any] | None = None
+        self.logits: list[torch.Tensor] = []
+        self.pending: torch.Tensor | None = None  # tokens chosen at the last step, not fed yet
+        self.weights = self.keys = self.counters = None
+        self.scores, self.inspect_k = False, 0
+        self.insert(admission)
+
+    @torch.inference_mode()
+    def insert(self, admission: Admission) -> None:
+        self._settle()
+        prefilled = [
+            s.backend.prefill(e["input_ids"], e["attention_mask"])
+            for s, e in zip(self.lm.sources, admission.encodings, strict=True)
         ]
+        logits, states = [p[0] for p in prefilled], [p[1] for p in prefilled]
+        extra = {
+            "weights": admission.weights.to(self.device),
+            "keys": admission.keys.to(self.device),
+            "counters": torch.zeros(len(admission.rows), dtype=torch.long, device=self.device),
+        }
+        if self.states is None or not self.rows:
+            self.states, self.logits = states, logits
+            for name, value in extra.items():
+                setattr(self, name, value)
+        else:
+            for source, mine, theirs in zip(self.lm.sources, self.states, states, strict=True):
+                source.backend.insert_rows(mine, theirs)
+            self.logits = [torch.cat([a, b.to(a.device)]) for a, b in zip(self.logits, logits, strict=True)]
+            for name, value in extra.items():
+                setattr(self, name, torch.cat([getattr(self, name), value]))
+        self.rows += admission.rows
+        self.settings += admission.settings
+        self.scores = self.scores or admission.scores
+        self.inspect_k = max(self.inspect_k, admission.inspect_k)
+        self._settle()  # rows the context leaves no room in never decode
+
+    @torch.inference_mode()
+    def step(self) -> Step | None:
+        self._settle()
+        if not self.rows:
+            return None
+        lm = self.lm
+        source_logits = [x.to(self.device) for x in self.logits]
+        scores = lm.fuse(source_logits, self.weights)
+        tokens = choose_rows(scores, self.settings, self.keys, self.counters)
+        self.counters += 1
+        finish = self.checker.record(self.rows, tokens.tolist())
+        inspection = (
+            lm.inspect_step(source_logits, scores, tokens, self.inspect_k, self.weights)
+            if self.inspect_k
+            else None
+        )
+        self.pending = tokens
+        return Step(
+            list(self.rows), tokens.tolist(), finish, inspection, scores=scores if self.scores else None
+        )
+
+    def _settle(self) -> None:
+        """Drop the rows that ended, then feed the pending tokens: every remaining row has its logits."""
+        keep = [i for i, row in enumerate(self.rows) if not self.checker.done(row)]
+        if len(keep) < len(self.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            for source, state in zip(self.lm.sources, self.states, strict=True):
+                source.backend.keep_rows(state, index)
+                if self.compact:
+                    source.backend.compact(state)
+            on_device = index.to(self.device)
+            self.logits = [x[index.to(x.device)] for x in self.logits]
+            self.weights, self.keys, self.counters = (
+                self.weights[on_device],
+                self.keys[on_device],
+                self.counters[on_device],
+            )
+            if self.pending is not None:
+                self.pending = self.pending[on_device]
+            self.rows = [self.rows[i] for i in keep]
+            self.settings = [self.settings[i] for i in keep]
+        if self.pending is not None and self.rows:
+            self.logits = [
+                s.backend.advance(state, self.pending[:, None])[:, -1]
+                for s, state in zip(self.lm.sources, self.states, strict=True)
+            ]
+        self.pending = None
 
 
-def _keep(lm: FusedLM, states: list[Any], rows: torch.Tensor) -> None:
-    for source, state in zip(lm.sources, states, strict=True):
-        source.backend.keep_rows(state, rows)
+class BatchRows:
+    """The group's stop checker seen through a whole-batch runner's row indices ``0 .. n - 1``."""
+
+    def __init__(self, checker: StopChecker, rows: Sequence[int]) -> None:
+        self.checker, self.ids = checker, list(rows)
+        first = checker.rows[self.ids[0]]
+        self.eos = sorted(first.eos)  # one set per batch (the scheduler groups by it)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def done(self, i: int) -> bool:
+        return self.checker.done(self.ids[i])
+
+    def budget(self, i: int) -> int:
+        return self.checker.rows[self.ids[i]].budget
+
+    def tokens(self, i: int) -> list[int]:
+        return self.checker.tokens(self.ids[i])
+
+    def record(self, rows: Sequence[int], tokens: Sequence[int]) -> list[FinishReason | None]:
+        return self.checker.record([self.ids[i] for i in rows], tokens)
+
+
+class WholeBatch:
+    """A runner that decodes one batch from start to end (a generator of steps in batch row indices)."""
+
+    inserts = False
+
+    def __init__(self, steps: Iterator[Step], rows: Sequence[int]) -> None:
+        self.steps, self.ids = steps, list(rows)
+
+    def step(self) -> Step | None:
+        step = next(self.steps, None)
+        if step is not None:
+            step.rows = [self.ids[i] for i in step.rows]
+            if step.stats is not None:
+                step.stats = {self.ids[i]: stats for i, stats in step.stats.items()}
+        return step
+
+    def insert(self, admission: Admission) -> None:
+        raise RuntimeError("this runner decodes whole batches; rows wait for the next one")
+
+
+class StaticRunner(WholeBatch):
+    def __init__(self, lm: FusedLM, admission: Admission, engine: GenerationConfig, graphs: bool) -> None:
+        rows = BatchRows(admission.checker, admission.rows)
+        super().__init__(decode_static(lm, admission, rows, engine, graphs), admission.rows)
 
 
 @torch.inference_mode()
 def decode_static(
-    lm: FusedLM,
-    encodings: list[dict[str, torch.Tensor]],
-    gen: GenerationConfig,
-    keys: torch.Tensor,
-    tracker: StopChecker,
-    graphs: bool,
+    lm: FusedLM, admission: Admission, rows: BatchRows, engine: GenerationConfig, graphs: bool
 ) -> Iterator[Step]:
-    live = len(tracker.rows)
+    encodings, live = admission.encodings, len(rows)
     widest = max(int(e["input_ids"].shape[1]) for e in encodings)
-    needed = widest + max(r.budget for r in tracker.rows.values())
+    needed = widest + max(rows.budget(i) for i in range(live))
     batch, capacity = (bucket_size(live), bucket_capacity(needed)) if graphs else (live, needed)
     padded = Batch(
         [
@@ -112,23 +224,14 @@ def decode_static(
         ],
         [pad_rows(e["attention_mask"], batch, 0) for e in encodings],
     )
-    chooser = TokenChooser(gen)
-    eos = torch.tensor(tracker.eos, dtype=torch.long, device=lm.fusion_device)
-    compiled = gen.compile if gen.compile is not None else graphs
+    settings = admission.settings[0]  # the scheduler groups a whole batch by its sampling settings
+    chooser = TokenChooser(settings)
+    eos = torch.tensor(rows.eos, dtype=torch.long, device=lm.fusion_device)
+    compiled = engine.compile if engine.compile is not None else graphs
+    inspect_k = admission.inspect_k
 
     def make_step(backends: list[Any], states: list[Any]) -> FusedStep:
-        return FusedStep(
-            backends,
-            states,
-            lm.vocab_size,
-            lm.plausibility_index,
-            lm.plausibility_alpha,
-            chooser,
-            eos,
-            int(lm.tokenizer.pad_token_id),
-            compiled,
-            lm.combine,
-        )
+        return FusedStep(backends, states, lm.fuse, chooser, eos, int(lm.tokenizer.pad_token_id), compiled)
 
     def create() -> GraphSession:
         return GraphSession([s.backend for s in lm.sources], batch, capacity, make_step, graphs)
@@ -141,8 +244,8 @@ def decode_static(
             lm.plausibility_index,
             lm.plausibility_alpha,
             lm.fusion.method,
-            sampling_key(gen),
-            tuple(tracker.eos),
+            sampling_key(settings),
+            tuple(rows.eos),
             compiled,
         )
         session, fresh = lm.pool.sessions.get(key, create)
@@ -150,255 +253,39 @@ def decode_static(
             logger.info("engine graphs: new session for batch %d, %d cache columns", batch, capacity)
     else:
         session = create()
-    weights = torch.tensor([lm.weight_vector()] * batch, dtype=torch.float32)
-    all_keys = torch.cat([keys, torch.zeros(batch - live, dtype=torch.long)])
+    weights = pad_rows(admission.weights, batch, 0)
+    weights[live:] = admission.weights[0]  # padding rows: any finite fusion
+    all_keys = torch.cat([admission.keys, torch.zeros(batch - live, dtype=torch.long)])
     session.load(padded, all_keys.to(lm.fusion_device), weights.to(lm.fusion_device), live)
     step = session.step_fn
-    never = [i for i in range(live) if tracker.done(i)]
+    never = [i for i in range(live) if rows.done(i)]
     if never:
         step.finished[torch.tensor(never, device=step.finished.device)] = True
     while True:
-        active = [i for i in range(live) if not tracker.done(i)]
+        active = [i for i in range(live) if not rows.done(i)]
         if not active:
             return
         chosen = step.chosen.tolist()
         tokens = [chosen[i] for i in active]
-        finish = tracker.record(active, tokens)
+        finish = rows.record(active, tokens)
+        index = torch.tensor(active, device=lm.fusion_device)
         inspection = None
-        if gen.inspect_top_k:
-            rows = torch.tensor(active, device=lm.fusion_device)
+        if inspect_k:
             inspection = lm.inspect_step(
-                [x[rows] for x in step.source_logits],
-                step.scores[rows],
-                step.chosen[rows],
-                gen.inspect_top_k,
+                [x[index] for x in step.source_logits],
+                step.scores[index],
+                step.chosen[index],
+                inspect_k,
+                step.weights[index],
             )
-        yield Step(active, tokens, finish, inspection)
+        scores = step.scores[index] if admission.scores else None
+        yield Step(active, tokens, finish, inspection, scores=scores)
         ended = [i for i, f in zip(active, finish, strict=True) if f is not None]
         if ended:
             step.finished[torch.tensor(ended, device=step.finished.device)] = True
-        if all(tracker.done(i) for i in range(live)):
+        if all(rows.done(i) for i in range(live)):
             return
         session.step()
-
-
-@torch.inference_mode()
-def decode_speculative(
-    lm: FusedLM,
-    prompts: Sequence[str],
-    encodings: list[dict[str, torch.Tensor]],
-    gen: GenerationConfig,
-    keys: torch.Tensor,
-    tracker: StopChecker,
-) -> Iterator[Step]:
-    """Rounds of draft-then-verify on growing caches (see :mod:`trimix.decoding.speculative`)."""
-    device, vocab = lm.fusion_device, lm.vocab_size
-    chooser = TokenChooser(gen)
-    batch = len(tracker.rows)
-    draft_role = lm.drafter(gen)
-    drafter = lm.pool.get(draft_role)
-    draft_index = lm.roles.index(draft_role) if draft_role in lm.roles else None
-    weights = torch.tensor([lm.weight_vector()] * batch, dtype=torch.float32, device=device)
-    keys = keys.to(device)
-    prefilled = [
-        s.backend.prefill(e["input_ids"], e["attention_mask"])
-        for s, e in zip(lm.sources, encodings, strict=True)
-    ]
-    states = [state for _, state in prefilled]
-    if draft_index is None:
-        enc = lm.encode(drafter, prompts)
-        _, draft_state = drafter.backend.prefill(enc["input_ids"], enc["attention_mask"])
-    else:
-        draft_state = states[draft_index]
-    all_states = states + ([draft_state] if draft_index is None else [])
-    backends = [s.backend for s in lm.sources] + ([drafter.backend] if draft_index is None else [])
-    draft_head, draft_ids = None, None
-    if gen.speculative.draft_vocab is not None:
-        draft_enc = enc if draft_index is None else encodings[draft_index]
-        draft_ids = frequent_tokens(
-            lm.pool.token_counts(draft_role, gen.speculative.draft_vocab_text),
-            gen.speculative.draft_vocab,
-            [
-                *draft_enc["input_ids"][draft_enc["attention_mask"].bool()].tolist(),
-                *_eos(lm, tracker).tolist(),
-            ],
-            vocab,
-        )
-        draft_head = drafter.backend.restricted_head(draft_ids)
-        draft_ids = draft_ids.to(device)
-        logger.info("the drafter proposes among %d of %d tokens", len(draft_ids), vocab)
-    # The first token comes from the prefill, as in plain fused decoding.
-    logits = [x.to(device) for x, _ in prefilled]
-    scores = fused_scores(logits, weights, vocab, lm.plausibility_index, lm.plausibility_alpha, lm.combine)
-    first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
-    alive = [i for i in range(batch) if not tracker.done(i)]
-    finish = tracker.record(alive, first[alive].tolist())
-    inspection = (
-        lm.inspect_step([x[alive] for x in logits], scores[alive], first[alive], gen.inspect_top_k)
-        if gen.inspect_top_k
-        else None
-    )
-    yield Step(alive, first[alive].tolist(), finish, inspection)
-    stats = {row: SpeculativeStats() for row in range(batch)}
-    active = [row for row, reason in zip(alive, finish, strict=True) if reason is None]
-    _keep_all(backends, all_states, torch.tensor(active, dtype=torch.long))
-    pending = first[torch.tensor(active, dtype=torch.long, device=device)]
-    k = gen.speculative.k if gen.speculative.k != "auto" else K_AUTO_START
-    total = SpeculativeStats()
-    while active:
-        rows = torch.tensor(active, dtype=torch.long, device=device)
-        room = min(tracker.rows[r].budget - len(tracker.tokens(r)) for r in active)
-        k_round = max(0, min(k, room - 1))
-        counters = torch.tensor([len(tracker.tokens(r)) for r in active], dtype=torch.long, device=device)
-        before = [state.next_position.clone() for state in all_states]
-        # draft_logits: what each draft was chosen from; drafter_logits: the drafter's full logits at the
-        # k + 1 positions (the same unless the drafter proposes from a smaller vocabulary).
-        token, draft_logits, draft_hidden, drafts = pending, [], [], []
-        for j in range(k_round + 1):
-            if draft_head is None:
-                step_logits = drafter.backend.advance(draft_state, token[:, None])[:, -1].to(device)
-                draft_logits.append(step_logits)
-            else:
-                hidden = drafter.backend.advance(draft_state, token[:, None], hidden=True)[:, -1]
-                draft_hidden.append(hidden)
-                if j == k_round:
-                    break
-                restricted = draft_head(hidden).to(device)
-                if not chooser.do_sample:  # greedy: the argmax among the draft vocabulary (ids are sorted)
-                    token = draft_ids[restricted.float().argmax(-1)]
-                    drafts.append(token)
-                    continue
-                # sampling: the proposal over the whole vocabulary, for the noise and the acceptance rule
-                step_logits = spread(restricted, draft_ids, vocab)
-                draft_logits.append(step_logits)
-            if j < k_round:
-                token = _draft_choice(lm, chooser, step_logits[:, :vocab], keys[rows], counters + j)
-                drafts.append(token)
-        sequence = torch.stack([pending, *drafts], dim=1)  # (b, k + 1)
-        if draft_index is None:
-            drafter_logits = None
-        elif draft_head is None:
-            drafter_logits = torch.stack(draft_logits, 1)
-        else:
-            drafter_logits = drafter.backend.head_logits(torch.stack(draft_hidden, 1)).to(device)
-        source_logits = [
-            drafter_logits if i == draft_index else source.backend.advance(states[i], sequence).to(device)
-            for i, source in enumerate(lm.sources)
-        ]
-        scores = fused_scores(
-            source_logits,
-            weights[rows],
-            vocab,
-            lm.plausibility_index,
-            lm.plausibility_alpha,
-            lm.combine,
-        )
-        drafted = torch.stack(drafts, 1) if drafts else sequence[:, :0]
-        target = warp_positions(chooser, scores)
-        draft_scores = None  # greedy: drafts are checked against the fused argmax
-        if chooser.do_sample:
-            draft_scores = (
-                warp_positions(chooser, torch.stack(draft_logits[:k_round], 1)[..., :vocab].float())
-                if k_round
-                else scores.new_zeros(len(active), 0, vocab)
-            )
-        accepted, following = verify_drafts(target, drafted, draft_scores, keys[rows], counters)
-        # Row b emits its first accepted[b] drafts, then the token that follows them.
-        emitted = torch.cat([drafted, following[:, None]], 1).scatter(
-            1, accepted[:, None], following[:, None]
-        )
-        counts = accepted + 1
-        yield from _emit_round(
-            lm, active, emitted, counts, tracker, gen, source_logits, scores, stats, k_round, accepted
-        )
-        for row, a, kept in zip(active, accepted.tolist(), counts.tolist(), strict=True):
-            stats[row].record(k_round, a, kept)
-        continuing = [i for i, row in enumerate(active) if not tracker.done(row)]
-        keep = torch.tensor(continuing, dtype=torch.long)
-        _keep_all(backends, all_states, keep)
-        for backend, state, old in zip(backends, all_states, before, strict=True):
-            lengths = (old.to(keep.device)[keep] + 1 + accepted.to(keep.device)[keep]).to(old.device)
-            backend.crop(state, lengths)
-        pending = following[keep.to(device)]
-        active = [active[i] for i in continuing]
-        if gen.speculative.k == "auto":
-            merged = SpeculativeStats()
-            for row_stats in stats.values():
-                merged.merge(row_stats)
-            k = next_k(merged.accepted / merged.drafted if merged.drafted else None, k)
-    for row_stats in stats.values():
-        total.merge(row_stats)
-    draft = {"draft": draft_role, "draft_vocab": None if draft_ids is None else len(draft_ids)}
-    logger.info("speculative fusion: %s", describe_stats({**draft, **total.to_dict()}))
-    yield Step(
-        [],
-        [],
-        [],
-        stats={row: {**draft, **st.to_dict()} for row, st in stats.items()},
-    )
-
-
-def _draft_choice(
-    lm: FusedLM, chooser: TokenChooser, logits: torch.Tensor, keys: torch.Tensor, counters: torch.Tensor
-) -> torch.Tensor:
-    return chooser(logits.float(), keys, counters, STREAM_DRAFT)
-
-
-def _emit_round(
-    lm: FusedLM,
-    active: list[int],
-    emitted: torch.Tensor,
-    counts: torch.Tensor,
-    tracker: StopChecker,
-    gen: GenerationConfig,
-    source_logits: list[torch.Tensor],
-    scores: torch.Tensor,
-    stats: dict[int, SpeculativeStats],
-    k_round: int,
-    accepted: torch.Tensor,
-) -> Iterator[Step]:
-    """Hand a round's tokens to the host bookkeeping position by position, so that an end-of-sequence,
-    a stop string, the token budget or the context inside the accepted run ends the row exactly there."""
-    tokens, counts = emitted.tolist(), counts.tolist()
-    for position in range(max(counts)):
-        rows = [i for i, row in enumerate(active) if position < counts[i] and not tracker.done(row)]
-        if not rows:
-            break
-        picked = [tokens[i][position] for i in rows]
-        finish = tracker.record([active[i] for i in rows], picked)
-        inspection = None
-        if gen.inspect_top_k:
-            index = torch.tensor(rows, device=scores.device)
-            inspection = lm.inspect_step(
-                [x[index, position] for x in source_logits],
-                scores[index, position],
-                torch.tensor(picked, device=scores.device),
-                gen.inspect_top_k,
-            )
-        yield Step([active[i] for i in rows], picked, finish, inspection)
-
-
-def _eos(lm: FusedLM, tracker: StopChecker) -> torch.Tensor:
-    return torch.tensor(tracker.eos, dtype=torch.long, device=lm.fusion_device)
-
-
-def _keep_all(backends: list[Any], states: list[Any], rows: torch.Tensor) -> None:
-    if (
-        rows.numel()
-        and rows.numel() == states[0].batch_size
-        and bool((rows == torch.arange(rows.numel())).all())
-    ):
-        return
-    for backend, state in zip(backends, states, strict=True):
-        backend.keep_rows(state, rows)
-
-
-def warp_positions(chooser: TokenChooser, scores: torch.Tensor) -> torch.Tensor:
-    """Apply the chooser's warpers to ``(B, J, V)`` scores, position by position."""
-    if not chooser.do_sample:
-        return scores
-    batch, positions, vocab = scores.shape
-    return chooser.warp(scores.reshape(batch * positions, vocab)).reshape(batch, positions, vocab)
 
 
 def pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:
@@ -406,9 +293,3 @@ def pad_rows(tensor: torch.Tensor, rows: int, value: int) -> torch.Tensor:
         return tensor
     extra = tensor.new_full((rows - tensor.shape[0], tensor.shape[1]), value)
     return torch.cat([tensor, extra])
-
-
-def spread(logits: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Scores over ``ids`` ``(B, N)`` placed in a ``(B, vocab)`` row, ``-inf`` at every other token."""
-    full = logits.new_full((logits.shape[0], vocab), float("-inf"))
-    return full.index_copy_(1, ids, logits)

@@ -26,7 +26,7 @@ drafter's distribution restricted to the set, still a valid proposal: greedy out
 sampling stays exact; a token outside the set is never drafted, only emitted by the fused choice.
 
 This module holds the pure parts (the acceptance rule, statistics, the adaptive k); the round loop
-lives in :mod:`trimix.decoding.runners`.
+lives in :mod:`trimix.decoding.drafting`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ import torch
 
 from trimix.backends.hf import HFBackend, HFState
 from trimix.decoding.sampling import TokenChooser
-from trimix.fusion.math import fused_scores
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +53,26 @@ class FusedStep:
     Args:
         backends: one backend per fused source.
         states: their preallocated states (same batch size).
-        vocab: V, the fused token ids.
-        plausibility_index: the source judging plausibility, or None.
-        alpha: the plausibility threshold.
+        fuse: the fusion (``FusedLM.fuse``): per-source logits and ``(B, S)`` weights to the scores the
+            token is chosen from (the method's combination and the plausibility mask).
         chooser: greedy or sampling.
         eos_ids: ``(E,)`` end-of-sequence ids on the fusion device.
         pad_id: the token finished rows feed.
         compiled: run each source's decoder through ``torch.compile`` (see ``generation.compile``).
-        combine: the fusion method's combination of the source logits (None: the weighted sum).
     """
 
     def __init__(
         self,
         backends: Sequence[HFBackend],
         states: Sequence[HFState],
-        vocab: int,
-        plausibility_index: int | None,
-        alpha: float,
+        fuse: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor],
         chooser: TokenChooser,
         eos_ids: torch.Tensor,
         pad_id: int,
         compiled: bool = False,
-        combine: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.backends, self.states = list(backends), list(states)
-        self.compiled, self.combine = compiled, combine
-        self.vocab, self.plausibility_index, self.alpha = vocab, plausibility_index, alpha
+        self.compiled, self.fuse = compiled, fuse
         self.chooser = chooser
         device = eos_ids.device
         batch = states[0].batch_size
@@ -98,9 +91,7 @@ class FusedStep:
         """Fuse, constrain and choose from per-source logits ``(B, R_i)``; update the step's buffers."""
         device = self.chosen.device
         logits = [x.to(device) for x in logits]
-        scores = fused_scores(
-            logits, self.weights, self.vocab, self.plausibility_index, self.alpha, self.combine
-        )
+        scores = self.fuse(logits, self.weights)
         chosen = torch.where(self.finished, self.pad, self.chooser(scores, self.keys, self.counters))
         self.finished |= torch.isin(chosen, self.eos_ids)
         self.chosen.copy_(chosen)

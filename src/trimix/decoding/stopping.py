@@ -146,7 +146,9 @@ class StopChecker:
         return state
 
     def done(self, row: int) -> bool:
-        return self.rows[row].finish_reason is not None
+        """Whether a row has ended (a row no longer tracked, such as a cancelled one, has)."""
+        state = self.rows.get(row)
+        return state is None or state.finish_reason is not None
 
     def record(self, rows: Sequence[int], tokens: Sequence[int]) -> list[FinishReason | None]:
         """Add one token to each row; return each row's finish reason (None: it goes on)."""

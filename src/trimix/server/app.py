@@ -462,7 +462,7 @@ class Server:
             f"trimix_step_seconds_total {self.batcher.timing['step_seconds']:.3f}",
             "# HELP trimix_queue_depth Requests waiting to join the batch.",
             "# TYPE trimix_queue_depth gauge",
-            f"trimix_queue_depth {self.batcher.waiting.qsize()}",
+            f"trimix_queue_depth {self.batcher.queued}",
             "# HELP trimix_running_batch_size Rows decoding now.",
             "# TYPE trimix_running_batch_size gauge",
             f"trimix_running_batch_size {self.batcher.running}",
@@ -567,7 +567,7 @@ def create_app(server: Server):
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": server.batcher.running, "waiting": server.batcher.waiting.qsize()}
+        return {"status": "ok", "running": server.batcher.running, "waiting": server.batcher.queued}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
