@@ -1,13 +1,23 @@
 """The seam between trimix and one causal LM: what decoding, scoring and serving ask of a source.
 
-Everything above this interface (the fused model, the weight search, speculative fusion, the
-server) talks to a source through these calls and touches no model internals, so another backend
-(a compiled or graph-captured one, a remote one) can stand behind it.
+Everything above this interface (the decoding core, the weight search, the server) talks to a source
+through these calls and touches no model internals; only :mod:`trimix.backends.hf` knows Hugging Face
+models. :class:`~trimix.backends.recompute.RecomputeBackend` implements the core alone, and the decoding
+core runs on it.
 
-States are per batch: a left-padded prompt batch is prefilled into a state, which then advances by
-``k >= 1`` tokens per row at a time, can be cropped back per row (rows keep different numbers of
-tokens, as speculative decoding needs), can drop rows that finished, and can take in new rows
-(continuous batching). A state's rows decode exactly as each row alone would.
+**The core** (:class:`SourceBackend`). States are per batch: a left-padded prompt batch is prefilled
+into a state, which then advances by ``k >= 1`` tokens per row at a time, can be cropped back per row
+(rows keep different numbers of tokens, as speculative decoding needs), can drop rows that finished, and
+can take in new rows (continuous batching). A state's rows decode exactly as each row alone would.
+
+**Optional capabilities**, declared in a backend's ``capabilities`` set and used only where declared:
+
+* ``"hidden"`` (:class:`HiddenStates`): final hidden states instead of logits, the output head applied
+  separately (``head_logits``, ``restricted_head``) and ``fork``. The weight search scores many weight
+  vectors from one forward with them; without it the search keeps full logits per position (more
+  memory, same numbers). Speculative fusion's draft vocabulary needs a drafter that has it.
+* ``"static"`` (:class:`StaticCaches`): preallocated caches and a step that keeps every tensor's
+  address, which the static engine runs and the graphs engine captures as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+HIDDEN, STATIC = "hidden", "static"
 
 
 @runtime_checkable
@@ -33,7 +45,7 @@ class DecodeState(Protocol):
 
 @runtime_checkable
 class SourceBackend(Protocol):
-    """One causal LM and its tokenizer behind the calls trimix makes."""
+    """One causal LM and its tokenizer behind the calls the decoding core makes."""
 
     tokenizer: Any
 
@@ -52,17 +64,27 @@ class SourceBackend(Protocol):
         """Where input ids go."""
         ...
 
-    def prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int | None = None
-    ) -> tuple[torch.Tensor, DecodeState]:
-        """Run a left-padded batch ``(B, L)``; return the next-token logits ``(B, R)`` and the state.
-
-        ``capacity`` preallocates a static cache of that many columns (None: a cache that grows).
-        """
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The model's own end-of-sequence ids (a run's ``eos_token_ids`` overrides them)."""
         ...
 
-    def advance(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``(B, k)`` tokens to every row; return the logits after each, ``(B, k, R)``."""
+    @property
+    def num_parameters(self) -> int:
+        """Its size (to choose a drafter among equally weighted sources); 0 when unknown."""
+        ...
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run a left-padded batch ``(B, L)``; return the next-token logits ``(B, R)`` and the state."""
+        ...
+
+    def advance(
+        self, state: DecodeState, tokens: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed ``(B, k)`` tokens to every row (``valid`` ``(B, k)``: right padding, rows fed fewer);
+        return the logits after each, ``(B, k, R)``."""
         ...
 
     def crop(self, state: DecodeState, lengths: torch.Tensor) -> None:
@@ -81,6 +103,30 @@ class SourceBackend(Protocol):
         """Release cache space that no remaining row uses (after rows left a long-lived batch)."""
         ...
 
+
+class HiddenStates(Protocol):
+    """Capability ``"hidden"``: hidden states and the output head apart (see the module docstring)."""
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capacity: int | None = None,
+        *,
+        hidden: bool = False,
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """With ``hidden``: every position's final hidden states ``(B, L, H)`` instead of the logits."""
+        ...
+
+    def advance(
+        self,
+        state: DecodeState,
+        tokens: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        *,
+        hidden: bool = False,
+    ) -> torch.Tensor: ...
+
     def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Output-head logits of final hidden states ``(..., H)``; with ``out`` ``(..., V)`` only the first V."""
         ...
@@ -89,3 +135,49 @@ class SourceBackend(Protocol):
         """A head over the rows ``ids`` only: maps hidden states ``(..., H)`` to ``(..., len(ids))``, equal
         to ``head_logits(hidden)[..., ids]`` (the rows are copied once, when this is called)."""
         ...
+
+    def fork(self, state: DecodeState, repeats: int) -> DecodeState:
+        """A copy of the state with every row repeated ``repeats`` times (``[r0, r0, r1, r1, ...]``)."""
+        ...
+
+
+class StaticCaches(Protocol):
+    """Capability ``"static"``: preallocated caches stepped in place (see :mod:`trimix.decoding.static`)."""
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        capacity: int | None = None,
+        *,
+        into: DecodeState | None = None,
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """``capacity``: preallocate that many columns; ``into``: refill a preallocated state in place."""
+        ...
+
+    def attach_cursor(self, state: DecodeState, cols: torch.Tensor) -> None:
+        """Make ``cols`` (a ``(1,)`` tensor the caller owns) the column the next in-place step writes."""
+        ...
+
+    def step_in_place(self, state: DecodeState, tokens: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        """Feed ``(B, k)`` tokens touching only tensors that keep their addresses; logits ``(B, k, R)``."""
+        ...
+
+    def stepped(self, state: DecodeState, width: int) -> None:
+        """Host bookkeeping after an in-place step of ``width`` tokens (run or replayed)."""
+        ...
+
+    def snapshot(self, state: DecodeState) -> Any:
+        """What an in-place step changes, to put back with :meth:`restore` (after a warm-up step)."""
+        ...
+
+    def restore(self, state: DecodeState, snapshot: Any) -> None: ...
+
+
+def capabilities(backend: Any) -> frozenset[str]:
+    """The optional capabilities a backend declares (none when it declares nothing)."""
+    return frozenset(getattr(backend, "capabilities", ()))
+
+
+def has_capability(backend: Any, name: str) -> bool:
+    return name in capabilities(backend)

@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from trimix.backends import attention
+from trimix.backends.base import HIDDEN, STATIC
 from trimix.errors import SourceLoadError
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ class HFBackend:
             logits the backend does not reproduce.
     """
 
+    capabilities = frozenset({HIDDEN, STATIC})
+
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, verify: bool = True
     ) -> None:
@@ -344,6 +347,28 @@ class HFBackend:
         state.next_position.add_(width)
         cols.add_(width)
         return self.head_logits(out.last_hidden_state)
+
+    def attach_cursor(self, state: HFState, cols: torch.Tensor) -> None:
+        cols.fill_(state.length)
+        state.cursor.cols = cols
+
+    def stepped(self, state: HFState, width: int) -> None:
+        state.length += width
+
+    def snapshot(self, state: HFState) -> tuple[torch.Tensor, ...]:
+        return (
+            state.valid.clone(),
+            state.positions.clone(),
+            state.next_position.clone(),
+            state.cursor.cols.clone(),
+        )
+
+    def restore(self, state: HFState, snapshot: tuple[torch.Tensor, ...]) -> None:
+        valid, positions, next_position, cols = snapshot
+        state.valid.copy_(valid)
+        state.positions.copy_(positions)
+        state.next_position.copy_(next_position)
+        state.cursor.cols.copy_(cols)
 
     @torch.inference_mode()
     def crop(self, state: HFState, lengths: torch.Tensor) -> None:

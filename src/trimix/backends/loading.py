@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from trimix.backends.base import SourceBackend
 from trimix.backends.hf import HFBackend
 from trimix.config import SourceConfig
 from trimix.errors import SourceLoadError
@@ -64,11 +65,12 @@ class Source:
     """
 
     role: str
-    backend: HFBackend
+    backend: SourceBackend
     config: SourceConfig
 
     @property
     def model(self) -> PreTrainedModel:
+        """The Hugging Face model behind a transformers backend (training and the reference decoder)."""
         return self.backend.model
 
     @property

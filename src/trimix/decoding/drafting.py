@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trimix.backends.base import HIDDEN, has_capability
 from trimix.config import GenerationConfig
 from trimix.decoding.results import Step
 from trimix.decoding.runners import Admission, BatchRows, WholeBatch
@@ -26,6 +27,7 @@ from trimix.decoding.speculative import (
     next_k,
     verify_drafts,
 )
+from trimix.errors import ConfigError
 
 if TYPE_CHECKING:
     from trimix.decoding.fused import FusedLM
@@ -66,6 +68,11 @@ def decode_speculative(
     backends = [s.backend for s in lm.sources] + ([drafter.backend] if draft_index is None else [])
     draft_head, draft_ids = None, None
     if spec.draft_vocab is not None:
+        if not has_capability(drafter.backend, HIDDEN):
+            raise ConfigError(
+                f"speculative.draft_vocab needs a drafter whose backend gives hidden states; {draft_role!r}'s "
+                "does not. Drop draft_vocab or draft with another source"
+            )
         draft_enc = enc if draft_index is None else encodings[draft_index]
         draft_ids = frequent_tokens(
             lm.pool.token_counts(draft_role, spec.draft_vocab_text),

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from trimix.backends.base import STATIC, has_capability
 from trimix.backends.loading import Source, load_source
 from trimix.config import FusionConfig, GenerationConfig, TrimixConfig, resolve_generation
 from trimix.decoding.likelihood import (
@@ -197,12 +198,20 @@ class FusedLM:
         one_cuda = one_cuda and all(s.config.device_map is None for s in self.sources)
         engine = generation.engine
         if engine == "auto":
-            return "graphs" if one_cuda else "eager"
+            static = all(has_capability(s.backend, STATIC) for s in self.sources)
+            return "graphs" if one_cuda and static else "eager"
         if engine == "graphs" and not one_cuda:
             raise ConfigError(
                 "generation.engine 'graphs' needs every fused source on one CUDA device (no device_map); "
                 f"they are on {sorted(str(d) for d in devices)}. Use engine 'eager' (or 'auto')."
             )
+        if engine in ("static", "graphs"):
+            lacking = [s.role for s in self.sources if not has_capability(s.backend, STATIC)]
+            if lacking:
+                raise ConfigError(
+                    f"generation.engine {engine!r} needs preallocated caches, which the backend of "
+                    f"source(s) {lacking} does not have; use engine 'eager' (or 'auto')"
+                )
         if engine == "static" and any(s.config.device_map is not None for s in self.sources):
             raise ConfigError(
                 "generation.engine 'static' does not support sources split by device_map; use 'eager'"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trimix.backends.hf import HFBackend, HFState
+from trimix.backends.base import DecodeState, StaticCaches
 from trimix.decoding.sampling import TokenChooser
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class FusedStep:
 
     def __init__(
         self,
-        backends: Sequence[HFBackend],
-        states: Sequence[HFState],
+        backends: Sequence[StaticCaches],
+        states: Sequence[DecodeState],
         fuse: Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor],
         chooser: TokenChooser,
         eos_ids: torch.Tensor,
@@ -125,7 +125,7 @@ class GraphSession:
 
     def __init__(
         self,
-        backends: Sequence[HFBackend],
+        backends: Sequence[StaticCaches],
         batch: int,
         capacity: int,
         make_step: callable,
@@ -134,10 +134,10 @@ class GraphSession:
         self.backends = list(backends)
         self.batch, self.capacity = batch, capacity
         self.use_graph = use_graph
-        self.states: list[HFState] | None = None
+        self.states: list[DecodeState] | None = None
         self.make_step = make_step
         self.step_fn: FusedStep | None = None
-        self.cursors: list[torch.Tensor] = []
+        self.cursors: list[torch.Tensor] = []  # each state's write column, owned here (graph inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_seconds = 0.0
 
@@ -154,8 +154,7 @@ class GraphSession:
             if first:
                 self.cursors.append(torch.zeros(1, dtype=torch.long, device=backend.device))
                 states[i] = state
-            self.cursors[i].fill_(state.length)
-            state.cursor.cols = self.cursors[i]
+            backend.attach_cursor(state, self.cursors[i])
         self.states = states
         if self.step_fn is None:
             self.step_fn = self.make_step(self.backends, self.states)
@@ -175,17 +174,14 @@ class GraphSession:
             if self.graph is None:
                 self._capture()
             self.graph.replay()
-        for state in self.states:
-            state.length += 1
+        for backend, state in zip(self.backends, self.states, strict=True):
+            backend.stepped(state, 1)
 
     def _capture(self) -> None:
         """Warm up on a side stream, restore every buffer the warm-up advanced, then capture one step."""
         start = time.perf_counter()
         step = self.step_fn
-        saved = [
-            (s.valid.clone(), s.positions.clone(), s.next_position.clone(), c.clone())
-            for s, c in zip(self.states, self.cursors, strict=True)
-        ]
+        saved = [b.snapshot(s) for b, s in zip(self.backends, self.states, strict=True)]
         small = [t.clone() for t in (step.tokens, step.chosen, step.counters, step.finished)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -206,13 +202,10 @@ class GraphSession:
             self.capture_seconds,
         )
 
-    def _restore(self, saved: list[tuple[torch.Tensor, ...]], small: list[torch.Tensor]) -> None:
+    def _restore(self, saved: list[object], small: list[torch.Tensor]) -> None:
         step = self.step_fn
-        for state, cursor, (valid, positions, nxt, col) in zip(self.states, self.cursors, saved, strict=True):
-            state.valid.copy_(valid)
-            state.positions.copy_(positions)
-            state.next_position.copy_(nxt)
-            cursor.copy_(col)
+        for backend, state, snapshot in zip(self.backends, self.states, saved, strict=True):
+            backend.restore(state, snapshot)
         for target, value in zip(
             (step.tokens, step.chosen, step.counters, step.finished), small, strict=True
         ):

@@ -16,10 +16,12 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from trimix.backends.base import HIDDEN, has_capability
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
@@ -60,8 +62,24 @@ def token_script(text: str) -> str:
 
 
 def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The source's logits from final hidden states (see :meth:`HFBackend.head_logits`)."""
+    """The source's logits from the features the scorer kept: final hidden states through its output
+    head, or (a backend without the ``hidden`` capability) the logits themselves, cut to ``out``'s width."""
+    if not has_capability(source.backend, HIDDEN):
+        logits = hidden if out is None else out.copy_(hidden[..., : out.shape[-1]])
+        return logits
     return source.backend.head_logits(hidden, out=out)
+
+
+def _position_features(backend: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's features for one row ``(1, T)``: final hidden states ``(1, T, H)``, or the logits
+    ``(1, T, R)`` where the backend does not give hidden states (the first from the prefill of one token,
+    the rest from one advance over the others)."""
+    if has_capability(backend, HIDDEN):
+        return backend.prefill(ids, torch.ones_like(ids), hidden=True)[0]
+    first, state = backend.prefill(ids[:, :1], torch.ones_like(ids[:, :1]))
+    if ids.shape[1] == 1:
+        return first[:, None]
+    return torch.cat([first[:, None], backend.advance(state, ids[:, 1:])], dim=1)
 
 
 @dataclass
@@ -219,6 +237,8 @@ class FusedPerplexityScorer:
         see the padding after it), which gives the same hidden states as running every text whole."""
         start = time.perf_counter()
         prefix = self._shared_prefix() if self.share_prefix else 0
+        if not all(has_capability(s.backend, HIDDEN) for s in self.sources):
+            prefix = 0  # the prefix cache forks states, part of the "hidden" capability
         bar = tqdm(
             total=len(self.encoded) * len(self.sources),
             desc="search: forward passes",
@@ -229,8 +249,7 @@ class FusedPerplexityScorer:
             backend = source.backend
             if not prefix:
                 for item in self.encoded:
-                    ids = item.input_ids[None]
-                    hidden = backend.prefill(ids, torch.ones_like(ids), hidden=True)[0][0]
+                    hidden = _position_features(backend, item.input_ids[None])[0]
                     item.features[source.role] = hidden[item.positions.to(hidden.device)]  # (P, H)
                     bar.update(1)
                 continue
