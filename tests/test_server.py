@@ -151,7 +151,7 @@ def test_a_disconnected_client_is_cancelled(served) -> None:
         ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "trimix": {"weights": {"huge": 1.0}}}, "unknown role(s) ['huge']"),
         ({"prompt": "hello " * 1200, "max_tokens": 2}, "reads at most 1024"),
-        ({"prompt": ""}, "`prompt` must be"),
+        ({"prompt": ""}, "`prompt` must not be empty"),
         ({"prompt": "x", "temperature": "hot"}, "`temperature` must be a number"),
     ],
 )

@@ -14,27 +14,32 @@ The HTTP server only translates requests and events.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from trimix.config import GenerationConfig
 from trimix.decoding.fused import FusedLM
+from trimix.decoding.likelihood import prompt_logprobs
 from trimix.decoding.results import Step, TokenInspection
 from trimix.decoding.sampling import row_keys
 from trimix.decoding.scheduler import RowRequest, Scheduler
 from trimix.decoding.stopping import FinishReason, emit_text
-from trimix.decoding.text import encode_texts
+from trimix.decoding.text import encode_texts, is_token_ids
 from trimix.errors import DataError, TrimixError
 from trimix.fusion import Fusion
 
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+Prompt = str | Messages | list[int]  # text, chat messages, or token ids of the fused vocabulary
 
 
 class QueueFull(TrimixError):
@@ -57,13 +62,26 @@ class ServeRequest:
             measured by :func:`check_prompt`; None: measured at submission.
     """
 
-    prompt: str | Messages
+    prompt: Prompt
     generation: GenerationConfig
     fusion: Fusion
     logprobs: int | None = None
     inspect: int = 0
     key: int = 0
     prompt_tokens: int | None = None
+    echo: bool = False
+    max_tokens: int | None = None  # 0: score the prompt (echo) and generate nothing
+
+
+@dataclass
+class PromptEcho:
+    """A request's prompt sent back before its completion (``echo``): its text, and with ``logprobs`` each
+    token's log-probability under the fused model (the first ``None``) and the top alternatives."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[list[tuple[str, float]] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +105,14 @@ class RequestHandle:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     prompt_tokens: int = 0
+
+    notify: Callable[[], None] | None = None  # called after each event (thread-safe: the server's loop)
+
+    def put(self, event: Any) -> None:
+        """Hand the submitter an event (a :class:`PromptEcho`, a :class:`TokenEvent` or an exception)."""
+        self.events.put(event)
+        if self.notify is not None:
+            self.notify()
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -171,6 +197,8 @@ class ContinuousBatcher:
         """The prompt's length in tokens under each fused source, as that source reads it (rendered for
         its prompt format), in the fusion's source order."""
         lm = self.lm.with_fusion(request.fusion)
+        if is_token_ids(request.prompt):
+            return [len(request.prompt)] * len(lm.sources)
         rendered = lm.render(request.prompt)
         return [
             int(encode_texts(source, [rendered[source.role]])["attention_mask"].sum())
@@ -200,7 +228,7 @@ class ContinuousBatcher:
             except Exception as exc:  # a bug must not hang every client: fail the requests in flight
                 logger.exception("the batcher failed; ending the requests in flight")
                 for handle in self.handles.values():
-                    handle.events.put(exc)
+                    handle.put(exc)
                 self.handles.clear()
                 self.scheduler = self._scheduler()
 
@@ -216,6 +244,12 @@ class ContinuousBatcher:
                 self.stats["cancelled"] += 1
                 continue
             request = handle.request
+            if request.echo:
+                handle.put(self._echo(request))
+            if request.max_tokens == 0:  # scoring only: the prompt's log-probabilities, no token
+                handle.put(TokenEvent(-1, "", finish_reason="length"))
+                self.stats["finished"] += 1
+                continue
             generation = request.generation.model_copy(
                 update={"inspect_top_k": request.inspect, "on_context_limit": "stop"}
             )
@@ -240,6 +274,27 @@ class ContinuousBatcher:
                 self._forget(sequence)
                 self.stats["cancelled"] += 1
 
+    def _echo(self, request: ServeRequest) -> PromptEcho:
+        """The prompt as text and, with ``logprobs``, as scored tokens (every source reads the same ids:
+        the given token ids, or the first fused source's encoding of the prompt)."""
+        lm = self.lm.with_fusion(request.fusion)
+        if is_token_ids(request.prompt):
+            ids = list(request.prompt)
+            text = lm.tokenizer.decode(ids)
+        else:
+            text = (
+                request.prompt if isinstance(request.prompt, str) else lm.render(request.prompt)[lm.roles[0]]
+            )
+            source = lm.sources[0]
+            ids = encode_texts(source, [lm.render(request.prompt)[source.role]])["input_ids"][0].tolist()
+        echo = PromptEcho(text)
+        if request.logprobs is not None:
+            echo.tokens = [lm.token_text(t) for t in ids]
+            scored = prompt_logprobs(lm, ids, request.logprobs)
+            echo.logprobs = [None] + [lp for lp, _ in scored]
+            echo.top_logprobs = [None] + [[(lm.token_text(t), v) for t, v in top] for _, top in scored]
+        return echo
+
     def _forget(self, sequence: int) -> None:
         self.handles.pop(sequence, None)
         self.shown.pop(sequence, None)
@@ -248,11 +303,11 @@ class ContinuousBatcher:
         """A scheduler step as events on the handles it concerns."""
         for sequence, exc in step.failed:
             if sequence in self.handles:
-                self.handles[sequence].events.put(exc)
+                self.handles[sequence].put(exc)
                 self._forget(sequence)
         for sequence, reason in step.closed:
             if sequence in self.handles:
-                self.handles[sequence].events.put(TokenEvent(-1, "", finish_reason=reason))
+                self.handles[sequence].put(TokenEvent(-1, "", finish_reason=reason))
                 self.stats["finished"] += 1
                 self._forget(sequence)
         if not step.rows:
@@ -279,7 +334,7 @@ class ContinuousBatcher:
                     event.top_logprobs = [
                         (self.lm.token_text(int(t)), float(v)) for v, t in zip(values, ids, strict=True)
                     ]
-            handle.events.put(event)
+            handle.put(event)
             if reason is not None:
                 self.stats["finished"] += 1
                 self._forget(sequence)
@@ -294,11 +349,34 @@ def request_key(seed: int | None, index: int = 0) -> int:
     return int(row_keys(seed, [index])[0])
 
 
+@functools.cache
+def longest_token(tokenizer: Any) -> int:
+    """A bound on the characters one token of ``tokenizer`` decodes to, so a text of n characters takes at
+    least n / this many tokens: the longest vocabulary entry as written (byte-level BPE spells each byte
+    of a character as one symbol, SentencePiece a space as ``▁`` and a byte as ``<0xNN>``, so an entry is
+    never shorter than its text). Computed once per tokenizer."""
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+
+
 def check_prompt(batcher: ContinuousBatcher, request: ServeRequest) -> int:
     """Refuse a prompt that leaves no room for generation within every source's context; return its
     length under the first fused source (what ``usage`` reports)."""
+    sources = batcher.lm.with_fusion(request.fusion).sources
+    if not is_token_ids(request.prompt):  # far too long for any tokenisation: refused without tokenising
+        chars = (
+            len(request.prompt)
+            if isinstance(request.prompt, str)
+            else sum(len(m["content"]) for m in request.prompt)
+        )
+        for source in sources:
+            limit, widest = source.max_positions, longest_token(source.tokenizer)
+            if limit is not None and chars > limit * widest:
+                raise DataError(
+                    f"the prompt has {chars:,} characters; source {source.role!r} reads at most {limit} tokens "
+                    f"(its context) of at most {widest} characters each. Shorten the prompt"
+                )
     lengths = batcher.prompt_lengths(request)
-    for source, length in zip(batcher.lm.with_fusion(request.fusion).sources, lengths, strict=True):
+    for source, length in zip(sources, lengths, strict=True):
         limit = source.max_positions
         if limit is not None and length + 1 > limit:
             raise DataError(

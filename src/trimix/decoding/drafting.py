@@ -27,6 +27,7 @@ from trimix.decoding.speculative import (
     next_k,
     verify_drafts,
 )
+from trimix.decoding.text import is_token_ids
 from trimix.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -194,6 +195,8 @@ def _plain(lm: FusedLM, prompt: Any) -> str:
     the fused sources that do not read chat see them."""
     if isinstance(prompt, str):
         return prompt
+    if is_token_ids(prompt):
+        return lm.tokenizer.decode(prompt)
     return lm.render(prompt)[lm.roles[0]]
 
 

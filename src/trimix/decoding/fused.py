@@ -31,26 +31,18 @@ from tqdm.auto import tqdm
 from trimix.backends.base import STATIC, has_capability
 from trimix.backends.loading import Source, load_source
 from trimix.config import FusionConfig, GenerationConfig, TrimixConfig, resolve_generation
-from trimix.decoding.likelihood import (
-    continuation_items,
-    rolling_items,
-    score_items,
-    sum_windows,
-    token_items,
-)
+from trimix.decoding.likelihood import LikelihoodMethods
 from trimix.decoding.pool import SourcePool
 from trimix.decoding.results import (
     Generation,
     Loglikelihood,
-    RowText,
     SourceCandidates,
     StreamEvent,
     TokenInspection,
     inspect_tokens,
 )
-from trimix.decoding.sampling import row_keys
-from trimix.decoding.scheduler import RowRequest, Scheduler
-from trimix.decoding.stopping import emit_text, first_stop
+from trimix.decoding.scheduler import decode_prompts
+from trimix.decoding.stopping import emit_text
 from trimix.decoding.text import (
     encode_texts,
     readable_token,
@@ -66,7 +58,7 @@ logger = logging.getLogger(__name__)
 Engine = Literal["auto", "eager", "static", "graphs"]
 
 
-class FusedLM:
+class FusedLM(LikelihoodMethods):
     """Several causal LMs decoding as one, their next-token logits fused by a :class:`Fusion`.
 
     Args:
@@ -247,7 +239,7 @@ class FusedLM:
         gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
         results: list[Generation | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress) as bar:
-            for event in self._events(prompts, gen, row_ids, deltas=False):  # stream's loop
+            for event in decode_prompts(self, prompts, gen, row_ids, deltas=False):  # stream's loop
                 if event.generation is not None:
                     results[event.index] = event.generation
                     bar.update(1)
@@ -264,56 +256,11 @@ class FusedLM:
         """Yield each generated token as soon as it is chosen, with its decoded text delta; a prompt's last
         event carries its whole :class:`Generation`."""
         gen = resolve_generation(generation or self.generation, overrides, origin="generation keyword")
-        yield from self._events(prompts, gen, row_ids, deltas=True)
+        yield from decode_prompts(self, prompts, gen, row_ids, deltas=True)
 
-    def _events(
-        self, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int] | None, deltas: bool
-    ) -> Iterator[StreamEvent]:
-        """The scheduler's steps as events, behind ``stream`` and ``generate`` (which needs no text
-        deltas: then rows are decoded to text only where stop strings need it, and once at their end).
-        Prompts are admitted ``batch_size`` at a time, each batch encoded together."""
-        keys = row_keys(gen.seed, list(range(len(prompts))) if row_ids is None else list(row_ids)).tolist()
-        scheduler = Scheduler(self, gen, max_batch=gen.batch_size, texts=deltas)
-        index = {
-            scheduler.submit(RowRequest(p, gen, key)): i
-            for i, (p, key) in enumerate(zip(prompts, keys, strict=True))
-        }
-        rows = {i: RowText() for i in range(len(prompts))}
-        shown = dict.fromkeys(rows, "")
-        finals: dict[int, Generation] = {}
-        while scheduler.busy():
-            for step in scheduler.step():
-                for sequence, reason in step.closed:
-                    i = index[sequence]
-                    rows[i].finish_reason = reason
-                    finals[i] = self._finish(prompts[i], rows[i], gen)
-                    yield StreamEvent(i, -1, "", True, reason, finals[i])
-                for sequence, stats in (step.stats or {}).items():
-                    i = index[sequence]
-                    rows[i].stats = stats
-                    if i in finals:  # accounting comes once per batch, after a row may end
-                        finals[i].stats = stats
-                for j, (sequence, token, reason) in enumerate(
-                    zip(step.rows, step.tokens, step.finish, strict=True)
-                ):
-                    i = index[sequence]
-                    row = rows[i]
-                    row.token_ids.append(token)
-                    row.finish_reason = reason
-                    if step.inspection is not None:
-                        row.inspection.append(step.inspection[j])
-                    # While a row runs, its text is the stop checker's (grown incrementally); its last
-                    # event carries the whole decode, so the deltas add up to the final text exactly.
-                    final = None
-                    if reason is not None:
-                        final = finals[i] = self._finish(prompts[i], row, gen)
-                    delta = ""
-                    if deltas:
-                        text = final.text if final is not None else step.texts[j]
-                        delta, shown[i] = emit_text(shown[i], text, reason is not None, gen.stop)
-                    yield StreamEvent(i, token, delta, reason is not None, reason, final)
-
-    def fuse(self, source_logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    def fuse(
+        self, source_logits: Sequence[torch.Tensor], weights: torch.Tensor, *, plausibility: bool = True
+    ) -> torch.Tensor:
         """The fused scores a token is chosen from: each source's logits ``(B, ..., R_i)`` combined by the
         fusion method with per-row ``weights`` ``(B, S)``, implausible tokens at ``-inf`` (float32
         ``(B, ..., V)``). Every runner's step fuses through here."""
@@ -321,7 +268,7 @@ class FusedLM:
             source_logits,
             weights,
             self.vocab_size,
-            self.plausibility_index,
+            self.plausibility_index if plausibility else None,
             self.plausibility_alpha,
             self.combine,
         )
@@ -391,19 +338,6 @@ class FusedLM:
                 budgets[i] = min(budgets[i], max(room, 0))
         return budgets
 
-    def _finish(self, prompt: str, row: RowText, gen: GenerationConfig) -> Generation:
-        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        if row.finish_reason == "stop":
-            text = text[: first_stop(text, gen.stop)]
-        return Generation(
-            prompt=prompt,
-            text=text,
-            token_ids=list(row.token_ids),
-            finish_reason=row.finish_reason,
-            inspection=row.inspection if gen.inspect_top_k else None,
-            stats=row.stats,
-        )
-
     @property
     def plausibility_alpha(self) -> float:
         """The plausibility threshold (0 without the constraint)."""
@@ -443,73 +377,6 @@ class FusedLM:
     def token_text(self, token_id: int) -> str:
         """A token as readable text; a piece of a multi-byte character is marked ``⟨partial⟩``."""
         return readable_token(self.tokenizer, token_id)
-
-    # ---------------------------------------------------------------- likelihood
-    def scorer(self, texts: Sequence[Any], *, roles: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """A :class:`~trimix.search.FusedPerplexityScorer` over ``roles`` (default: this model's sources):
-        one forward per source per text, then any number of weight vectors scored from it."""
-        from trimix.search.scoring import FusedPerplexityScorer
-
-        sources = self.sources if roles is None else [self.pool.get(r) for r in roles]
-        return FusedPerplexityScorer(sources, self.vocab_size, texts, **kwargs)
-
-    def loglikelihood(
-        self, requests: Sequence[tuple[str, str]], *, progress: bool = False
-    ) -> list[Loglikelihood]:
-        """Fused log-probability of each continuation given its context (lm-evaluation-harness semantics).
-
-        The pair is encoded whole and the context alone; the continuation is the whole encoding's tokens
-        after the context's (trailing spaces of the context move to the continuation, so the split falls
-        on a token boundary); an empty context is replaced by the tokenizer's BOS (else EOS). The
-        plausibility constraint is a decoding rule and does not apply here.
-
-        Returns:
-            One :class:`Loglikelihood` per request (natural log; ``is_greedy``: every continuation token
-            is the fused argmax at its position).
-        """
-        return self.loglikelihood_by_fusion(requests, [self.fusion], progress=progress)[0]
-
-    def loglikelihood_rolling(
-        self, texts: Sequence[str], *, max_length: int | None = None, progress: bool = False
-    ) -> list[float]:
-        """Whole-text fused log-likelihood, every token predicted (lm-evaluation-harness semantics).
-
-        The text is encoded without special tokens and scored after a prefix token (BOS, else EOS) in
-        disjoint windows of at most ``max_length`` predicted tokens (default: the smallest context among
-        the sources), each window conditioned on the tokens just before it.
-        """
-        per_text = self.loglikelihood_rolling_by_fusion(
-            texts, [self.fusion], max_length=max_length, progress=progress
-        )
-        return [r.logprob for r in per_text[0]]
-
-    def loglikelihood_by_fusion(
-        self, requests: Sequence[tuple[str, str]], fusions: Sequence[Fusion], *, progress: bool = False
-    ) -> list[list[Loglikelihood]]:
-        """:meth:`loglikelihood` under several fusions of the loaded sources at once: one forward pass per
-        source per request serves them all. Returns one list per fusion."""
-        return score_items(self, continuation_items(self.sources[0], requests), fusions, progress)
-
-    def loglikelihood_tokens(
-        self, requests: Sequence[tuple[Sequence[int], int]], *, progress: bool = False
-    ) -> list[Loglikelihood]:
-        """Token-level likelihood: each request is ``(ids, n)``, the fused log-probability of the last ``n``
-        ids given the ones before (for callers that tokenise themselves, such as lm-evaluation-harness)."""
-        return score_items(self, token_items(requests), [self.fusion], progress)[0]
-
-    def loglikelihood_rolling_by_fusion(
-        self,
-        texts: Sequence[str],
-        fusions: Sequence[Fusion],
-        *,
-        max_length: int | None = None,
-        progress: bool = False,
-    ) -> list[list[Loglikelihood]]:
-        """:meth:`loglikelihood_rolling` under several fusions at once (with each text's token count)."""
-        limit = max_length or min((s.max_positions or 2048) for s in self.sources)
-        items, owner = rolling_items(self.sources[0], texts, limit)
-        per_fusion = score_items(self, items, fusions, progress)
-        return [sum_windows(per_item, owner, len(texts)) for per_item in per_fusion]
 
 
 __all__ = [

@@ -108,3 +108,114 @@ def score_items(
                 for i in range(len(items))
             ]
     return results
+
+
+@torch.inference_mode()
+def prompt_logprobs(
+    lm: FusedLM, ids: Sequence[int], top: int, block: int = 128
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each token after the first: its fused log-probability given the ones before, and the ``top`` most
+    likely tokens there (id, log-probability). Every source reads ``ids`` as they are; the fusion is the
+    model's without the plausibility rule (a decoding rule), as in :meth:`FusedLM.loglikelihood`. Uses the
+    backends' core calls only (one token prefilled, the rest fed ``block`` at a time).
+    """
+    ids = list(ids)
+    if len(ids) < 2:
+        return []
+    device = lm.fusion_device
+    weights = torch.tensor([lm.weight_vector()], dtype=torch.float32, device=device)
+    tensor = torch.tensor([ids], dtype=torch.long)
+    prefilled = [s.backend.prefill(tensor[:, :1], torch.ones(1, 1, dtype=torch.long)) for s in lm.sources]
+    states = [state for _, state in prefilled]
+    pending = [logits[:, None].to(device) for logits, _ in prefilled]  # (1, 1, R): predicts ids[1]
+    out: list[tuple[float, list[tuple[int, float]]]] = []
+    position = 1  # the next token to score
+    while position < len(ids):
+        fused = lm.fuse(pending, weights, plausibility=False)[0].float()  # (k, V)
+        logp = torch.log_softmax(fused, dim=-1)
+        targets = torch.tensor(ids[position : position + logp.shape[0]], device=device)
+        chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
+        values, best = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+        for lp, v, b in zip(chosen, values.tolist(), best.tolist(), strict=True):
+            out.append((lp, list(zip(b, v, strict=True))))
+        position += logp.shape[0]
+        feed = tensor[:, position - 1 : min(position - 1 + block, len(ids) - 1)]
+        if feed.shape[1] == 0:
+            break
+        pending = [s.backend.advance(st, feed).to(device) for s, st in zip(lm.sources, states, strict=True)]
+    return out
+
+
+class LikelihoodMethods:
+    """:class:`~trimix.FusedLM`'s likelihood API (lm-evaluation-harness semantics), on the functions above."""
+
+    sources: list[Source]
+    fusion: Fusion
+    pool: Any
+    vocab_size: int
+
+    def scorer(self, texts: Sequence[Any], *, roles: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """A :class:`~trimix.search.FusedPerplexityScorer` over ``roles`` (default: this model's sources):
+        one forward per source per text, then any number of weight vectors scored from it."""
+        from trimix.search.scoring import FusedPerplexityScorer
+
+        sources = self.sources if roles is None else [self.pool.get(r) for r in roles]
+        return FusedPerplexityScorer(sources, self.vocab_size, texts, **kwargs)
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], *, progress: bool = False
+    ) -> list[Loglikelihood]:
+        """Fused log-probability of each continuation given its context (lm-evaluation-harness semantics).
+
+        The pair is encoded whole and the context alone; the continuation is the whole encoding's tokens
+        after the context's (trailing spaces of the context move to the continuation, so the split falls
+        on a token boundary); an empty context is replaced by the tokenizer's BOS (else EOS). The
+        plausibility constraint is a decoding rule and does not apply here.
+
+        Returns:
+            One :class:`Loglikelihood` per request (natural log; ``is_greedy``: every continuation token
+            is the fused argmax at its position).
+        """
+        return self.loglikelihood_by_fusion(requests, [self.fusion], progress=progress)[0]
+
+    def loglikelihood_rolling(
+        self, texts: Sequence[str], *, max_length: int | None = None, progress: bool = False
+    ) -> list[float]:
+        """Whole-text fused log-likelihood, every token predicted (lm-evaluation-harness semantics).
+
+        The text is encoded without special tokens and scored after a prefix token (BOS, else EOS) in
+        disjoint windows of at most ``max_length`` predicted tokens (default: the smallest context among
+        the sources), each window conditioned on the tokens just before it.
+        """
+        per_text = self.loglikelihood_rolling_by_fusion(
+            texts, [self.fusion], max_length=max_length, progress=progress
+        )
+        return [r.logprob for r in per_text[0]]
+
+    def loglikelihood_by_fusion(
+        self, requests: Sequence[tuple[str, str]], fusions: Sequence[Fusion], *, progress: bool = False
+    ) -> list[list[Loglikelihood]]:
+        """:meth:`loglikelihood` under several fusions of the loaded sources at once: one forward pass per
+        source per request serves them all. Returns one list per fusion."""
+        return score_items(self, continuation_items(self.sources[0], requests), fusions, progress)
+
+    def loglikelihood_tokens(
+        self, requests: Sequence[tuple[Sequence[int], int]], *, progress: bool = False
+    ) -> list[Loglikelihood]:
+        """Token-level likelihood: each request is ``(ids, n)``, the fused log-probability of the last ``n``
+        ids given the ones before (for callers that tokenise themselves, such as lm-evaluation-harness)."""
+        return score_items(self, token_items(requests), [self.fusion], progress)[0]
+
+    def loglikelihood_rolling_by_fusion(
+        self,
+        texts: Sequence[str],
+        fusions: Sequence[Fusion],
+        *,
+        max_length: int | None = None,
+        progress: bool = False,
+    ) -> list[list[Loglikelihood]]:
+        """:meth:`loglikelihood_rolling` under several fusions at once (with each text's token count)."""
+        limit = max_length or min((s.max_positions or 2048) for s in self.sources)
+        items, owner = rolling_items(self.sources[0], texts, limit)
+        per_fusion = score_items(self, items, fusions, progress)
+        return [sum_windows(per_item, owner, len(texts)) for per_item in per_fusion]

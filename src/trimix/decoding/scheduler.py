@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +32,11 @@ import torch
 
 from trimix.config import GenerationConfig
 from trimix.decoding.drafting import SpeculativeRunner
-from trimix.decoding.results import Step
+from trimix.decoding.results import Generation, RowText, Step, StreamEvent
 from trimix.decoding.runners import Admission, EagerRunner, Runner, StaticRunner
-from trimix.decoding.sampling import sampling_key
-from trimix.decoding.stopping import StopChecker
-from trimix.decoding.text import encode_texts
+from trimix.decoding.sampling import row_keys, sampling_key
+from trimix.decoding.stopping import StopChecker, emit_text, first_stop
+from trimix.decoding.text import encode_rows, is_token_ids
 from trimix.errors import TrimixError
 from trimix.fusion import Fusion
 from trimix.fusion.methods import get_method
@@ -54,7 +54,8 @@ class RowRequest:
     """One row to decode.
 
     Attributes:
-        prompt: a completion prompt, or chat messages (each source renders them: ``FusedLM.render``).
+        prompt: a completion prompt, chat messages (each source renders them: ``FusedLM.render``), or
+            token ids of the fused vocabulary (every source reads them as they are).
         generation: the row's own settings (token budget, stops, sampling, end of sequence, inspection).
         key: the row's sampling key (:func:`~trimix.decoding.sampling.row_keys`).
         fusion: the row's fusion over the scheduler's sources (None: the scheduler model's).
@@ -62,7 +63,7 @@ class RowRequest:
         tag: anything the caller wants back (the server's request handle).
     """
 
-    prompt: str | Messages
+    prompt: str | Messages | list[int]
     generation: GenerationConfig
     key: int
     fusion: Fusion | None = None
@@ -209,8 +210,13 @@ class Scheduler:
     def _prepare(self, group: _Group, taken: Sequence[tuple[int, RowRequest]]) -> Admission:
         """Render and tokenise the rows for every source, give each its budget and stop settings."""
         lm = group.lm
-        rendered = [lm.render(request.prompt) for _, request in taken]
-        encodings = [encode_texts(source, [r[source.role] for r in rendered]) for source in lm.sources]
+        rendered = [
+            dict.fromkeys(lm.roles, request.prompt)
+            if is_token_ids(request.prompt)
+            else lm.render(request.prompt)
+            for _, request in taken
+        ]
+        encodings = [encode_rows(source, [r[source.role] for r in rendered]) for source in lm.sources]
         settings = [request.generation for _, request in taken]
         budgets = lm.token_budgets(
             encodings, [g.max_new_tokens for g in settings], [g.on_context_limit for g in settings]
@@ -267,3 +273,65 @@ class Scheduler:
             eos = () if gen.ignore_eos else tuple(gen.eos_token_ids or ())
             key += (sampling_key(gen), gen.ignore_eos, eos)
         return key
+
+
+def decode_prompts(
+    lm: FusedLM, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int] | None, deltas: bool
+) -> Iterator[StreamEvent]:
+    """The scheduler's steps as per-prompt events, behind ``FusedLM.stream`` and ``generate`` (which needs
+    no text deltas: then rows are decoded to text only where stop strings need it, and once at their
+    end). Prompts are admitted ``batch_size`` at a time, each batch encoded together."""
+    keys = row_keys(gen.seed, list(range(len(prompts))) if row_ids is None else list(row_ids)).tolist()
+    scheduler = Scheduler(lm, gen, max_batch=gen.batch_size, texts=deltas)
+    index = {
+        scheduler.submit(RowRequest(p, gen, key)): i
+        for i, (p, key) in enumerate(zip(prompts, keys, strict=True))
+    }
+    rows = {i: RowText() for i in range(len(prompts))}
+    shown = dict.fromkeys(rows, "")
+    finals: dict[int, Generation] = {}
+    while scheduler.busy():
+        for step in scheduler.step():
+            for sequence, reason in step.closed:
+                i = index[sequence]
+                rows[i].finish_reason = reason
+                finals[i] = _finish(lm, prompts[i], rows[i], gen)
+                yield StreamEvent(i, -1, "", True, reason, finals[i])
+            for sequence, stats in (step.stats or {}).items():
+                i = index[sequence]
+                rows[i].stats = stats
+                if i in finals:  # accounting comes once per batch, after a row may end
+                    finals[i].stats = stats
+            for j, (sequence, token, reason) in enumerate(
+                zip(step.rows, step.tokens, step.finish, strict=True)
+            ):
+                i = index[sequence]
+                row = rows[i]
+                row.token_ids.append(token)
+                row.finish_reason = reason
+                if step.inspection is not None:
+                    row.inspection.append(step.inspection[j])
+                # While a row runs, its text is the stop checker's (grown incrementally); its last
+                # event carries the whole decode, so the deltas add up to the final text exactly.
+                final = None
+                if reason is not None:
+                    final = finals[i] = _finish(lm, prompts[i], row, gen)
+                delta = ""
+                if deltas:
+                    text = final.text if final is not None else step.texts[j]
+                    delta, shown[i] = emit_text(shown[i], text, reason is not None, gen.stop)
+                yield StreamEvent(i, token, delta, reason is not None, reason, final)
+
+
+def _finish(lm: FusedLM, prompt: str, row: RowText, gen: GenerationConfig) -> Generation:
+    text = lm.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+    if row.finish_reason == "stop":
+        text = text[: first_stop(text, gen.stop)]
+    return Generation(
+        prompt=prompt,
+        text=text,
+        token_ids=list(row.token_ids),
+        finish_reason=row.finish_reason,
+        inspection=row.inspection if gen.inspect_top_k else None,
+        stats=row.stats,
+    )

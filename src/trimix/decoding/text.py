@@ -31,6 +31,23 @@ def encode_texts(source: Source, texts: Sequence[str]) -> dict[str, torch.Tensor
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def is_token_ids(prompt: Any) -> bool:
+    """Whether a prompt is given as token ids of the fused vocabulary (not as text or chat messages)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
+def encode_rows(source: Source, rows: Sequence[str | list[int]]) -> dict[str, torch.Tensor]:
+    """Like :func:`encode_texts`, where some rows may be token ids already (read as they are)."""
+    if not any(is_token_ids(r) for r in rows):
+        return encode_texts(source, rows)
+    ids = [list(r) if is_token_ids(r) else encode_texts(source, [r])["input_ids"][0].tolist() for r in rows]
+    width = max(len(r) for r in ids)
+    pad = int(source.tokenizer.pad_token_id)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def readable_token(tokenizer: Any, token_id: int) -> str:
     """A token as the text it stands for (byte-level symbols decoded); a token that is only part of a
     multi-byte UTF-8 character decodes to U+FFFD and is shown as ``⟨partial⟩``."""

@@ -23,13 +23,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import queue
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 try:  # at module level: FastAPI resolves the handlers' (string) annotations from these globals
     from fastapi import FastAPI, Request
@@ -41,6 +42,7 @@ from trimix.config import resolve_generation
 from trimix.decoding import FusedLM
 from trimix.decoding.batcher import (
     ContinuousBatcher,
+    PromptEcho,
     QueueFull,
     RequestHandle,
     ServeRequest,
@@ -51,9 +53,18 @@ from trimix.decoding.batcher import (
 from trimix.errors import ConfigError, TrimixError
 from trimix.fusion import Fusion, Plausibility
 from trimix.fusion.methods import METHODS
+from trimix.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    TrimixExtension,
+    validation_message,
+)
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -61,30 +72,19 @@ class ClientGone(Exception):
 
 
 class RequestError(Exception):
-    """A bad request: HTTP 400 with OpenAI's error JSON."""
+    """A bad request: HTTP 400 (or ``status``) with OpenAI's error JSON."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
-def _number(
-    body: dict, name: str, default: float | None, low: float | None = None, high: float | None = None
-) -> float | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RequestError(f"`{name}` must be a number; got {value!r}", name)
-    if not math.isfinite(value):
-        raise RequestError(f"`{name}` must be a finite number; got {value!r}", name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(f"`{name}` must be between {low} and {high}; got {value!r}", name)
-    return value
+def error_body(
+    message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class Server:
@@ -116,68 +116,52 @@ class Server:
 
     # ---------------------------------------------------------------- request -> ServeRequest
     def parse(self, body: Any, chat: bool) -> list[ServeRequest]:
-        """One ServeRequest per prompt and choice (``n``), validated; raises :class:`RequestError`."""
+        """One ServeRequest per prompt and choice (``n``), validated; raises :class:`RequestError`.
+
+        Runs off the event loop (it tokenises every prompt to check it fits the sources' contexts)."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
+        try:
+            request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        except ValidationError as exc:
+            raise RequestError(*validation_message(exc)) from None
+        self.check_model(request.model)
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise RequestError("`messages` must be a non-empty list", "messages")
-            for i, m in enumerate(messages):
-                if (
-                    not isinstance(m, dict)
-                    or not isinstance(m.get("content"), str)
-                    or m.get("role") not in {"system", "user", "assistant"}
-                ):
-                    raise RequestError(
-                        f"messages[{i}] needs a role (system, user, assistant) and string content", "messages"
-                    )
-            prompts: list[Any] = [[{"role": m["role"], "content": m["content"]} for m in messages]]
-        else:
-            prompt = body.get("prompt")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if (
-                not isinstance(prompts, list)
-                or not prompts
-                or not all(isinstance(p, str) and p for p in prompts)
-            ):
-                raise RequestError("`prompt` must be a non-empty string or a list of them", "prompt")
-        run = self.lm.generation  # the run's settings: what a request leaves out
-        default_max = self.default_max_tokens or min(run.max_new_tokens, self.max_tokens_cap)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
-        if (
-            isinstance(max_tokens, bool)
-            or not isinstance(max_tokens, int)
-            or not 1 <= max_tokens <= self.max_tokens_cap
-        ):
-            raise RequestError(
-                f"`max_tokens` must be an integer from 1 to {self.max_tokens_cap}; got {max_tokens!r}",
-                "max_tokens",
+            prompts: list[Any] = [[m.model_dump() for m in request.messages]]
+            asked = (
+                request.max_completion_tokens
+                if request.max_completion_tokens is not None
+                else request.max_tokens
             )
-        temperature = _number(body, "temperature", None, 0.0, 2.0)
-        top_p = _number(body, "top_p", None, 0.0, 1.0)
-        n = body.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
-            raise RequestError(f"`n` must be an integer from 1 to 16; got {n!r}", "n")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(f"`seed` must be an integer; got {seed!r}", "seed")
-        stop = body.get("stop")
-        if stop is not None:
-            stop = [stop] if isinstance(stop, str) else stop
-            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 8:
-                raise RequestError("`stop` must be a non-empty string or a list of up to 8 of them", "stop")
-        logprobs = self._logprobs(body, chat)
-        fusion, inspect = self._fusion(body.get("trimix"))
-        fields: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": stop}
-        if temperature is not None:  # 0: greedy; otherwise sampling at that temperature
-            fields["do_sample"] = temperature > 0
-            if temperature > 0:
-                fields["temperature"] = temperature
-        elif top_p is not None:
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
+            echo = False
+        else:
+            prompts = request.prompts
+            asked, logprobs, echo = request.max_tokens, request.logprobs, request.echo
+            self._check_ids(prompts)
+        run = self.lm.generation  # the run's settings: what a request leaves out
+        max_tokens = (
+            asked
+            if asked is not None
+            else (self.default_max_tokens or min(run.max_new_tokens, self.max_tokens_cap))
+        )
+        if max_tokens > self.max_tokens_cap:
+            param = (
+                "max_completion_tokens"
+                if chat and request.max_completion_tokens is not None
+                else "max_tokens"
+            )
+            raise RequestError(f"`{param}` must be at most {self.max_tokens_cap}; got {max_tokens}", param)
+        fusion, inspect = self._fusion(request.trimix)
+        fields: dict[str, Any] = {"max_new_tokens": max(max_tokens, 1), "stop": request.stops}
+        if request.temperature is not None:  # 0: greedy; otherwise sampling at that temperature
+            fields["do_sample"] = request.temperature > 0
+            if request.temperature > 0:
+                fields["temperature"] = request.temperature
+        elif request.top_p is not None:
             fields["do_sample"] = True
-        if top_p is not None and top_p > 0:
-            fields["top_p"] = top_p
+        if request.top_p is not None and request.top_p > 0:
+            fields["top_p"] = request.top_p
         try:
             generation = resolve_generation(run, fields, origin="request field")
         except ConfigError as exc:
@@ -189,43 +173,52 @@ class Server:
             except TrimixError as exc:
                 raise RequestError(str(exc), "messages" if chat else "prompt") from exc
             requests += [
-                ServeRequest(prompt, generation, fusion, logprobs, inspect, request_key(seed, index), length)
-                for index in range(n)
+                ServeRequest(
+                    prompt,
+                    generation,
+                    fusion,
+                    logprobs,
+                    inspect,
+                    request_key(request.seed, index),
+                    length,
+                    echo=echo,
+                    max_tokens=max_tokens,
+                )
+                for index in range(request.n)
             ]
         return requests
 
-    def _logprobs(self, body: dict, chat: bool) -> int | None:
-        if chat:
-            if not body.get("logprobs"):
-                return None
-            top = body.get("top_logprobs", 0) or 0
-        else:
-            top = body.get("logprobs")
-            if top is None:
-                return None
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+    def check_model(self, name: str | None) -> None:
+        """A request naming another model than the one served is a 404 (``model_not_found``), as with
+        OpenAI and vLLM; a request that names none gets the served model."""
+        if name is not None and name != self.model_name:
             raise RequestError(
-                f"top log-probabilities must be an integer from 0 to 20; got {top!r}",
-                "top_logprobs" if chat else "logprobs",
+                f"the model `{name}` does not exist; this server serves `{self.model_name}` (GET /v1/models)",
+                "model",
+                status=404,
+                code="model_not_found",
             )
-        return top
 
-    def _fusion(self, extension: Any) -> tuple[Fusion, int]:
-        """The request's fusion: the run's, or the ``trimix`` extension's weights and plausibility."""
+    def _check_ids(self, prompts: list[Any], field: str = "prompt") -> None:
+        vocab = self.lm.vocab_size
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                bad = [t for t in prompt if t >= vocab]
+                if bad:
+                    where = field if len(prompts) == 1 else f"{field}[{i}]"
+                    raise RequestError(
+                        f"`{where}` holds token id(s) {bad[:5]} beyond the fused vocabulary of {vocab} tokens",
+                        field,
+                    )
+
+    def _fusion(self, extension: TrimixExtension | None) -> tuple[Fusion, int]:
+        """The request's fusion: the run's, or the ``trimix`` extension's method, weights and plausibility."""
         if extension is None:
             return self.lm.fusion, 0
-        if not isinstance(extension, dict):
-            raise RequestError("`trimix` must be an object: {weights, plausibility, inspect}", "trimix")
-        unknown = sorted(set(extension) - {"weights", "plausibility", "inspect", "method"})
-        if unknown:
-            raise RequestError(
-                f"unknown `trimix` field(s) {unknown}; use weights, plausibility, method, inspect", "trimix"
-            )
         lm = self.lm
-        weights = extension.get("weights")
-        method = extension.get("method")
+        weights, method = extension.weights, extension.method
         if method is not None:
-            if not isinstance(method, str) or method not in METHODS:
+            if method not in METHODS:
                 raise RequestError(
                     f"unknown `trimix.method` {method!r}; one of {', '.join(METHODS)}", "trimix.method"
                 )
@@ -238,10 +231,6 @@ class Server:
                     except TrimixError as exc:
                         raise RequestError(str(exc), "trimix.method") from exc
         if weights is not None:
-            if not isinstance(weights, dict) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in weights.values()
-            ):
-                raise RequestError("`trimix.weights` must map roles to numbers", "trimix.weights")
             unknown_roles = sorted(set(weights) - set(lm.pool.roles))
             if unknown_roles:
                 raise RequestError(
@@ -249,86 +238,152 @@ class Server:
                     "trimix.weights",
                 )
             try:
-                lm = lm.with_weights(method=extension.get("method"), **weights)
+                lm = lm.with_weights(method=method, **weights)
             except TrimixError as exc:
                 raise RequestError(str(exc), "trimix.weights") from exc
         fusion = lm.fusion
-        if "plausibility" in extension:
-            plaus = extension["plausibility"]
+        if "plausibility" in extension.model_fields_set:
+            plaus = extension.plausibility
             if plaus is None:
                 fusion = Fusion(fusion.weights, fusion.method, None, fusion.options)
             else:
-                if not isinstance(plaus, dict) or plaus.get("role") not in lm.pool.roles:
+                if plaus.role not in lm.pool.roles:
                     raise RequestError(
-                        f"`trimix.plausibility.role` must be one of {lm.pool.roles}", "trimix.plausibility"
+                        f"`trimix.plausibility.role` must be one of {lm.pool.roles}; got {plaus.role!r}",
+                        "trimix.plausibility.role",
                     )
-                try:
-                    fusion = Fusion(
-                        fusion.weights,
-                        fusion.method,
-                        Plausibility(plaus["role"], float(plaus.get("alpha", 0.1))),
-                        fusion.options,
-                    )
-                except (ValueError, TypeError) as exc:
-                    raise RequestError(str(exc), "trimix.plausibility") from exc
+                fusion = Fusion(
+                    fusion.weights, fusion.method, Plausibility(plaus.role, plaus.alpha), fusion.options
+                )
         missing = [r for r in fusion.roles if r not in lm.pool.sources]
         if missing:
             raise RequestError(f"source(s) {missing} are not loaded on this server", "trimix.weights")
-        inspect = extension.get("inspect", 0)
-        if isinstance(inspect, bool) or not isinstance(inspect, int) or not 0 <= inspect <= 20:
-            raise RequestError("`trimix.inspect` must be an integer from 0 to 20", "trimix.inspect")
-        return fusion, inspect
+        return fusion, extension.inspect
+
+    # ---------------------------------------------------------------- tokenizer endpoints
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        try:
+            request = TokenizeRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RequestError(*validation_message(exc)) from None
+        self.check_model(request.model)
+        source, tokenizer = self.lm.sources[0], self.lm.tokenizer
+        if request.messages is not None:
+            messages = [m.model_dump() for m in request.messages]
+            text = self.lm.render(messages)[source.role]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+        return {
+            "count": len(ids),
+            "max_model_len": min((s.max_positions or 0) for s in self.lm.sources) or None,
+            "tokens": ids,
+            "token_strs": [self.lm.token_text(t) for t in ids],
+        }
+
+    def detokenize(self, body: Any) -> dict[str, Any]:
+        try:
+            request = DetokenizeRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RequestError(*validation_message(exc)) from None
+        self.check_model(request.model)
+        self._check_ids([request.tokens], "tokens")
+        return {"prompt": self.lm.tokenizer.decode(request.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        tokenizer = self.lm.tokenizer
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": min((s.max_positions or 0) for s in self.lm.sources) or None,
+            "vocab_size": self.lm.vocab_size,
+        }
 
     # ---------------------------------------------------------------- events -> responses
     async def events(
         self, handles: list[RequestHandle], is_disconnected
-    ) -> AsyncIterator[tuple[int, TokenEvent | Exception]]:
+    ) -> AsyncIterator[tuple[int, TokenEvent | PromptEcho | Exception]]:
         """Each handle's events as they arrive, as ``(index, event)``, until every handle has finished (an
-        exception ends its handle); raises :class:`ClientGone` when the client disconnects."""
+        exception ends its handle); raises :class:`ClientGone` when the client disconnects. The batcher's
+        thread wakes this coroutine when it hands over an event (no polling)."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        for handle in handles:
+            handle.notify = lambda: loop.call_soon_threadsafe(ready.set)
         done = [False] * len(handles)
         while not all(done):
-            progressed = False
+            ready.clear()
             for i, handle in enumerate(handles):
                 while not done[i]:
                     try:
                         event = handle.events.get_nowait()
                     except queue.Empty:
                         break
-                    progressed = True
-                    done[i] = isinstance(event, Exception) or event.finish_reason is not None
+                    done[i] = isinstance(event, Exception) or (
+                        isinstance(event, TokenEvent) and event.finish_reason is not None
+                    )
                     yield i, event
-            if not progressed:
+            if all(done):
+                return
+            try:
+                await asyncio.wait_for(ready.wait(), timeout=0.5)
+            except TimeoutError:
                 if await is_disconnected():
-                    raise ClientGone
-                await asyncio.sleep(0.005)
+                    raise ClientGone from None
 
-    async def collect(self, handles: list[RequestHandle], is_disconnected) -> list[list[TokenEvent]]:
-        """Wait for every handle's events (cancelling all if the client goes away)."""
+    async def collect(
+        self, handles: list[RequestHandle], is_disconnected
+    ) -> list[tuple[PromptEcho | None, list[TokenEvent]]]:
+        """Wait for every handle's events (cancelling all if the client goes away): each handle's echoed
+        prompt (or None) and its token events."""
+        echoes: list[PromptEcho | None] = [None] * len(handles)
         results: list[list[TokenEvent]] = [[] for _ in handles]
         try:
             async for i, event in self.events(handles, is_disconnected):
                 if isinstance(event, Exception):
                     raise event
-                results[i].append(event)
+                if isinstance(event, PromptEcho):
+                    echoes[i] = event
+                else:  # a token, or the end without one (max_tokens 0)
+                    results[i].append(event)
         except ClientGone:
             for handle in handles:
                 handle.cancel()
-        return results
+        return list(zip(echoes, results, strict=True))
 
-    async def stream(self, handles: list[RequestHandle], chat: bool, is_disconnected) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, one chunk per token, then ``[DONE]``."""
+    async def stream(
+        self, handles: list[RequestHandle], chat: bool, is_disconnected, include_usage: bool = False
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, one chunk per token, then (with
+        ``stream_options.include_usage``) a chunk with the usage and no choices, then ``[DONE]``."""
         ident, created = self._ident(chat), int(time.time())
         if chat:
             for i in range(len(handles)):
                 yield self._sse(
                     self._chunk(ident, created, chat, i, {"role": "assistant", "content": ""}, None)
                 )
+        completion_tokens = 0
         try:
             async for i, event in self.events(handles, is_disconnected):
                 if isinstance(event, Exception):
                     yield self._sse(error_body(str(event), kind="server_error"))
+                elif isinstance(event, PromptEcho):
+                    chunk = self._chunk(ident, created, chat, i, {}, None)
+                    chunk["choices"][0]["text"] = event.text
+                    if event.tokens:
+                        chunk["choices"][0]["logprobs"] = _echo_logprobs(event)
+                    yield self._sse(chunk)
                 else:
+                    completion_tokens += event.token_id >= 0
                     yield self._sse(self._event_chunk(ident, created, chat, i, event))
+            if include_usage:
+                usage = self._chunk(ident, created, chat, 0, {}, None)
+                usage["choices"] = []
+                usage["usage"] = _usage(_prompt_tokens(handles), completion_tokens)
+                yield self._sse(usage)
             yield "data: [DONE]\n\n"
         except ClientGone:
             return
@@ -337,45 +392,47 @@ class Server:
                 handle.cancel()
 
     def response(
-        self, handles: list[RequestHandle], results: list[list[TokenEvent]], chat: bool
+        self,
+        handles: list[RequestHandle],
+        results: list[tuple[PromptEcho | None, list[TokenEvent]]],
+        chat: bool,
     ) -> dict[str, Any]:
         choices = []
         completion_tokens = 0
-        for i, events in enumerate(results):
+        for i, (echo, ended) in enumerate(results):
+            events = [e for e in ended if e.token_id >= 0]
             text = "".join(e.text for e in events)
-            finish = events[-1].finish_reason if events else "length"
+            finish = ended[-1].finish_reason if ended else "length"
             completion_tokens += len(events)
             choice: dict[str, Any] = {"index": i, "finish_reason": _finish(finish)}
+            request = handles[i].request
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
-                if handles[i].request.logprobs is not None:
+                if request.logprobs is not None:
                     choice["logprobs"] = {"content": [self._chat_logprob(e) for e in events]}
             else:
-                choice["text"] = text
-                if handles[i].request.logprobs is not None:
-                    choice["logprobs"] = {
+                choice["text"] = (echo.text if echo is not None else "") + text
+                if request.logprobs is not None:
+                    logprobs = {
                         "tokens": [self.lm.token_text(e.token_id) for e in events],
                         "token_logprobs": [e.logprob for e in events],
                         "top_logprobs": [dict(e.top_logprobs or []) for e in events],
-                        "text_offset": _offsets(events),
+                        "text_offset": _offsets(events, len(echo.text) if echo is not None else 0),
                     }
-            if handles[i].request.inspect:
+                    if echo is not None:
+                        before = _echo_logprobs(echo)
+                        logprobs = {key: before[key] + logprobs[key] for key in logprobs}
+                    choice["logprobs"] = logprobs
+            if request.inspect:
                 choice["trimix"] = {"tokens": [_inspection(e, self.lm) for e in events]}
             choices.append(choice)
-        prompt_tokens = sum(
-            {id(h.request.prompt): h.prompt_tokens for h in handles}.values()
-        )  # once per prompt
         return {
             "id": self._ident(chat),
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": _usage(_prompt_tokens(handles), completion_tokens),
         }
 
     def _event_chunk(
@@ -470,6 +527,13 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON ({exc})") from exc
+
+
 def _written_weights(lm: FusedLM) -> dict[str, float]:
     """The run's weights as a user would write them, for a method that needs weights it does not set."""
     return {role: weight for role, weight in lm.fusion.weights.items() if weight != 0.0}
@@ -481,8 +545,35 @@ def _finish(reason: str | None) -> str:
     )
 
 
-def _offsets(events: list[TokenEvent]) -> list[int]:
+def _prompt_tokens(handles: list[RequestHandle]) -> int:
+    """The prompts' tokens, once per prompt (its ``n`` choices read the same tokens)."""
+    return sum({id(h.request.prompt): h.prompt_tokens for h in handles}.values())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _echo_logprobs(echo: PromptEcho) -> dict[str, list]:
+    """The echoed prompt's part of a completion's ``logprobs`` (OpenAI's layout: the first token has none)."""
     offsets, total = [], 0
+    for token in echo.tokens:
+        offsets.append(total)
+        total += len(token)
+    return {
+        "tokens": list(echo.tokens),
+        "token_logprobs": list(echo.logprobs),
+        "top_logprobs": [None if top is None else dict(top) for top in echo.top_logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _offsets(events: list[TokenEvent], start: int = 0) -> list[int]:
+    offsets, total = [], start
     for event in events:
         offsets.append(total)
         total += len(event.text)
@@ -519,14 +610,17 @@ def create_app(server: Server):
     )
 
     async def _body(request: Request) -> Any:
-        try:
-            return json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"the request body is not valid JSON ({exc})") from exc
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(
+                f"the request body has {len(raw):,} bytes; this server reads at most {MAX_BODY_BYTES:,}",
+                status=413,
+            )
+        return await asyncio.to_thread(_json, raw)
 
     @app.exception_handler(RequestError)
     async def _bad_request(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.param, code=exc.code), status_code=exc.status)
 
     @app.exception_handler(QueueFull)
     async def _busy(_: Request, exc: QueueFull) -> JSONResponse:
@@ -534,11 +628,14 @@ def create_app(server: Server):
 
     async def _complete(request: Request, chat: bool):
         body = await _body(request)
-        requests = server.parse(body, chat)
+        # Validation tokenises every prompt: off the event loop, so a large request never delays others.
+        requests = await asyncio.to_thread(server.parse, body, chat)
         handles = [server.batcher.submit(r) for r in requests]
-        if isinstance(body, dict) and body.get("stream"):
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
             return StreamingResponse(
-                server.stream(handles, chat, request.is_disconnected), media_type="text/event-stream"
+                server.stream(handles, chat, request.is_disconnected, bool(options.get("include_usage"))),
+                media_type="text/event-stream",
             )
         results = await server.collect(handles, request.is_disconnected)
         return JSONResponse(server.response(handles, results, chat))
@@ -564,6 +661,23 @@ def create_app(server: Server):
                 }
             ],
         }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's: the fused vocabulary's token ids of a prompt (or of chat messages as the first fused
+        source renders them)."""
+        body = await _body(request)
+        return await asyncio.to_thread(server.tokenize, body)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        return await asyncio.to_thread(server.detokenize, body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's: the tokenizer's special tokens and chat template (lm-eval's remote tokenizer reads it)."""
+        return server.tokenizer_info()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
