@@ -193,6 +193,63 @@ CASES = {
         ["eval", "-c", "{c}", "-o", "{d}/never_made", "--resume"],
         "there is nothing to continue",
     ),
+    # #25: weak messages before
+    "weight_word_shows_its_value": (
+        lambda d, c: d.joinpath("h.yaml").write_text(
+            c.read_text().replace("role: large", "role: large\n  weight: heavy")
+        ),
+        ["generate", "-c", "{d}/h.yaml", "-p", "x"],
+        "models.0.weight: must be a number, unable to parse string as a number (got 'heavy')",
+    ),
+    "task_option_misspelled": (
+        lambda d, c: d.joinpath("o.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    **yaml.safe_load(c.read_text()),
+                    "eval": {
+                        "methods": [{"name": "large", "method": "single", "role": "large"}],
+                        "tasks": [{"task": "sib200_topic", "langs": ["uig_Arab"], "options": {"rooot": "x"}}],
+                    },
+                }
+            )
+        ),
+        ["eval", "-c", "{d}/o.yaml", "-o", "{d}/out"],
+        "task 'sib200_topic' has no option 'rooot'; did you mean 'root'?",
+    ),
+    "task_root_is_a_file": (
+        lambda d, c: (
+            d.joinpath("afile").write_text("x"),
+            d.joinpath("r.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        **yaml.safe_load(c.read_text()),
+                        "eval": {
+                            "methods": [{"name": "large", "method": "single", "role": "large"}],
+                            "tasks": [
+                                {
+                                    "task": "sib200_topic",
+                                    "langs": ["uig_Arab"],
+                                    "options": {"root": str(d / "afile")},
+                                }
+                            ],
+                        },
+                    }
+                )
+            ),
+        ),
+        ["eval", "-c", "{d}/r.yaml", "-o", "{d}/out"],
+        "is a file; `root` names the folder",
+    ),
+    "config_is_a_folder": (
+        None,
+        ["generate", "-c", "{d}", "-p", "x"],
+        "is a folder; pass the run's YAML file",
+    ),
+    "cpt_flag_out_of_range": (
+        None,
+        ["cpt", "--model", "{d}/m", "--corpus", "{d}/c.txt", "--lr", "-1", "-o", "{d}/cpt"],
+        "--lr: must be greater than 0 (got -1.0)",
+    ),
 }
 
 
@@ -427,3 +484,34 @@ def test_a_full_disk_during_generate_names_it_and_loses_nothing_printed(
     printed = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     on_disk = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(printed) == 1 and [r["id"] for r in on_disk][: len(printed)] == [r["id"] for r in printed]
+
+
+def test_a_byte_order_mark_is_read_as_nothing(tmp_path) -> None:
+    """Files saved by editors that write a UTF-8 byte-order mark read as the same text (#25: a BOM made the
+    header 'bad' and the first label 'absent')."""
+    from trimix.data import read_sib200, sib200_labels
+
+    root = _sib_folder(tmp_path / "sib")
+    for path in [root / "labels.txt", *(root / "xyz_Latn").glob("*.tsv")]:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert sib200_labels(root) == ["sports", "health"]
+    assert [r.category for r in read_sib200("xyz_Latn", "test", root)] == ["sports", "health", "sports"]
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path, capsys) -> None:
+    """``-c <(...)`` hands trimix a pipe: it is read (relative paths from the working directory), not
+    called missing."""
+    import os
+
+    read, write = os.pipe()
+    raw = {
+        "models": [{"model": str(tmp_path / "absent"), "role": "a"}],
+        "fusion": {"method": "single", "role": "a"},
+    }
+    os.write(write, yaml.safe_dump(raw).encode())
+    os.close(write)
+    try:
+        code, err = _run(capsys, ["generate", "-c", f"/dev/fd/{read}", "-p", "x"])
+    finally:
+        os.close(read)
+    assert code == 2 and "model path" in err and "absent" in err and "config file '" not in err, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,23 @@ def test_cpt_cli_interrupted_exits_130_with_a_resume_hint(
     assert codes == [130]
     err = capsys.readouterr().err
     assert "interrupted at step 2/4" in err and "--resume" in err
+
+
+def test_resume_refuses_a_corpus_whose_content_changed(base, corpus, tmp_path, capsys, monkeypatch) -> None:
+    """Resumable commands fingerprint their inputs' content: the same file name with other text is refused
+    (training on a mix), while the unchanged corpus resumes."""
+    own = tmp_path / "corpus.txt"
+    own.write_text(Path(corpus).read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["cpt", "--model", base.model, "--corpus", str(own), "--max-steps", "4", "--block-size", "32"]
+    codes = []
+    _interrupted("cpt.step:2", monkeypatch, lambda: codes.append(main([*args, "-o", str(out)])))
+    assert codes == [130]
+    capsys.readouterr()
+    original = own.read_text(encoding="utf-8")
+    own.write_text(original.replace("ئ", "ى", 3), encoding="utf-8")
+    assert main(["cpt", "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the run" in err and str(own) in err, err
+    own.write_text(original, encoding="utf-8")
+    assert main(["-q", "cpt", "-o", str(out), "--resume"]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import socket
 import time
 
@@ -323,3 +324,81 @@ def test_trimix_method_is_honoured_without_weights_and_unknown_methods_refused(s
         response.status_code == 400
         and "unknown `trimix.method` 'quadmix'" in response.json()["error"]["message"]
     )
+
+
+RTL_TEXT = " ئۇيغۇر تىلى"  # Uyghur in Arabic script: right to left, letters joined across token boundaries
+
+
+def test_playground_keeps_right_to_left_text_in_order_and_joined(tmp_path) -> None:
+    """A model certain to answer in Uyghur: the page's output reads right to left (its direction comes from
+    the text), the first token sits right of the last, and the coloured tokens take exactly the width of
+    the same text shaped as one run — token boundaries break no joined letters (padding or borders
+    between them did: the letters fell apart into isolated forms)."""
+    import itertools
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from trimix.testing import build_byte_level_tokenizer, build_chain_model
+
+    tokenizer = build_byte_level_tokenizer()
+    ids = tokenizer("q" + RTL_TEXT, add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) == len(ids)  # a chain: each token names the next
+    folder = tmp_path / "chain"
+    build_chain_model(tokenizer, dict(itertools.pairwise(ids)), seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    lm = FusedLM.from_config(
+        load_config(
+            {
+                "models": [{"model": str(folder), "role": "uyghur"}],
+                "fusion": {"method": "single", "role": "uyghur"},
+            }
+        )
+    )
+    with BackgroundServer(Server(lm)) as running:
+        browser = _headless_chromium()
+        try:
+            browser.set_window_size(1000, 800)
+            browser.get(running.url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: b.find_element(By.ID, "w-uyghur"))
+            prompt, limit = browser.find_element(By.ID, "prompt"), browser.find_element(By.ID, "maxTokens")
+            prompt.clear()
+            prompt.send_keys("q")
+            limit.clear()
+            limit.send_keys(str(len(ids) - 1))
+            browser.find_element(By.ID, "go").click()
+            wait.until(lambda b: b.find_element(By.ID, "status").text.endswith("tokens"))
+            shown = browser.execute_script("return document.getElementById('output').textContent")
+            assert shown == RTL_TEXT
+            layout = browser.execute_script(
+                """
+                const out = document.getElementById('output');
+                const spans = [...out.querySelectorAll('.tok')].filter((s) => s.textContent);
+                const boxes = spans.map((s) => s.getBoundingClientRect());
+                const probe = out.cloneNode(false);  // the same styles (the same id, for a moment)
+                probe.textContent = out.textContent;
+                out.parentNode.appendChild(probe);
+                const range = document.createRange();
+                range.selectNodeContents(probe);
+                const whole = range.getBoundingClientRect().width;
+                probe.remove();
+                return {
+                  direction: getComputedStyle(out).direction,
+                  first: [boxes[0].left, boxes[0].right],
+                  last: [boxes[boxes.length - 1].left, boxes[boxes.length - 1].right],
+                  tokens: Math.max(...boxes.map((b) => b.right)) - Math.min(...boxes.map((b) => b.left)),
+                  whole,
+                };
+                """
+            )
+            assert layout["direction"] == "rtl", layout
+            assert layout["first"][1] > layout["last"][1], layout  # read from the right
+            assert layout["tokens"] == pytest.approx(layout["whole"], abs=1.0), layout
+            screenshot = os.environ.get("TRIMIX_PLAYGROUND_SCREENSHOT")
+            if (
+                screenshot
+            ):  # docs/playground_rtl.png: TRIMIX_PLAYGROUND_SCREENSHOT=... pytest -k right_to_left
+                browser.find_element(By.ID, "output").screenshot(screenshot)
+        finally:
+            browser.quit()

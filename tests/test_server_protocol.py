@@ -161,8 +161,12 @@ def test_the_openai_client_sees_model_names_usage_and_limits(live) -> None:
     assert refused.status_code == 400 and "lone surrogate" in refused.json()["error"]["message"], refused.text
     assert refused.json()["error"]["param"] == "prompt"
     chat = '{"messages": [{"role": "user", "content": "\\udfff"}]}'
-    refused = httpx.post(f"{url}/v1/chat/completions", content=chat, headers={"Content-Type": "application/json"})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content", refused.text
+    refused = httpx.post(
+        f"{url}/v1/chat/completions", content=chat, headers={"Content-Type": "application/json"}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content", (
+        refused.text
+    )
     with pytest.raises(openai.BadRequestError, match=r"unknown `trimix\.method` 'quadmix'"):
         client.completions.create(
             model="trimix-tiny", prompt=PROMPT, max_tokens=2, extra_body={"trimix": {"method": "quadmix"}}
@@ -243,3 +247,63 @@ def test_large_or_many_requests_do_not_stall_the_server(live) -> None:
     assert statuses[-1] < 500 and statuses.count(200) >= 32, statuses
     print(f"/health: {min(idle) * 1000:.0f} ms idle, slowest {slowest * 1000:.0f} ms during the load")
     assert slowest < 1.0 and math.isfinite(slowest)
+
+
+def test_lm_eval_local_chat_completions_runs_a_generation_task(live) -> None:
+    from lm_eval.tasks import TaskManager
+
+    lm, _, url, _ = live
+    manager = TaskManager(include_path=backend.tasks_dir(), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"base_url={url}/v1/chat/completions,model=trimix-tiny,max_retries=1",
+        tasks=[GEN],
+        limit=2,
+        apply_chat_template=True,
+        task_manager=manager,
+        log_samples=True,
+    )
+    for sample in _samples(out, GEN):  # each answer is the fused model's own reply to the chat
+        (context, *_), settings = sample["arguments"][0]  # lm-eval logs the chat as (JSON text,)
+        messages = json.loads(context)
+        rendered = lm.render(messages)[lm.roles[0]]
+        until = [s for s in settings["until"] if s]
+        expected = lm.generate([rendered], max_new_tokens=settings["max_gen_toks"], stop=until)[0].text
+        assert sample["resps"][0][0] == expected
+    assert "exact_match,none" in out["results"][GEN]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "--port must be a TCP port from 1 to 65535; got 99999"),
+        (["--max-tokens-cap", "-5"], "--max-tokens-cap must be positive; got -5"),
+        (
+            ["--default-max-tokens", "0"],
+            "--default-max-tokens must be from 1 to --max-tokens-cap (2048); got 0",
+        ),
+        (["--max-tokens-cap", "8", "--default-max-tokens", "16"], "got 16"),
+        (["--host", "192.0.2.7"], "--host 192.0.2.7 --port"),
+        ("busy", "is in use by another process"),
+    ],
+)
+def test_serve_refuses_bad_flags_before_loading_models(tmp_path, capsys, monkeypatch, flags, message) -> None:
+    """Checked before any model loads: the run names models that do not exist, and loading them would fail
+    with another message."""
+    from trimix.cli.main import main
+    from trimix.server.background import bound_socket
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"models": [{"model": str(tmp_path / "absent"), "role": "only"}]}))
+    holder = None
+    if flags == "busy":
+        holder = bound_socket("127.0.0.1", 0)
+        holder.listen()
+        flags = ["--port", str(holder.getsockname()[1])]
+    try:
+        assert main(["-q", "serve", "-c", str(run), *flags]) == 2
+    finally:
+        if holder is not None:
+            holder.close()
+    err = capsys.readouterr().err
+    assert message in err and "absent" not in err, err

@@ -552,7 +552,13 @@ def format_validation_error(error: ValidationError, origin: str, flags: dict[str
         )
         if item["type"] == "extra_forbidden":
             message = f"unknown key{_did_you_mean(tuple(item['loc']))}"
-        suffix = f" (got {got!r})" if item["type"] in {"literal_error"} or flag else ""
+        message = message.replace("Input should be", "must be").replace("must be a valid ", "must be a ")
+        # The value itself, unless the key is missing or unknown, or the value is a whole section.
+        shown = repr(got) if not isinstance(got, dict | list) else ""
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        quiet = item["type"] in {"missing", "extra_forbidden"} or not shown
+        suffix = "" if quiet or shown in message else f" (got {shown})"
         lines.append(f"  {flag or where}: {message}{suffix}")
     return "\n".join(lines)
 
@@ -702,6 +708,7 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     weights: dict[str, float] | None = None,
     flags: dict[str, str] | None = None,
+    weights_origin: str = "--weights",
 ) -> TrimixConfig:
     """Read, merge and validate a run config.
 
@@ -710,6 +717,7 @@ def load_config(
         overrides: dotted keys to set before validation, e.g. ``{"generation.max_new_tokens": 8}``.
         weights: explicit per-role weights (see :func:`apply_weights` for how a partial set is read).
         flags: dotted key -> the command-line flag that set it, so that errors name the flag.
+        weights_origin: what gave ``weights``, named by errors about them (lm-eval: its ``model_args``).
 
     Returns:
         The validated config with every source's weight resolved.
@@ -723,8 +731,13 @@ def load_config(
     else:
         path = Path(source)
         origin = str(path)
-        if not path.is_file():
+        stream = path.is_fifo() or path.is_char_device()  # `-c <(...)`, `-c /dev/stdin`
+        if not path.exists():
             raise ConfigError(f"config file {origin!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(
+                f"config file {origin!r} is a folder; pass the run's YAML file (e.g. {origin}/config.yaml)"
+            )
         try:
             raw = yaml.load(read_text(path, "config file"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
@@ -732,11 +745,11 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{origin} must hold a mapping with a `models` list at the top level")
         _check_section_shapes(raw, origin)
-        _resolve_relative_paths(raw, path.parent)
+        _resolve_relative_paths(raw, Path.cwd() if stream else path.parent)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     weights_from = (raw.get("fusion") or {}).get("weights_from")
-    origin_of_weights = "--weights"
+    origin_of_weights = weights_origin  # what a message about ``weights`` blames
     if weights_from and weights is None:
         weights = read_selected_weights(weights_from)
         origin_of_weights = f"fusion.weights_from ({weights_from})"

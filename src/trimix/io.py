@@ -22,7 +22,7 @@ class DiskFullError(TrimixError):
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of ``path``.
+    """The UTF-8 text of ``path`` (a leading byte-order mark, which some editors write, is dropped).
 
     Raises:
         DataError: the file is missing, a folder, binary, or not UTF-8 (path and byte offset named).
@@ -30,13 +30,13 @@ def read_text(path: str | Path, what: str = "file") -> str:
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{what} {str(path)!r} does not exist")
-    if not path.is_file():
+    if not (path.is_file() or path.is_fifo() or path.is_char_device()):  # pipes and /dev/stdin read too
         raise DataError(f"{what} {str(path)!r} is not a file")
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise DataError(f"{what} {str(path)!r} is not a text file (it contains NUL bytes)")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{what} {str(path)!r} is not UTF-8 text (invalid byte at offset {exc.start}); convert it, "
@@ -47,7 +47,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
 def decode_stdin(raw: bytes) -> str:
     """Text piped on standard input, as UTF-8 (a clear error otherwise)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise DataError(f"standard input is not UTF-8 text (invalid byte at offset {exc.start})") from exc
 

@@ -97,7 +97,8 @@ class TrimixLM(TemplateLM):
                 if weights_from
                 else None
             )
-            run = load_config(config, overrides=overrides, weights=chosen)
+            origin = "model_args weights" if weights else f"model_args weights_from ({weights_from})"
+            run = load_config(config, overrides=overrides, weights=chosen, weights_origin=origin)
             lm = FusedLM.from_config(run)
         self.chat_roles = [s.role for s in lm.sources if s.config.prompt_format == "chat"]
         self.lm = _reading_raw_text(lm)

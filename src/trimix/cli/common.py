@@ -89,6 +89,7 @@ def _check_encodable(text: str, where: str) -> None:
 
 def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict[str, Any]]:
     prompts = []
+    seen: dict[str, int] = {}  # id -> the line that gave it
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -102,6 +103,13 @@ def _parse_prompt_lines(lines: list[str], origin: str, jsonl: bool) -> list[dict
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise DataError(f'{origin}:{number}: each line needs a string field "prompt"')
         _check_encodable(row["prompt"], f"{origin}:{number}")
+        key = str(row.get("id", len(prompts)))
+        if key in seen:
+            raise DataError(
+                f"{origin}:{number}: prompt id {key!r} repeats line {seen[key]}; ids must be unique (results "
+                "are keyed by them)"
+            )
+        seen[key] = number
         prompts.append({"id": row.get("id", len(prompts)), "prompt": row["prompt"]})
     if not prompts:
         raise DataError(f"{origin} holds no prompts")

@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from trimix.config import CptConfig, SourceConfig, load_config
+from trimix.config import CptConfig, SourceConfig, format_validation_error, load_config
 from trimix.errors import ConfigError
-from trimix.io import read_text
+from trimix.io import read_documents, read_text
 from trimix.runinfo import describe_change, fingerprint, folder_lock, prepare_output_dir, write_run_info
 from trimix.training import run_cpt
 
@@ -79,6 +80,15 @@ _CPT_FLAGS = {
 }
 
 
+def corpus_digest(paths: list[str], text_field: str) -> str | None:
+    """The corpus's content (every document of every file, in order; not the files' names or dates), so
+    --resume refuses a corpus that changed since the run started. None when there is no corpus yet (the
+    run then fails on that with its own message)."""
+    if not paths:
+        return None
+    return fingerprint({"documents": [read_documents(p, text_field) for p in paths]})
+
+
 def _saved_run(output_dir: str) -> dict:
     path = Path(output_dir) / "config.yaml"
     if not path.is_file():
@@ -124,16 +134,31 @@ def _settings(args: argparse.Namespace) -> dict:
         cpt_raw["max_steps"] = None
     try:
         cpt = CptConfig(**cpt_raw)
-    except ValueError as exc:
-        bad = next((flag for field, flag in _CPT_FLAGS.items() if field in str(exc) and field in flags), None)
-        raise ConfigError(f"invalid {bad or 'cpt setting'}: {exc}") from exc
+    except ValidationError as exc:  # named by the flag that set the value, else by its cpt.* key
+        named = {field: flag for field, flag in _CPT_FLAGS.items() if field in flags}
+        raise ConfigError(format_validation_error(exc, "the cpt section and flags", named)) from None
     settings = {
         "base": base.model_dump(exclude_none=True),
         "cpt": cpt.model_dump(),
         "device": args.device or device,
         "dtype": dtype,
+        "corpus_digest": corpus_digest(cpt.corpus, cpt.text_field),
     }
     if saved is not None:
+        if "corpus_digest" not in saved:  # a run recorded before digests: its corpus cannot be checked
+            logger.warning(
+                "%s records no corpus digest; --resume cannot check the corpus is unchanged", args.output_dir
+            )
+            saved = {**saved, "corpus_digest": settings["corpus_digest"]}
+        if (
+            saved["corpus_digest"] != settings["corpus_digest"]
+            and saved.get("cpt", {}).get("corpus") == cpt.corpus
+        ):
+            raise ConfigError(
+                f"--resume: the corpus {', '.join(cpt.corpus)} changed since the run in {args.output_dir!r} "
+                "started (same files, other content); continuing would train on a mix. Restore it, or start "
+                "a new run with --overwrite"
+            )
         stored = {key: saved.get(key) for key in settings}
         if changes := "; ".join(describe_change(stored, settings)):
             raise ConfigError(
@@ -148,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     cpt = CptConfig(**settings["cpt"])
     out_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite, resume=args.resume)
     with folder_lock(out_dir):
-        recorded = {k: settings[k] for k in ("base", "cpt", "device", "dtype")}
+        recorded = {k: settings[k] for k in ("base", "cpt", "device", "dtype", "corpus_digest")}
         write_run_info(out_dir, recorded, cpt.seed, resumed=args.resume, fingerprint=fingerprint(recorded))
         report = run_cpt(
             SourceConfig(**settings["base"]),

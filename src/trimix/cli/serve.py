@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 
 from trimix.cli.common import add_config_args, config_from_args
@@ -41,7 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="max_tokens when a request gives none (default: the run's generation.max_new_tokens)",
     )
     p.add_argument("--max-tokens-cap", type=int, default=2048, help="the largest max_tokens accepted")
-    p.add_argument("--model-name", default="trimix", help="the id /v1/models reports")
+    p.add_argument(
+        "--served-model-name",
+        "--model-name",
+        dest="model_name",
+        default="trimix",
+        help="the model id /v1/models reports; a request naming another model gets 404 (default: trimix)",
+    )
     p.set_defaults(func=run)
 
 
@@ -54,13 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from trimix.decoding.batcher import ContinuousBatcher
     from trimix.server import Server, create_app
 
-    for flag, value in (
-        ("--max-batch", args.max_batch),
-        ("--max-queue", args.max_queue),
-        ("--port", args.port),
-    ):
-        if value < 1:
-            raise ConfigError(f"{flag} must be positive; got {value}")
+    check_limits(args)
+    sock = listen_socket(args.host, args.port)  # a bad or busy port is refused before any model loads
     config = config_from_args(args)
     lm = FusedLM.from_config(config, load_all=True)  # any request may weight any source
     server = Server(
@@ -71,5 +73,41 @@ def run(args: argparse.Namespace) -> int:
         batcher=ContinuousBatcher(lm, max_batch=args.max_batch, max_queue=args.max_queue),
     )
     logger.info("serving %s on http://%s:%d (playground at /)", lm.fusion.describe(), args.host, args.port)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """The server's numeric flags, consistent with each other (refused before anything loads)."""
+    for flag, value in (
+        ("--max-batch", args.max_batch),
+        ("--max-queue", args.max_queue),
+        ("--max-tokens-cap", args.max_tokens_cap),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} must be positive; got {value}")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be a TCP port from 1 to 65535; got {args.port}")
+    default = args.default_max_tokens
+    if default is not None and not 1 <= default <= args.max_tokens_cap:
+        raise ConfigError(
+            f"--default-max-tokens must be from 1 to --max-tokens-cap ({args.max_tokens_cap}); got {default}"
+        )
+
+
+def listen_socket(host: str, port: int):
+    """The server's listening socket, bound now: a busy port or an address this machine does not have is a
+    message naming it, before minutes of model loading."""
+    from trimix.server.background import bound_socket
+
+    try:
+        return bound_socket(host, port)
+    except OSError as exc:
+        reason = (
+            "is in use by another process"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be used ({exc.strerror or exc})"
+        )
+        raise ConfigError(
+            f"--host {host} --port {port}: the address {reason}; choose another --port or --host"
+        ) from None

@@ -31,6 +31,11 @@ def _root(root: Path | str | None) -> Path:
     if root is None:
         return SIB200_DIR
     folder = Path(root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(
+            f"SIB-200 data folder {str(folder)!r} is a file; `root` names the folder that holds labels.txt and "
+            "one folder per language (LANG/test.tsv)"
+        )
     if not folder.is_dir():
         raise DataError(
             f"SIB-200 data folder {str(folder)!r} does not exist (relative paths are relative to the config file "
@@ -72,6 +77,7 @@ def read_sib200(lang: str, split: str, root: Path | str | None = None) -> list[S
     if not lines or lines[0].split("\t") != ["index_id", "category", "text"]:
         raise DataError(f"{path}:1: expected the header 'index_id<TAB>category<TAB>text'")
     rows = []
+    seen: dict[str, int] = {}
     for number, line in enumerate(lines[1:], start=2):
         parts = line.split("\t")
         if len(parts) != 3:
@@ -80,6 +86,12 @@ def read_sib200(lang: str, split: str, root: Path | str | None = None) -> list[S
         for field, value in (("index_id", index_id), ("category", category), ("text", text)):
             if not value:
                 raise DataError(f"{path}:{number}: field '{field}' is empty")
+        if index_id in seen:
+            raise DataError(
+                f"{path}:{number}: index_id {index_id!r} repeats line {seen[index_id]}; ids must be unique "
+                "(results are keyed by them)"
+            )
+        seen[index_id] = number
         rows.append(SibRow(index_id, category, text, f"{path}:{number}"))
     return rows
 

@@ -494,37 +494,45 @@ class Server:
         return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
     def metrics(self) -> str:
-        stats = self.batcher.stats
-        lines = [
-            "# HELP trimix_requests_total Requests submitted.",
-            "# TYPE trimix_requests_total counter",
-            f"trimix_requests_total {stats['requests']}",
-            "# HELP trimix_requests_finished_total Requests finished.",
-            "# TYPE trimix_requests_finished_total counter",
-            f"trimix_requests_finished_total {stats['finished']}",
-            "# HELP trimix_requests_cancelled_total Requests cancelled (client gone).",
-            "# TYPE trimix_requests_cancelled_total counter",
-            f"trimix_requests_cancelled_total {stats['cancelled']}",
-            "# HELP trimix_tokens_generated_total Tokens generated.",
-            "# TYPE trimix_tokens_generated_total counter",
-            f"trimix_tokens_generated_total {stats['tokens']}",
-            "# HELP trimix_tokens_per_second Tokens generated per second over the last 10 s.",
-            "# TYPE trimix_tokens_per_second gauge",
-            f"trimix_tokens_per_second {self.batcher.tokens_per_second():.3f}",
-            "# HELP trimix_admit_seconds_total Time spent prefilling arrivals and inserting them into the batch.",
-            "# TYPE trimix_admit_seconds_total counter",
-            f"trimix_admit_seconds_total {self.batcher.timing['admit_seconds']:.3f}",
-            "# HELP trimix_step_seconds_total Time spent in decode steps.",
-            "# TYPE trimix_step_seconds_total counter",
-            f"trimix_step_seconds_total {self.batcher.timing['step_seconds']:.3f}",
-            "# HELP trimix_queue_depth Requests waiting to join the batch.",
-            "# TYPE trimix_queue_depth gauge",
-            f"trimix_queue_depth {self.batcher.queued}",
-            "# HELP trimix_running_batch_size Rows decoding now.",
-            "# TYPE trimix_running_batch_size gauge",
-            f"trimix_running_batch_size {self.batcher.running}",
+        """Prometheus text for ``/metrics`` (``prometheus_client``; the batcher's counters read at scrape)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        batcher = self.batcher
+        stats, timing = batcher.stats, batcher.timing
+        families = [
+            CounterMetricFamily("trimix_requests", "Requests submitted.", value=stats["requests"]),
+            CounterMetricFamily("trimix_requests_finished", "Requests finished.", value=stats["finished"]),
+            CounterMetricFamily(
+                "trimix_requests_cancelled", "Requests cancelled (client gone).", value=stats["cancelled"]
+            ),
+            CounterMetricFamily("trimix_tokens_generated", "Tokens generated.", value=stats["tokens"]),
+            GaugeMetricFamily(
+                "trimix_tokens_per_second",
+                "Tokens generated per second over the last 10 s.",
+                value=batcher.tokens_per_second(),
+            ),
+            CounterMetricFamily(
+                "trimix_admit_seconds",
+                "Time spent prefilling arrivals and inserting them into the batch.",
+                value=timing["admit_seconds"],
+            ),
+            CounterMetricFamily(
+                "trimix_step_seconds", "Time spent in decode steps.", value=timing["step_seconds"]
+            ),
+            GaugeMetricFamily(
+                "trimix_queue_depth", "Requests waiting to join the batch.", value=batcher.queued
+            ),
+            GaugeMetricFamily("trimix_running_batch_size", "Rows decoding now.", value=batcher.running),
         ]
-        return "\n".join(lines) + "\n"
+
+        class _Now:
+            def collect(self):
+                return families
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Now())
+        return generate_latest(registry).decode("utf-8")
 
 
 def _json(raw: bytes) -> Any:

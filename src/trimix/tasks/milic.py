@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from trimix.errors import DataError
+from trimix.io import read_text
 from trimix.metrics import last_number
 from trimix.tasks.base import Example, RenderedPrompt, Task, language_name
 from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt
@@ -22,9 +23,9 @@ from trimix.tasks.shapes import LETTERS, MultipleChoicePrompt, TranslationPrompt
 
 def read_json_items(path: Path) -> list[dict[str, Any]]:
     """A JSON list of objects each with a non-empty string ``id`` (JSONL accepted too)."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     try:
         items = (
             json.loads(text)
@@ -33,9 +34,17 @@ def read_json_items(path: Path) -> list[dict[str, Any]]:
         )
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    seen: dict[str, int] = {}
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict):
             raise DataError(f"{path}: item {number} is not a JSON object")
+        key = str(item.get("id"))
+        if "id" in item and key in seen:
+            raise DataError(
+                f"{path}: item {number} has id {key!r}, as item {seen[key]} does; ids must be unique (results "
+                "are keyed by them)"
+            )
+        seen[key] = number
     return items
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any
 
@@ -48,7 +49,16 @@ def get_task(name: str, lang: str, **options: Any) -> Task:
         raise ConfigError(
             f"unknown task {name!r}.{hint} Available: {', '.join(sorted(TASKS))} (see `trimix ls tasks`)"
         )
+    cls = TASKS[name]
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "lang"]
+    for option in options:
+        if option not in known:
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"task {name!r} has no option {option!r}{hint} Its options: {', '.join(known) or 'none'}"
+            )
     try:
-        return TASKS[name](lang=lang, **options)
+        return cls(lang=lang, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"task {name!r}: {exc}") from exc
