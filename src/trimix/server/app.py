@@ -1,20 +1,15 @@
 """``trimix serve``: an OpenAI-compatible HTTP server over a fused model (FastAPI + uvicorn).
 
-The server holds no model logic: it validates requests, turns them into
-:class:`~trimix.decoding.batcher.ServeRequest` objects for the :class:`ContinuousBatcher`, and turns
-token events back into OpenAI responses (or server-sent-event chunks ending with ``[DONE]``).
+The server holds no model logic. A request body is validated by the pydantic models of
+:mod:`trimix.server.protocol` (off the event loop, with tokenisation), becomes
+:class:`~trimix.decoding.batcher.ServeRequest` objects for the :class:`ContinuousBatcher` (which drives the
+decoding core), and its events go back as OpenAI responses or server-sent-event chunks
+(:mod:`trimix.server.responses`).
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text), and the playground at ``/``.
-
-Fields honoured: ``max_tokens`` (default and cap configurable), ``temperature`` (0 or absent: greedy),
-``top_p``, ``seed``, ``stop``, ``stream``, ``n``, ``logprobs`` / ``top_logprobs`` (of the fused
-distribution after the plausibility mask, before temperature), ``usage``. Unknown fields are
-ignored, as OpenAI-compatible servers do. The extension field ``trimix`` changes the fusion of one
-request without reloading anything: ``{"weights": {"large": 0.3, "small_cpt": 0.9}, "plausibility":
-{"role": "small_cpt", "alpha": 0.1} | null, "inspect": K}`` (weights are read as ``--weights`` is; all
-sources of the run are loaded at start). Requests with the run's own set of fused sources share one
-batch, each row with its own weights; a request that fuses another set decodes in a batch of its own.
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, vLLM's
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``, ``GET /health``, ``GET /metrics``
+(Prometheus), and the playground at ``/``. The fields each endpoint reads are documented on its request
+model; the extension field ``trimix`` changes the fusion of one request without reloading anything.
 """
 
 from __future__ import annotations
@@ -23,9 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import queue
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -42,49 +35,26 @@ from trimix.config import resolve_generation
 from trimix.decoding import FusedLM
 from trimix.decoding.batcher import (
     ContinuousBatcher,
-    PromptEcho,
     QueueFull,
-    RequestHandle,
     ServeRequest,
-    TokenEvent,
     check_prompt,
     request_key,
 )
 from trimix.errors import ConfigError, TrimixError
-from trimix.fusion import Fusion, Plausibility
-from trimix.fusion.methods import METHODS
 from trimix.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    RequestError,
     TokenizeRequest,
-    TrimixExtension,
+    request_fusion,
     validation_message,
 )
+from trimix.server.responses import ResponseWriter, error_body
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 32 * 1024 * 1024
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected while its request was decoding."""
-
-
-class RequestError(Exception):
-    """A bad request: HTTP 400 (or ``status``) with OpenAI's error JSON."""
-
-    def __init__(
-        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
-
-
-def error_body(
-    message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class Server:
@@ -112,6 +82,7 @@ class Server:
         self.model_name = model_name
         self.default_max_tokens, self.max_tokens_cap = default_max_tokens, max_tokens_cap
         self.batcher = batcher or ContinuousBatcher(lm)
+        self.writer = ResponseWriter(lm, model_name)
         self.started = time.time()
 
     # ---------------------------------------------------------------- request -> ServeRequest
@@ -152,7 +123,7 @@ class Server:
                 else "max_tokens"
             )
             raise RequestError(f"`{param}` must be at most {self.max_tokens_cap}; got {max_tokens}", param)
-        fusion, inspect = self._fusion(request.trimix)
+        fusion, inspect = request_fusion(self.lm, request.trimix)
         fields: dict[str, Any] = {"max_new_tokens": max(max_tokens, 1), "stop": request.stops}
         if request.temperature is not None:  # 0: greedy; otherwise sampling at that temperature
             fields["do_sample"] = request.temperature > 0
@@ -211,55 +182,6 @@ class Server:
                         field,
                     )
 
-    def _fusion(self, extension: TrimixExtension | None) -> tuple[Fusion, int]:
-        """The request's fusion: the run's, or the ``trimix`` extension's method, weights and plausibility."""
-        if extension is None:
-            return self.lm.fusion, 0
-        lm = self.lm
-        weights, method = extension.weights, extension.method
-        if method is not None:
-            if method not in METHODS:
-                raise RequestError(
-                    f"unknown `trimix.method` {method!r}; one of {', '.join(METHODS)}", "trimix.method"
-                )
-            if weights is None:  # the method alone: the weights it sets itself, else the run's weights
-                try:
-                    lm = lm.with_weights(method=method)
-                except TrimixError:
-                    try:
-                        lm = lm.with_weights(method=method, **_written_weights(lm))
-                    except TrimixError as exc:
-                        raise RequestError(str(exc), "trimix.method") from exc
-        if weights is not None:
-            unknown_roles = sorted(set(weights) - set(lm.pool.roles))
-            if unknown_roles:
-                raise RequestError(
-                    f"`trimix.weights` names unknown role(s) {unknown_roles}; roles: {lm.pool.roles}",
-                    "trimix.weights",
-                )
-            try:
-                lm = lm.with_weights(method=method, **weights)
-            except TrimixError as exc:
-                raise RequestError(str(exc), "trimix.weights") from exc
-        fusion = lm.fusion
-        if "plausibility" in extension.model_fields_set:
-            plaus = extension.plausibility
-            if plaus is None:
-                fusion = Fusion(fusion.weights, fusion.method, None, fusion.options)
-            else:
-                if plaus.role not in lm.pool.roles:
-                    raise RequestError(
-                        f"`trimix.plausibility.role` must be one of {lm.pool.roles}; got {plaus.role!r}",
-                        "trimix.plausibility.role",
-                    )
-                fusion = Fusion(
-                    fusion.weights, fusion.method, Plausibility(plaus.role, plaus.alpha), fusion.options
-                )
-        missing = [r for r in fusion.roles if r not in lm.pool.sources]
-        if missing:
-            raise RequestError(f"source(s) {missing} are not loaded on this server", "trimix.weights")
-        return fusion, extension.inspect
-
     # ---------------------------------------------------------------- tokenizer endpoints
     def tokenize(self, body: Any) -> dict[str, Any]:
         try:
@@ -303,301 +225,12 @@ class Server:
             "vocab_size": self.lm.vocab_size,
         }
 
-    # ---------------------------------------------------------------- events -> responses
-    async def events(
-        self, handles: list[RequestHandle], is_disconnected
-    ) -> AsyncIterator[tuple[int, TokenEvent | PromptEcho | Exception]]:
-        """Each handle's events as they arrive, as ``(index, event)``, until every handle has finished (an
-        exception ends its handle); raises :class:`ClientGone` when the client disconnects. The batcher's
-        thread wakes this coroutine when it hands over an event (no polling)."""
-        loop, ready = asyncio.get_running_loop(), asyncio.Event()
-        for handle in handles:
-            handle.notify = lambda: loop.call_soon_threadsafe(ready.set)
-        done = [False] * len(handles)
-        while not all(done):
-            ready.clear()
-            for i, handle in enumerate(handles):
-                while not done[i]:
-                    try:
-                        event = handle.events.get_nowait()
-                    except queue.Empty:
-                        break
-                    done[i] = isinstance(event, Exception) or (
-                        isinstance(event, TokenEvent) and event.finish_reason is not None
-                    )
-                    yield i, event
-            if all(done):
-                return
-            try:
-                await asyncio.wait_for(ready.wait(), timeout=0.5)
-            except TimeoutError:
-                if await is_disconnected():
-                    raise ClientGone from None
-
-    async def collect(
-        self, handles: list[RequestHandle], is_disconnected
-    ) -> list[tuple[PromptEcho | None, list[TokenEvent]]]:
-        """Wait for every handle's events (cancelling all if the client goes away): each handle's echoed
-        prompt (or None) and its token events."""
-        echoes: list[PromptEcho | None] = [None] * len(handles)
-        results: list[list[TokenEvent]] = [[] for _ in handles]
-        try:
-            async for i, event in self.events(handles, is_disconnected):
-                if isinstance(event, Exception):
-                    raise event
-                if isinstance(event, PromptEcho):
-                    echoes[i] = event
-                else:  # a token, or the end without one (max_tokens 0)
-                    results[i].append(event)
-        except ClientGone:
-            for handle in handles:
-                handle.cancel()
-        return list(zip(echoes, results, strict=True))
-
-    async def stream(
-        self, handles: list[RequestHandle], chat: bool, is_disconnected, include_usage: bool = False
-    ) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, one chunk per token, then (with
-        ``stream_options.include_usage``) a chunk with the usage and no choices, then ``[DONE]``."""
-        ident, created = self._ident(chat), int(time.time())
-        if chat:
-            for i in range(len(handles)):
-                yield self._sse(
-                    self._chunk(ident, created, chat, i, {"role": "assistant", "content": ""}, None)
-                )
-        completion_tokens = 0
-        try:
-            async for i, event in self.events(handles, is_disconnected):
-                if isinstance(event, Exception):
-                    yield self._sse(error_body(str(event), kind="server_error"))
-                elif isinstance(event, PromptEcho):
-                    chunk = self._chunk(ident, created, chat, i, {}, None)
-                    chunk["choices"][0]["text"] = event.text
-                    if event.tokens:
-                        chunk["choices"][0]["logprobs"] = _echo_logprobs(event)
-                    yield self._sse(chunk)
-                else:
-                    completion_tokens += event.token_id >= 0
-                    yield self._sse(self._event_chunk(ident, created, chat, i, event))
-            if include_usage:
-                usage = self._chunk(ident, created, chat, 0, {}, None)
-                usage["choices"] = []
-                usage["usage"] = _usage(_prompt_tokens(handles), completion_tokens)
-                yield self._sse(usage)
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            return
-        finally:
-            for handle in handles:  # a client that went away: free its rows
-                handle.cancel()
-
-    def response(
-        self,
-        handles: list[RequestHandle],
-        results: list[tuple[PromptEcho | None, list[TokenEvent]]],
-        chat: bool,
-    ) -> dict[str, Any]:
-        choices = []
-        completion_tokens = 0
-        for i, (echo, ended) in enumerate(results):
-            events = [e for e in ended if e.token_id >= 0]
-            text = "".join(e.text for e in events)
-            finish = ended[-1].finish_reason if ended else "length"
-            completion_tokens += len(events)
-            choice: dict[str, Any] = {"index": i, "finish_reason": _finish(finish)}
-            request = handles[i].request
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-                if request.logprobs is not None:
-                    choice["logprobs"] = {"content": [self._chat_logprob(e) for e in events]}
-            else:
-                choice["text"] = (echo.text if echo is not None else "") + text
-                if request.logprobs is not None:
-                    logprobs = {
-                        "tokens": [self.lm.token_text(e.token_id) for e in events],
-                        "token_logprobs": [e.logprob for e in events],
-                        "top_logprobs": [dict(e.top_logprobs or []) for e in events],
-                        "text_offset": _offsets(events, len(echo.text) if echo is not None else 0),
-                    }
-                    if echo is not None:
-                        before = _echo_logprobs(echo)
-                        logprobs = {key: before[key] + logprobs[key] for key in logprobs}
-                    choice["logprobs"] = logprobs
-            if request.inspect:
-                choice["trimix"] = {"tokens": [_inspection(e, self.lm) for e in events]}
-            choices.append(choice)
-        return {
-            "id": self._ident(chat),
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": _usage(_prompt_tokens(handles), completion_tokens),
-        }
-
-    def _event_chunk(
-        self, ident: str, created: int, chat: bool, index: int, event: TokenEvent
-    ) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": event.text} if chat else {}
-        chunk = self._chunk(
-            ident, created, chat, index, delta, _finish(event.finish_reason) if event.finish_reason else None
-        )
-        choice = chunk["choices"][0]
-        if not chat:
-            choice["text"] = event.text
-        if event.logprob is not None:
-            choice["logprobs"] = (
-                {"content": [self._chat_logprob(event)]}
-                if chat
-                else {
-                    "tokens": [self.lm.token_text(event.token_id)],
-                    "token_logprobs": [event.logprob],
-                    "top_logprobs": [dict(event.top_logprobs or [])],
-                }
-            )
-        if event.inspection is not None:
-            choice["trimix"] = _inspection(event, self.lm)
-        return chunk
-
-    def _chunk(
-        self, ident: str, created: int, chat: bool, index: int, delta: dict, finish: str | None
-    ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-        if chat:
-            choice["delta"] = delta
-        return {
-            "id": ident,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created,
-            "model": self.model_name,
-            "choices": [choice],
-        }
-
-    def _chat_logprob(self, event: TokenEvent) -> dict[str, Any]:
-        token = self.lm.token_text(event.token_id)
-        return {
-            "token": token,
-            "logprob": event.logprob,
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [
-                {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                for t, lp in event.top_logprobs or []
-            ],
-        }
-
-    @staticmethod
-    def _sse(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-    @staticmethod
-    def _ident(chat: bool) -> str:
-        return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-    def metrics(self) -> str:
-        """Prometheus text for ``/metrics`` (``prometheus_client``; the batcher's counters read at scrape)."""
-        from prometheus_client import CollectorRegistry, generate_latest
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        batcher = self.batcher
-        stats, timing = batcher.stats, batcher.timing
-        families = [
-            CounterMetricFamily("trimix_requests", "Requests submitted.", value=stats["requests"]),
-            CounterMetricFamily("trimix_requests_finished", "Requests finished.", value=stats["finished"]),
-            CounterMetricFamily(
-                "trimix_requests_cancelled", "Requests cancelled (client gone).", value=stats["cancelled"]
-            ),
-            CounterMetricFamily("trimix_tokens_generated", "Tokens generated.", value=stats["tokens"]),
-            GaugeMetricFamily(
-                "trimix_tokens_per_second",
-                "Tokens generated per second over the last 10 s.",
-                value=batcher.tokens_per_second(),
-            ),
-            CounterMetricFamily(
-                "trimix_admit_seconds",
-                "Time spent prefilling arrivals and inserting them into the batch.",
-                value=timing["admit_seconds"],
-            ),
-            CounterMetricFamily(
-                "trimix_step_seconds", "Time spent in decode steps.", value=timing["step_seconds"]
-            ),
-            GaugeMetricFamily(
-                "trimix_queue_depth", "Requests waiting to join the batch.", value=batcher.queued
-            ),
-            GaugeMetricFamily("trimix_running_batch_size", "Rows decoding now.", value=batcher.running),
-        ]
-
-        class _Now:
-            def collect(self):
-                return families
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Now())
-        return generate_latest(registry).decode("utf-8")
-
 
 def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})") from exc
-
-
-def _written_weights(lm: FusedLM) -> dict[str, float]:
-    """The run's weights as a user would write them, for a method that needs weights it does not set."""
-    return {role: weight for role, weight in lm.fusion.weights.items() if weight != 0.0}
-
-
-def _finish(reason: str | None) -> str:
-    return {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}.get(
-        reason or "length", "length"
-    )
-
-
-def _prompt_tokens(handles: list[RequestHandle]) -> int:
-    """The prompts' tokens, once per prompt (its ``n`` choices read the same tokens)."""
-    return sum({id(h.request.prompt): h.prompt_tokens for h in handles}.values())
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _echo_logprobs(echo: PromptEcho) -> dict[str, list]:
-    """The echoed prompt's part of a completion's ``logprobs`` (OpenAI's layout: the first token has none)."""
-    offsets, total = [], 0
-    for token in echo.tokens:
-        offsets.append(total)
-        total += len(token)
-    return {
-        "tokens": list(echo.tokens),
-        "token_logprobs": list(echo.logprobs),
-        "top_logprobs": [None if top is None else dict(top) for top in echo.top_logprobs],
-        "text_offset": offsets,
-    }
-
-
-def _offsets(events: list[TokenEvent], start: int = 0) -> list[int]:
-    offsets, total = [], start
-    for event in events:
-        offsets.append(total)
-        total += len(event.text)
-    return offsets
-
-
-def _inspection(event: TokenEvent, lm: FusedLM) -> dict[str, Any]:
-    info = event.inspection
-    return {
-        "token": info.token,
-        "source": info.leader,
-        "contributions": info.contributions,
-        "fused_prob": info.fused_prob,
-        "candidates": {role: [[t, p] for t, p in cand.top] for role, cand in info.sources.items()},
-        "fused_top": [[t, p] for t, p in info.fused_top],
-    }
 
 
 def create_app(server: Server):
@@ -642,11 +275,13 @@ def create_app(server: Server):
         if body.get("stream"):
             options = body.get("stream_options") or {}
             return StreamingResponse(
-                server.stream(handles, chat, request.is_disconnected, bool(options.get("include_usage"))),
+                server.writer.stream(
+                    handles, chat, request.is_disconnected, bool(options.get("include_usage"))
+                ),
                 media_type="text/event-stream",
             )
-        results = await server.collect(handles, request.is_disconnected)
-        return JSONResponse(server.response(handles, results, chat))
+        results = await server.writer.collect(handles, request.is_disconnected)
+        return JSONResponse(server.writer.response(handles, results, chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -693,7 +328,9 @@ def create_app(server: Server):
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            ResponseWriter.metrics(server.batcher), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/trimix/sources")
     async def sources() -> dict[str, Any]:

@@ -12,9 +12,17 @@ HTTP 400, ``invalid_request_error``, ``param`` naming the field (``messages[0].c
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trimix.errors import TrimixError
+from trimix.fusion import Fusion
+from trimix.fusion import Plausibility as FusionPlausibility
+from trimix.fusion.methods import METHODS
+
+if TYPE_CHECKING:
+    from trimix.decoding import FusedLM
 
 MAX_STOP_STRINGS = 8
 MAX_CHOICES = 16
@@ -249,3 +257,67 @@ def _param(loc: tuple) -> str | None:
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts) or None
+
+
+class RequestError(Exception):
+    """A bad request: HTTP 400 (or ``status``) with OpenAI's error JSON."""
+
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+def request_fusion(lm: FusedLM, extension: TrimixExtension | None) -> tuple[Fusion, int]:
+    """The request's fusion: the run's, or the ``trimix`` extension's method, weights and plausibility."""
+    if extension is None:
+        return lm.fusion, 0
+    weights, method = extension.weights, extension.method
+    if method is not None:
+        if method not in METHODS:
+            raise RequestError(
+                f"unknown `trimix.method` {method!r}; one of {', '.join(METHODS)}", "trimix.method"
+            )
+        if weights is None:  # the method alone: the weights it sets itself, else the run's weights
+            try:
+                lm = lm.with_weights(method=method)
+            except TrimixError:
+                try:
+                    lm = lm.with_weights(method=method, **_written_weights(lm))
+                except TrimixError as exc:
+                    raise RequestError(str(exc), "trimix.method") from exc
+    if weights is not None:
+        unknown_roles = sorted(set(weights) - set(lm.pool.roles))
+        if unknown_roles:
+            raise RequestError(
+                f"`trimix.weights` names unknown role(s) {unknown_roles}; roles: {lm.pool.roles}",
+                "trimix.weights",
+            )
+        try:
+            lm = lm.with_weights(method=method, **weights)
+        except TrimixError as exc:
+            raise RequestError(str(exc), "trimix.weights") from exc
+    fusion = lm.fusion
+    if "plausibility" in extension.model_fields_set:
+        plaus = extension.plausibility
+        if plaus is None:
+            fusion = Fusion(fusion.weights, fusion.method, None, fusion.options)
+        else:
+            if plaus.role not in lm.pool.roles:
+                raise RequestError(
+                    f"`trimix.plausibility.role` must be one of {lm.pool.roles}; got {plaus.role!r}",
+                    "trimix.plausibility.role",
+                )
+            fusion = Fusion(
+                fusion.weights, fusion.method, FusionPlausibility(plaus.role, plaus.alpha), fusion.options
+            )
+    missing = [r for r in fusion.roles if r not in lm.pool.sources]
+    if missing:
+        raise RequestError(f"source(s) {missing} are not loaded on this server", "trimix.weights")
+    return fusion, extension.inspect
+
+
+def _written_weights(lm: FusedLM) -> dict[str, float]:
+    """The run's weights as a user would write them, for a method that needs weights it does not set."""
+    return {role: weight for role, weight in lm.fusion.weights.items() if weight != 0.0}
