@@ -19,7 +19,12 @@ import yaml
 from conftest import trio_config
 from trimix.cli.main import main
 
-PREVIOUS = {"eval": "predictions.jsonl", "generate": "generations.jsonl", "select": "selections"}
+PREVIOUS = {
+    "eval": "predictions.jsonl",
+    "generate": "generations.jsonl",
+    "select": "selections",
+    "cpt": "checkpoints",
+}
 
 
 @pytest.fixture
@@ -42,12 +47,16 @@ def _run(capsys, args: list[str]) -> tuple[int, str]:
         ("eval", ["--weights", "large=0.5"]),  # eval takes its weights from the run's methods
         ("generate", ["--max-new-tokens", "0"]),
         ("select", ["--weights", "large=nan"]),
+        ("cpt", ["--lr", "-1", "--corpus", "{corpus}"]),
     ],
 )
 def test_rule_1_overwrite_with_bad_input_deletes_nothing(cfg, tmp_path, capsys, command, bad) -> None:
     out = tmp_path / "out"
     previous = out / PREVIOUS[command]
-    if command == "select":
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n" * 20)
+    bad = [b.format(corpus=corpus) for b in bad]
+    if command in ("select", "cpt"):
         previous.mkdir(parents=True)
         (previous / "kept.json").write_text("{}")
     else:

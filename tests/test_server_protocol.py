@@ -46,12 +46,12 @@ def live(trio, tmp_path_factory):
 
 
 def test_echo_scores_the_prompt_as_loglikelihood_does(live) -> None:
-    """Token-id prompts with echo: each prompt token's log-probability under the fused model (the first
-    null), exactly what ``loglikelihood_tokens`` sums; ``max_tokens: 0`` scores without generating."""
-    lm, _, url, _ = live
+    """Token-id prompts with echo (through the official client): each prompt token's log-probability under
+    the fused model (the first null), what ``loglikelihood_tokens`` sums; ``max_tokens: 0`` scores only."""
+    lm, client, url, _ = live
     ids = [lm.tokenizer(PROMPT)["input_ids"], lm.tokenizer("Hello world, this is")["input_ids"]]
     body = {"model": "trimix-tiny", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}
-    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    answer = client.completions.create(**body).model_dump()
     for choice, row in zip(sorted(answer["choices"], key=lambda c: c["index"]), ids, strict=True):
         logprobs = choice["logprobs"]
         assert len(logprobs["token_logprobs"]) == len(row) and logprobs["token_logprobs"][0] is None

@@ -97,7 +97,10 @@ class FusedLM(LikelihoodMethods):
         self.plausibility_index = self.roles.index(plaus.role) if plaus else None
         self.fusion_device = self.sources[0].input_device
         self.combine = get_method(fusion.method).combine  # the method's combination of source logits
-        logger.info("fusion %s over %d tokens", fusion.describe(), self.vocab_size)
+        described = fusion.describe()
+        if described not in self.pool.described:  # once per fusion (a server builds one per request)
+            self.pool.described.add(described)
+            logger.info("fusion %s over %d tokens", described, self.vocab_size)
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -38,6 +38,7 @@ class SourcePool:
         self.sessions = SessionPool()
         self.vocab_size = self._check() if self.sources else 0
         self._token_counts: dict[tuple[str, tuple[str, ...]], Counter[int]] = {}
+        self.described: set[str] = set()  # fusions already logged
 
     @property
     def roles(self) -> list[str]:
