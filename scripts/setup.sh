@@ -22,4 +22,12 @@ else  # the newest of everything, except torch: TORCH_SPEC's build stays (an upg
 fi
 "${PIP[@]}" "$TORCH_SPEC"
 "${PIP[@]}" -e ".[dev,embedded,lm-eval,serve,ray]"
+# llama.cpp (backend: llama_cpp) builds from source: about 5 minutes on 2 cores the first time, then pip
+# reuses the wheel it cached (~/.cache/pip). TRIMIX_LLAMA_CPP=skip leaves it out (its tests then skip).
+if [[ "${TRIMIX_LLAMA_CPP:-build}" != "skip" ]] && ! "$PYTHON" -c "import llama_cpp" 2>/dev/null; then
+  echo "building llama.cpp (llama-cpp-python) for backend: llama_cpp; TRIMIX_LLAMA_CPP=skip leaves it out" >&2
+  start=$(date +%s)
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" "${PIP[@]}" -e ".[llama-cpp]"
+  echo "llama.cpp built in $(( $(date +%s) - start )) s" >&2
+fi
 "$PYTHON" -c "import torch, transformers, trimix; print(f'trimix {trimix.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -53,6 +53,10 @@ class SourceConfig(_Strict):
     # as_written: when transformers' tokenizer class encodes text differently from the folder's
     # tokenizer.json, use the file's tokenizer (logged); library: always transformers' class.
     tokenizer_class: Literal["as_written", "library"] = "as_written"
+    # hf: transformers (GGUF files dequantised once); llama_cpp: llama.cpp runs a .gguf file as it is
+    # (pip install 'trimix[llama-cpp]'); auto: llama_cpp for a .gguf without adapter when it is installed.
+    backend: Literal["hf", "llama_cpp", "auto"] = "hf"
+    backend_options: dict[str, Any] = Field(default_factory=dict)  # llama_cpp: n_ctx, n_seq_max, n_threads
 
     @field_validator("weight", mode="before")
     @classmethod

@@ -50,26 +50,28 @@ def build_tokenizer(vocab_size: int = 200, corpus: list[str] | None = None) -> P
 
 
 def build_byte_level_tokenizer(
-    vocab_size: int = 400, corpus: list[str] | None = None
+    vocab_size: int = 400, corpus: list[str] | None = None, eos: str = "<eos>"
 ) -> PreTrainedTokenizerFast:
     """A small byte-level BPE (Qwen2 / Llama 3 style: every byte is a token) trained in memory.
 
     Scripts absent from the corpus fall back to one token per UTF-8 byte: a Tibetan letter is three tokens,
-    as under English-centric tokenizers.
+    as under English-centric tokenizers. ``eos``: its end-of-sequence token's spelling (GGUF readers of
+    byte-level vocabularies expect GPT-2's ``<|endoftext|>``).
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = [eos if t == "<eos>" else t for t in SPECIALS]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator((corpus or CORPUS) * 3, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=tok, bos_token="<bos>", eos_token=eos, pad_token="<pad>", unk_token="<unk>"
     )
 
 
@@ -170,3 +172,92 @@ def build_chain_model(
             head[target] += unit[source]
         model.lm_head.weight.copy_(head * scale * hidden_size**0.5)
     return model.eval()
+
+
+def save_tiny_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """Write a tiny Llama and its byte-level BPE as a float32 GGUF file, as llama.cpp's converter lays one
+    out (the ``llama`` architecture's keys and tensor names, query and key rows permuted for its rotary
+    layout, the tokenizer as ``gpt2`` tokens, types and merges), so llama.cpp and transformers' GGUF
+    reader load the same model offline."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    rope = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta", 10000.0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("trimix tiny llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(float(rope))
+    writer.add_rope_dimension_count(config.hidden_size // heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tokenizer.get_vocab()
+    tokens = [None] * len(vocab)
+    for piece, index in vocab.items():
+        tokens[index] = piece
+    specials = set(tokenizer.all_special_ids)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name of GPT-2's split (the byte-level default)
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(True)
+
+    def permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:  # HF's rotary halves -> llama.cpp pairs
+        return (
+            weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape)
+        )
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, weight in model.state_dict().items():
+        weight = weight.detach().float()
+        if name in names:
+            target = names[name]
+        else:
+            _, _, layer, *rest = name.split(".")
+            module = ".".join(rest[:-1])
+            target = f"blk.{layer}.{per_layer[module]}.weight"
+            if module == "self_attn.q_proj":
+                weight = permute(weight, heads)
+            elif module == "self_attn.k_proj":
+                weight = permute(weight, kv_heads)
+        writer.add_tensor(target, np.ascontiguousarray(weight.numpy()))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -320,7 +320,10 @@ def _tokenizer(location: str, cfg: SourceConfig) -> PreTrainedTokenizerBase:
 
 def load_tokenizer(cfg: SourceConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
     """Load only the tokenizer of a source (cheap; used to validate before loading weights)."""
+    source_cfg = cfg
     cfg, adapter_dir = _split_adapter(cfg)
+    if not source_cfg.tokenizer and _backend_for(source_cfg, cfg, adapter_dir) == "llama_cpp":
+        return _gguf_tokenizer(_gguf_path(cfg), resolve_cache_dir(cache_dir))
     location = cfg.tokenizer or (
         str(adapter_dir)
         if _has_tokenizer(adapter_dir)
@@ -391,6 +394,10 @@ def load_source(
     """
     check_device(cfg.device or default_device, cfg.role)
     base_cfg, adapter_dir = _split_adapter(cfg)
+    if _backend_for(cfg, base_cfg, adapter_dir) == "llama_cpp":
+        return _load_llama_cpp(
+            cfg, _gguf_path(base_cfg), cfg.device or default_device, resolve_cache_dir(cache_dir)
+        )
     location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
     dtype_name = cfg.dtype or default_dtype
     kwargs: dict[str, Any] = {
@@ -423,6 +430,75 @@ def load_source(
         cfg.device_map or cfg.device or default_device,
     )
     return Source(role=cfg.role, backend=HFBackend(model, tokenizer), config=cfg)
+
+
+def _gguf_path(cfg: SourceConfig) -> Path | None:
+    """The source's .gguf file (embedded names resolved), or None for a folder or hub id."""
+    name = cfg.model
+    if name.startswith(EMBEDDED_PREFIX) and name[len(EMBEDDED_PREFIX) :] in EMBEDDED_MODELS:
+        name = EMBEDDED_MODELS[name[len(EMBEDDED_PREFIX) :]]()
+    path = Path(name).expanduser() / cfg.gguf_file if cfg.gguf_file else Path(name).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def _backend_for(cfg: SourceConfig, base_cfg: SourceConfig, adapter_dir: Path | None) -> str:
+    """``hf`` or ``llama_cpp`` for a source (``auto`` resolved, with a log line when it picks llama.cpp)."""
+    if cfg.backend == "hf":
+        return "hf"
+    from trimix.backends import llama_cpp
+
+    gguf_path = _gguf_path(base_cfg)
+    if cfg.backend == "auto":
+        if gguf_path is None or adapter_dir is not None or not llama_cpp.available():
+            return "hf"
+        logger.info("source %s: llama.cpp runs %s (backend auto)", cfg.role, gguf_path.name)
+        return "llama_cpp"
+    if gguf_path is None:
+        raise SourceLoadError(
+            f"source {cfg.role!r}: backend llama_cpp runs .gguf files; {cfg.model!r} is not one (use backend: hf)"
+        )
+    if adapter_dir is not None:
+        raise SourceLoadError(
+            f"source {cfg.role!r}: backend llama_cpp does not apply adapters yet ({adapter_dir}); use backend: hf"
+        )
+    return "llama_cpp"
+
+
+def _load_llama_cpp(cfg: SourceConfig, gguf_path: Path, device: str, cache_dir: Path) -> Source:
+    from trimix.backends.llama_cpp import LlamaCppBackend
+
+    if not gguf_path.is_file():
+        raise SourceLoadError(f"GGUF file {str(gguf_path)!r} for source {cfg.role!r} does not exist")
+    if torch.device(device).type != "cpu":
+        raise SourceLoadError(
+            f"source {cfg.role!r}: backend llama_cpp runs on the CPU here; drop device {device!r}"
+        )
+    _check_gguf(gguf_path)
+    start = time.perf_counter()
+    tokenizer = _gguf_tokenizer(gguf_path, cache_dir) if not cfg.tokenizer else _tokenizer(cfg.tokenizer, cfg)
+    backend = LlamaCppBackend(gguf_path, tokenizer, cfg.backend_options)
+    logger.info(
+        "loaded source %s from %s with llama.cpp in %.1fs", cfg.role, gguf_path, time.perf_counter() - start
+    )
+    return Source(role=cfg.role, backend=backend, config=cfg)
+
+
+def _gguf_tokenizer(gguf_path: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
+    """The Hugging Face tokenizer a GGUF file holds, read once and cached (without dequantising weights)."""
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(target))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # the GGUF reader fails in many ways on damaged files; name the file instead
+        raise SourceLoadError(f"could not read the tokenizer of the GGUF file {gguf_path} ({exc})") from exc
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
+    return tokenizer
 
 
 def _has_tokenizer(folder: Path | None) -> bool:

@@ -83,9 +83,20 @@ class RowStop:
 
     @property
     def text(self) -> str:
-        """The row's text, cut before its stop string once it stopped on one."""
+        """The row's text so far (complete characters only), cut before its stop string once it stopped
+        on one; once the row has ended, its whole decode (see :meth:`final_text`)."""
+        if self.finish_reason is not None:
+            return self.final_text
         full = self.detokenizer.text
         return full if self.stop_at is None else full[: self.stop_at]
+
+    @property
+    def final_text(self) -> str:
+        """The ended row's text: all its tokens decoded at once (a trailing incomplete character shows as
+        U+FFFD, as ``generate`` returns it), cut before the first stop string."""
+        detokenizer = self.detokenizer
+        full = detokenizer.tokenizer.decode(detokenizer.tokens, skip_special_tokens=True)
+        return full[: first_stop(full, self.stops)] if self.finish_reason == "stop" else full
 
 
 class StopChecker:

@@ -1,0 +1,300 @@
+"""GGUF sources run by llama.cpp (``backend: llama_cpp``), behind the core of the backend protocol.
+
+llama.cpp decodes a GGUF file as it is (quantized weights, a lean C++ loop) instead of dequantising it
+for transformers. One llama.cpp context serves a source: each row of a decoding state is a llama.cpp
+**sequence** (its own id in a KV cache all sequences share), so a batch of rows is one ``llama_decode``
+call whatever their lengths; rolling a row back (speculation) and dropping finished rows remove that
+sequence's cache cells; new rows take free sequence ids (continuous batching). Full-vocabulary logits
+are read for every position that asks for them.
+
+The tokenizer is the Hugging Face tokenizer read from the same GGUF file (so the source fuses with
+transformers sources of the same vocabulary), checked at load against llama.cpp's own tokenisation of
+probe texts. The backend declares no optional capability (no hidden states: the weight search keeps full
+logits for it; no preallocated caches: the eager engine runs it).
+
+Settings (``backend_options`` of the source): ``n_ctx`` (KV cells shared by all rows, default 8192),
+``n_seq_max`` (most rows at once, default 64), ``n_threads`` (default: the machine's cores),
+``n_batch`` (tokens per ``llama_decode``, default 512), ``kv_type`` (``f16``, llama.cpp's default, or
+``f32``: keys, values and attention at full precision, as transformers computes them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trimix.errors import SourceLoadError
+
+logger = logging.getLogger(__name__)
+
+PROBES = ("Hello world, 123", " ئۇيغۇر تىلى", "  two  spaces\nnew line", "བོད་ཡིག", "中文 text")
+OPTIONS = {"n_ctx": 8192, "n_seq_max": 64, "n_threads": None, "n_batch": 512, "kv_type": "f16"}
+KV_TYPES = {"f16": 1, "f32": 0}  # ggml's type ids: the KV cache's precision
+
+
+def available() -> bool:
+    """Whether ``llama-cpp-python`` is installed (the ``llama-cpp`` extra)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class LlamaCppState:
+    """The rows of a decoding state: each row's llama.cpp sequence id and its length in tokens."""
+
+    seqs: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        return torch.tensor(self.lengths, dtype=torch.long)
+
+
+class LlamaCppBackend:
+    """A GGUF model in a llama.cpp context (see the module docstring).
+
+    Args:
+        gguf_path: the model file.
+        tokenizer: its Hugging Face tokenizer (read from the same file).
+        options: ``n_ctx``, ``n_seq_max``, ``n_threads``, ``n_batch``.
+
+    Raises:
+        SourceLoadError: llama-cpp-python is missing, the file does not load, or its tokenisation differs
+            from the tokenizer's.
+    """
+
+    capabilities = frozenset()
+
+    def __init__(self, gguf_path: str | Path, tokenizer: Any, options: dict[str, Any] | None = None) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise SourceLoadError(
+                "backend llama_cpp needs llama-cpp-python: pip install 'trimix[llama-cpp]' (it builds llama.cpp)"
+            ) from exc
+        unknown = sorted(set(options or {}) - set(OPTIONS))
+        if unknown:
+            raise SourceLoadError(
+                f"unknown backend_options {unknown} for llama_cpp; it takes {', '.join(OPTIONS)}"
+            )
+        settings = {**OPTIONS, **(options or {})}
+        self.lib, self.tokenizer, self.path = llama_cpp, tokenizer, Path(gguf_path)
+        quiet = logging.getLogger("llama-cpp-python")  # llama.cpp's own log: its warnings and errors only
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self.model:
+            raise SourceLoadError(f"llama.cpp could not load {self.path}")
+        threads = int(settings["n_threads"] or os.cpu_count() or 1)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = int(settings["n_ctx"])
+        params.n_batch = params.n_ubatch = int(settings["n_batch"])
+        params.n_seq_max = int(settings["n_seq_max"])
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True  # every row draws cells from one cache of n_ctx cells
+        if settings["kv_type"] not in KV_TYPES:
+            raise SourceLoadError(f"backend_options.kv_type must be one of {', '.join(KV_TYPES)}; got {settings['kv_type']!r}")
+        params.type_k = params.type_v = KV_TYPES[settings["kv_type"]]
+        if settings["kv_type"] == "f32":  # flash attention would round queries and keys to f16
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.context = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.context:
+            raise SourceLoadError(f"llama.cpp could not create a context for {self.path} ({settings})")
+        self.memory = llama_cpp.llama_get_memory(self.context)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_batch = int(settings["n_batch"])
+        self.free = list(range(int(settings["n_seq_max"]) - 1, -1, -1))  # sequence ids not in use
+        self._finalizer = weakref.finalize(self, _free, llama_cpp, self.model, self.context)
+        self._check_tokenizer()
+        logger.info(
+            "llama.cpp: %s (%d tokens, %d KV cells for up to %d rows, %d threads)",
+            self.path.name,
+            self.n_vocab,
+            params.n_ctx,
+            params.n_seq_max,
+            threads,
+        )
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def logit_rows(self) -> int:
+        return self.n_vocab
+
+    @property
+    def max_positions(self) -> int | None:
+        return int(self.lib.llama_model_n_ctx_train(self.model)) or None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {int(self.lib.llama_vocab_eos(self.vocab)), int(self.lib.llama_vocab_eot(self.vocab))}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(i for i in ids if i >= 0)
+
+    @property
+    def num_parameters(self) -> int:
+        return int(self.lib.llama_model_n_params(self.model))
+
+    # ---------------------------------------------------------------- the protocol's core
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, LlamaCppState]:
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        state = self._new_state(len(rows))
+        logits = self._decode(state, rows, last_only=True)
+        return torch.stack([row[-1] for row in logits]), state
+
+    @torch.inference_mode()
+    def advance(
+        self, state: LlamaCppState, tokens: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        width = tokens.shape[1]
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()
+        rows = [row[keep].tolist() for row, keep in zip(tokens.cpu(), valid.cpu(), strict=True)]
+        logits = self._decode(state, rows, last_only=False)
+        out = torch.zeros(len(rows), width, self.n_vocab)
+        for b, row in enumerate(logits):
+            if row:
+                out[b, : len(row)] = torch.stack(row)
+        return out
+
+    def crop(self, state: LlamaCppState, lengths: torch.Tensor) -> None:
+        for b, keep in enumerate(lengths.tolist()):
+            if keep < state.lengths[b]:
+                if not self.lib.llama_memory_seq_rm(self.memory, state.seqs[b], int(keep), -1):
+                    raise RuntimeError(
+                        f"llama.cpp could not roll sequence {state.seqs[b]} back to {keep} tokens"
+                    )
+                state.lengths[b] = int(keep)
+
+    def keep_rows(self, state: LlamaCppState, rows: torch.Tensor) -> None:
+        kept = rows.tolist()
+        for b in sorted(set(range(state.batch_size)) - set(kept)):
+            self._release(state.seqs[b])
+        state.seqs[:] = [state.seqs[b] for b in kept]  # in place: the state's finalizer holds this list
+        state.lengths[:] = [state.lengths[b] for b in kept]
+
+    def insert_rows(self, state: LlamaCppState, new: LlamaCppState) -> None:
+        state.seqs += new.seqs
+        state.lengths += new.lengths
+        new.seqs.clear()  # the rows now belong to ``state`` (in place: ``new``'s finalizer releases nothing)
+        new.lengths.clear()
+
+    def compact(self, state: LlamaCppState) -> None:
+        """Nothing to do: llama.cpp reuses the cells of removed sequences."""
+
+    # ---------------------------------------------------------------- internals
+    def _new_state(self, rows: int) -> LlamaCppState:
+        if rows > len(self.free):
+            raise RuntimeError(
+                f"llama.cpp source {self.path.name}: {rows} new rows but only {len(self.free)} free sequences; "
+                "raise backend_options.n_seq_max or lower the batch size"
+            )
+        state = LlamaCppState([self.free.pop() for _ in range(rows)], [0] * rows)
+        weakref.finalize(state, _release_all, weakref.ref(self), state.seqs)
+        return state
+
+    def _release(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.free.append(seq)
+
+    def _decode(
+        self, state: LlamaCppState, rows: Sequence[list[int]], last_only: bool
+    ) -> list[list[torch.Tensor]]:
+        """Feed each row its tokens (in batches of at most ``n_batch`` tokens); each row's logits at the
+        positions asked for (every fed token, or only its last)."""
+        lib = self.lib
+        items = [(b, j, token) for b, tokens in enumerate(rows) for j, token in enumerate(tokens)]
+        out: list[list[torch.Tensor]] = [[] for _ in rows]
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start : start + self.n_batch]
+            batch = lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                wanted = []
+                for i, (b, j, token) in enumerate(chunk):
+                    batch.token[i] = int(token)
+                    batch.pos[i] = state.lengths[b] + j
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = state.seqs[b]
+                    ask = not last_only or j == len(rows[b]) - 1
+                    batch.logits[i] = 1 if ask else 0
+                    if ask:
+                        wanted.append((i, b))
+                code = lib.llama_decode(self.context, batch)
+                if code != 0:
+                    raise RuntimeError(
+                        f"llama.cpp could not decode {len(chunk)} tokens (code {code}): the KV cache of "
+                        f"{lib.llama_n_ctx(self.context)} cells is full; raise backend_options.n_ctx"
+                    )
+                for i, b in wanted:
+                    pointer = lib.llama_get_logits_ith(self.context, i)
+                    values = np.ctypeslib.as_array(
+                        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
+                    )
+                    out[b].append(torch.from_numpy(values.copy()))
+            finally:
+                lib.llama_batch_free(batch)
+        for b, tokens in enumerate(rows):
+            state.lengths[b] += len(tokens)
+        return out
+
+    def _check_tokenizer(self) -> None:
+        """The Hugging Face tokenizer must read text as llama.cpp does, or fused token ids would disagree."""
+        if len(self.tokenizer) > self.n_vocab:
+            raise SourceLoadError(
+                f"{self.path.name}: the tokenizer has {len(self.tokenizer)} tokens, llama.cpp's vocabulary {self.n_vocab}"
+            )
+        for text in PROBES:
+            ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            theirs = self._llama_tokenize(text)
+            if ours != theirs:
+                raise SourceLoadError(
+                    f"{self.path.name}: llama.cpp tokenises {text!r} as {theirs[:12]}, the tokenizer as {ours[:12]}; "
+                    "the source cannot be fused by token ids (use backend: hf)"
+                )
+
+    def _llama_tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buffer = (self.lib.llama_token * size)()
+        count = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, False, False)
+        return list(buffer[:count])
+
+
+def _release_all(owner: weakref.ref, seqs: list[int]) -> None:
+    """A state that was dropped without ``keep_rows([])``: give its sequences back."""
+    backend = owner()
+    if backend is not None:
+        for seq in list(seqs):
+            backend._release(seq)
+
+
+def _free(lib: Any, model: Any, context: Any) -> None:
+    lib.llama_free(context)
+    lib.llama_model_free(model)

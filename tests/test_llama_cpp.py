@@ -1,0 +1,176 @@
+"""The llama.cpp backend (``backend: llama_cpp``) against transformers on the same GGUF file.
+
+A tiny random Llama is written as a float32 GGUF (``trimix.testing.save_tiny_gguf``); transformers reads
+it exactly (its dequantised weights are the float32 ones), llama.cpp runs it with its own kernels. The
+two backends' logits agree to float32 rounding, so greedy decoding, speculation, serving, likelihood and
+a fusion that mixes the two backends give the same tokens. Skipped where llama-cpp-python is not
+installed (``pip install 'trimix[llama-cpp]'``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+import torch
+
+from trimix import FusedLM, load_config
+from trimix.errors import SourceLoadError
+from trimix.testing import build_byte_level_tokenizer, build_model, save_tiny_gguf
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs pip install 'trimix[llama-cpp]'")
+
+from trimix.server import BackgroundServer, Server
+
+PROMPTS = ["Hello world, this is", " ئۇيغۇر تىلى", "The", "Numbers 1 2 3 and"]
+# float32 logits of two implementations (other kernels, other summation orders) over a 64-wide model:
+# each logit is a sum of ~64 products of O(1) terms; measured differences are ~1e-6, 1e-4 leaves room.
+LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tokenizer = build_byte_level_tokenizer(eos="<|endoftext|>")
+    root = tmp_path_factory.mktemp("gguf")
+    paths = {}
+    for role, seed in (("large", 31), ("small_cpt", 32), ("small_base", 33)):
+        paths[role] = save_tiny_gguf(
+            root / f"{role}.gguf", build_model("llama", len(tokenizer), seed=seed, hidden_size=64), tokenizer
+        )
+    return paths, root
+
+
+def _config(paths: dict, backends: dict, method: str = "trimix", **generation) -> dict:
+    models = [
+        {
+            "model": str(paths[role]),
+            "role": role,
+            "backend": backends.get(role, "hf"),
+            "backend_options": {"n_threads": 2, "kv_type": "f32"},
+        }
+        if backends.get(role) == "llama_cpp"
+        else {"model": str(paths[role]), "role": role, "backend": "hf"}
+        for role in paths
+    ]
+    models[0]["weight"], models[1]["weight"] = 0.3, 0.9
+    return {
+        "models": models,
+        "fusion": {"method": method},
+        "generation": {"max_new_tokens": 8, **generation},
+        "cache_dir": None,
+    }
+
+
+def _lm(tiny, backends: dict, **generation) -> FusedLM:
+    paths, root = tiny
+    raw = _config(paths, backends, **generation)
+    raw["cache_dir"] = str(root / "cache")
+    return FusedLM.from_config(load_config(raw))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    every = dict.fromkeys(("large", "small_cpt", "small_base"), "llama_cpp")
+    return _lm(tiny, {}), _lm(tiny, every)
+
+
+def test_logits_agree_with_transformers_on_the_same_file(pair) -> None:
+    hf, cpp = pair
+    for a, b in zip(hf.sources, cpp.sources, strict=True):
+        assert b.backend.logit_rows == a.backend.logit_rows
+        enc = hf.encode(a, PROMPTS)
+        la, sa = a.backend.prefill(enc["input_ids"], enc["attention_mask"])
+        lb, sb = b.backend.prefill(enc["input_ids"], enc["attention_mask"])
+        torch.testing.assert_close(lb, la, atol=LOGIT_ATOL, rtol=0)
+        step = torch.tensor([[5, 6, 7]] * len(PROMPTS))
+        torch.testing.assert_close(
+            b.backend.advance(sb, step), a.backend.advance(sa, step), atol=LOGIT_ATOL, rtol=0
+        )
+        b.backend.crop(sb, sb.next_position - 2)  # roll every row back two tokens, then go on
+        a.backend.crop(sa, sa.next_position - 2)
+        again = torch.tensor([[9]] * len(PROMPTS))
+        torch.testing.assert_close(
+            b.backend.advance(sb, again), a.backend.advance(sa, again), atol=LOGIT_ATOL, rtol=0
+        )
+        b.backend.keep_rows(sb, torch.tensor([2, 0]))
+        a.backend.keep_rows(sa, torch.tensor([2, 0]))
+        torch.testing.assert_close(
+            b.backend.advance(sb, again[:2]), a.backend.advance(sa, again[:2]), atol=LOGIT_ATOL, rtol=0
+        )
+
+
+@pytest.mark.parametrize("speculative", [None, {"k": 3, "draft": "small_cpt"}], ids=["plain", "speculative"])
+def test_fused_decoding_gives_the_same_tokens(pair, speculative) -> None:
+    hf, cpp = pair
+    settings = {"max_new_tokens": 10, "batch_size": 3, "speculative": speculative}
+    want = [g.token_ids for g in hf.generate(PROMPTS, **settings)]
+    assert [g.token_ids for g in cpp.generate(PROMPTS, **settings)] == want
+
+
+def test_a_fusion_may_mix_backends(tiny, pair) -> None:
+    """large through transformers, small_cpt through llama.cpp: the same tokens as all-transformers."""
+    hf, _ = pair
+    mixed = _lm(tiny, {"small_cpt": "llama_cpp"})
+    assert type(mixed.sources[1].backend).__name__ == "LlamaCppBackend"
+    want = [g.token_ids for g in hf.generate(PROMPTS, max_new_tokens=8)]
+    assert [g.token_ids for g in mixed.generate(PROMPTS, max_new_tokens=8)] == want
+
+
+def test_likelihood_through_full_logits(pair) -> None:
+    hf, cpp = pair
+    requests = [("Hello world,", " this is"), ("ئۇيغۇر", " تىلى")]
+    for want, got in zip(hf.loglikelihood(requests), cpp.loglikelihood(requests), strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-3) and got.is_greedy == want.is_greedy
+
+
+def test_the_server_runs_rows_that_join_and_leave(pair) -> None:
+    """Continuous batching on llama.cpp sequences: concurrent requests equal each prompt alone."""
+    import concurrent.futures
+
+    hf, cpp = pair
+    want = {p: g.text for p, g in zip(PROMPTS, hf.generate(PROMPTS, max_new_tokens=6), strict=True)}
+    with (
+        BackgroundServer(Server(cpp, default_max_tokens=6)) as running,
+        concurrent.futures.ThreadPoolExecutor(4) as pool,
+    ):
+        answers = pool.map(
+            lambda p: httpx.post(f"{running.url}/v1/completions", json={"prompt": p}, timeout=60).json(),
+            PROMPTS * 2,
+        )
+        for prompt, answer in zip(PROMPTS * 2, answers, strict=True):
+            assert answer["choices"][0]["text"] == want[prompt]
+    assert len(cpp.sources[0].backend.free) == 64  # every sequence given back
+
+
+def test_bad_llama_cpp_settings_are_named(tiny, tmp_path) -> None:
+    paths, root = tiny
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    cases = [
+        ({"model": str(folder), "role": "a", "backend": "llama_cpp"}, "runs .gguf files"),
+        (
+            {
+                "model": str(paths["large"]),
+                "role": "a",
+                "backend": "llama_cpp",
+                "backend_options": {"n_gpu": 1},
+            },
+            "unknown backend_options ['n_gpu']",
+        ),
+        ({"model": str(paths["large"]), "role": "a", "backend": "llama_cpp", "device": "cuda:0"}, "CUDA"),
+    ]
+    for model, message in cases:
+        raw = {
+            "models": [model],
+            "fusion": {"method": "single", "role": "a"},
+            "cache_dir": str(root / "cache"),
+        }
+        with pytest.raises(Exception, match=re.escape(message)) as raised:
+            FusedLM.from_config(load_config(raw))
+        assert isinstance(raised.value, SourceLoadError | Exception)
+    small = _lm(tiny, dict.fromkeys(("large", "small_cpt", "small_base"), "llama_cpp"))
+    backend = small.sources[0].backend
+    backend.free = backend.free[:2]  # as if n_seq_max were 2
+    with pytest.raises(RuntimeError, match=r"raise backend_options\.n_seq_max"):
+        small.generate(PROMPTS, max_new_tokens=2, batch_size=4)
