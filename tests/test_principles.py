@@ -35,7 +35,10 @@ def cfg(trio, tmp_path) -> Path:
 
 
 def _run(capsys, args: list[str]) -> tuple[int, str]:
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse refuses a flag or choice itself (exit 2, usage and the reason)
+        code = exc.code
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     return code, err
@@ -76,6 +79,8 @@ def test_rule_1_overwrite_with_bad_input_deletes_nothing(cfg, tmp_path, capsys, 
         (["cpt", "--model", "{d}/m", "--corpus", "{d}/c.txt", "--lr", "-1", "-o", "{d}/t"], "--lr"),
         (["serve", "-c", "{c}", "--port", "0"], "--port"),
         (["report", "{d}/nothing_here"], "nothing_here"),
+        (["demo", "--scale", "0", "--out", "{d}/demo"], "--scale must be positive; got 0.0"),
+        (["ls", "nothing"], "invalid choice: 'nothing'"),
     ],
 )
 def test_rule_2_every_entry_point_names_the_bad_value(cfg, tmp_path, capsys, args, named) -> None:
