@@ -43,9 +43,9 @@ def _expected_greedy_stats(lm: FusedLM, plain: list, k: int | str, max_new_token
     output and the drafter's own greedy choices on it (one teacher-forced forward per prompt).
 
     Draft j of a round that starts after L committed tokens is accepted while the drafter's argmax after the
-    first L + j fused tokens is fused token L + j; a round drafts min(k, room - 1) tokens, where room is the
-    fewest tokens any active row of the batch may still emit; auto k starts at K_AUTO_START and is updated
-    after every round from the acceptance pooled over all rows."""
+    first L + j fused tokens is fused token L + j; in a round each row drafts min(k, room - 1) tokens, room
+    being the tokens that row may still emit (a row near its end drafts fewer, the others do not); auto k
+    starts at K_AUTO_START and is updated after every round from the acceptance pooled over all rows."""
     drafter = next(s for s in lm.sources if s.role == "small_cpt")
     tokens = [g.token_ids for g in plain]
     guesses = []
@@ -59,8 +59,8 @@ def _expected_greedy_stats(lm: FusedLM, plain: list, k: int | str, max_new_token
     current = K_AUTO_START if k == "auto" else k
     active = [r for r in range(len(plain)) if lengths[r] < max_new_tokens]
     while active:
-        k_round = max(0, min(current, min(max_new_tokens - lengths[r] for r in active) - 1))
         for r in active:
+            k_round = max(0, min(current, max_new_tokens - lengths[r] - 1))
             start, kept = lengths[r], 0
             while kept < k_round and guesses[r][start + kept] == tokens[r][start + kept]:
                 kept += 1
@@ -334,3 +334,34 @@ def test_auto_k_is_the_number_of_positions_reached_with_probability_a_quarter(
     assert acceptance ** (k - 1) >= 0.25 * (1 - slack)  # position k is still worth drafting ...
     if k < K_AUTO_MAX:  # ... and position k + 1 is not (unless capped)
         assert acceptance**k < 0.25 * (1 + slack)
+
+
+def test_a_row_near_its_budget_does_not_shorten_the_others_drafts(make_model) -> None:
+    """A served batch mixes token budgets: each row drafts what its own room allows (the 2-token request
+    drafts nothing more, the 14-token one keeps drafting k), and both equal plain greedy decoding."""
+    from trimix.decoding.sampling import row_keys
+    from trimix.decoding.scheduler import RowRequest, Scheduler
+
+    lm = _lm(make_model, "qwen2", weights=(0.3, 0.9))
+    engine = GenerationConfig(max_new_tokens=14, ignore_eos=True, speculative={"k": 4, "draft": "small_cpt"})
+    scheduler = Scheduler(lm, engine, max_batch=2)
+    budgets = {
+        scheduler.submit(
+            RowRequest(p, engine.model_copy(update={"max_new_tokens": n}), int(row_keys(0, [i])[0]))
+        ): (p, n)
+        for i, (p, n) in enumerate(zip(PROMPTS[:2], (2, 14), strict=True))
+    }
+    tokens = {s: [] for s in budgets}
+    stats = {}
+    while scheduler.busy():
+        for step in scheduler.step():
+            for s, t in zip(step.rows, step.tokens, strict=True):
+                tokens[s].append(t)
+            stats.update(step.stats or {})
+    for s, (prompt, n) in budgets.items():
+        assert tokens[s] == lm.generate([prompt], max_new_tokens=n, ignore_eos=True)[0].token_ids
+    long = next(s for s, (_, n) in budgets.items() if n == 14)
+    (alone,) = lm.generate([budgets[long][0]], engine, row_ids=[0])
+    # Its drafting does not depend on its neighbour: the same rounds and drafts as alone (with the old
+    # batch-wide k, the 2-token row held it to no draft in the first round).
+    assert (stats[long]["rounds"], stats[long]["drafted"]) == (alone.stats["rounds"], alone.stats["drafted"])

@@ -106,8 +106,11 @@ def decode_speculative(
     total = SpeculativeStats()
     while active:
         index = torch.tensor(active, dtype=torch.long, device=device)
-        room = min(rows.budget(r) - len(rows.tokens(r)) for r in active)
-        k_round = max(0, min(k, room - 1))
+        # Each row drafts as many tokens as its own budget leaves room for (a row near its end does not
+        # shorten the others' drafts); the round drafts the most any row wants, the rest are masked.
+        limits = [max(0, min(k, rows.budget(r) - len(rows.tokens(r)) - 1)) for r in active]
+        k_round = max(limits)
+        limit = torch.tensor(limits, dtype=torch.long, device=device)
         counters = torch.tensor([len(rows.tokens(r)) for r in active], dtype=torch.long, device=device)
         before = [state.next_position.clone() for state in all_states]
         # draft_logits: what each draft was chosen from; drafter_logits: the drafter's full logits at the
@@ -134,6 +137,7 @@ def decode_speculative(
                 token = _draft_choice(lm, chooser, step_logits[:, :vocab], keys[index], counters + j)
                 drafts.append(token)
         sequence = torch.stack([pending, *drafts], dim=1)  # (b, k + 1)
+        valid = torch.arange(k_round + 1, device=device)[None, :] <= limit[:, None]  # a row's own drafts
         if draft_index is None:
             drafter_logits = None
         elif draft_head is None:
@@ -141,7 +145,9 @@ def decode_speculative(
         else:
             drafter_logits = drafter.backend.head_logits(torch.stack(draft_hidden, 1)).to(device)
         source_logits = [
-            drafter_logits if i == draft_index else source.backend.advance(states[i], sequence).to(device)
+            drafter_logits
+            if i == draft_index
+            else source.backend.advance(states[i], sequence, valid).to(device)
             for i, source in enumerate(lm.sources)
         ]
         scores = lm.fuse(source_logits, weights[index])
@@ -154,7 +160,7 @@ def decode_speculative(
                 if k_round
                 else scores.new_zeros(len(active), 0, vocab)
             )
-        accepted, following = verify_drafts(target, drafted, draft_scores, keys[index], counters)
+        accepted, following = verify_drafts(target, drafted, draft_scores, keys[index], counters, limit)
         # Row b emits its first accepted[b] drafts, then the token that follows them.
         emitted = torch.cat([drafted, following[:, None]], 1).scatter(
             1, accepted[:, None], following[:, None]
@@ -163,8 +169,10 @@ def decode_speculative(
         yield from _emit_round(
             lm, active, emitted, counts, rows, admission, source_logits, scores, weights[index]
         )
-        for row, a, kept in zip(active, accepted.tolist(), counts.tolist(), strict=True):
-            stats[row].record(k_round, a, kept)
+        for row, drafted_here, a, kept in zip(
+            active, limits, accepted.tolist(), counts.tolist(), strict=True
+        ):
+            stats[row].record(drafted_here, a, kept)
         continuing = [i for i, row in enumerate(active) if not rows.done(row)]
         keep = torch.tensor(continuing, dtype=torch.long)
         _keep_all(backends, all_states, keep)

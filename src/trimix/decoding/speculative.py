@@ -68,6 +68,7 @@ def verify_drafts(
     draft_scores: torch.Tensor | None,
     keys: torch.Tensor,
     counters: torch.Tensor,
+    limits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How many drafted tokens each row keeps, and the token that follows them.
 
@@ -79,12 +80,15 @@ def verify_drafts(
             greedy decoding (drafts are then checked against the fused argmax).
         keys: ``(B,)`` row keys of the sampling noise.
         counters: ``(B,)`` the output index of each row's first drafted token.
+        limits: ``(B,)`` how many of the k drafts belong to each row (a row with less room drafts fewer;
+            the rest of its row is padding); None: all k.
 
     Returns:
         ``accepted`` ``(B,)`` in ``[0, k]`` and ``next_token`` ``(B,)``: the fused argmax (greedy), the
         residual draw at the first rejection, or a draw from ``p_{k+1}`` when every draft was kept.
     """
     k = draft.shape[1]
+    own = None if limits is None else torch.arange(k, device=draft.device)[None, :] < limits[:, None]
     if k == 0:  # nothing drafted: one plain fused step
         accepted = torch.zeros(draft.shape[0], dtype=torch.long, device=draft.device)
         if draft_scores is None:
@@ -93,7 +97,8 @@ def verify_drafts(
         return accepted, (target_scores[:, 0] + noise).argmax(-1)
     if draft_scores is None:
         target = target_scores.argmax(-1)  # (B, k + 1)
-        accepted = _prefix_length(target[:, :k] == draft)
+        matches = target[:, :k] == draft
+        accepted = _prefix_length(matches if own is None else matches & own)
         return accepted, target.gather(1, accepted[:, None]).squeeze(1)
     p = torch.softmax(target_scores, dim=-1)  # (B, k + 1, V)
     q = torch.softmax(draft_scores, dim=-1)  # (B, k, V)
@@ -102,10 +107,11 @@ def verify_drafts(
     u = torch.stack([uniform_noise(keys, counters + j, 1, STREAM_ACCEPT)[:, 0] for j in range(k)], 1)
     # Accept x_j when u_j < p_j(x_j) / q_j(x_j), i.e. with probability min(1, p_j(x_j) / q_j(x_j)) (written
     # without the division: q_x > 0 for every drafted token, and u < 1).
-    accepted = _prefix_length(u * q_x < p_x)
+    kept = u * q_x < p_x
+    accepted = _prefix_length(kept if own is None else kept & own)
     rows = torch.arange(draft.shape[0], device=draft.device)
     p_next = p[rows, accepted]  # (B, V)
-    rejected = accepted < k
+    rejected = accepted < (k if limits is None else limits)  # a row that kept all its own drafts: p_{limit+1}
     q_next = q[rows, accepted.clamp_max(k - 1)] * rejected[:, None]
     choice = residual_distribution(p_next, q_next)
     noise = gumbel_noise(keys, counters + accepted, choice.shape[-1], STREAM_RESIDUAL)
