@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 try:  # at module level: FastAPI resolves the handlers' (string) annotations from these globals
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -48,7 +46,7 @@ from trimix.server.protocol import (
     RequestError,
     TokenizeRequest,
     request_fusion,
-    validation_message,
+    validated,
 )
 from trimix.server.responses import ResponseWriter, error_body
 
@@ -92,10 +90,7 @@ class Server:
         Runs off the event loop (it tokenises every prompt to check it fits the sources' contexts)."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        try:
-            request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
-        except ValidationError as exc:
-            raise RequestError(*validation_message(exc)) from None
+        request = validated(ChatCompletionRequest if chat else CompletionRequest, body)
         self.check_model(request.model)
         if chat:
             prompts: list[Any] = [[m.model_dump() for m in request.messages]]
@@ -184,10 +179,7 @@ class Server:
 
     # ---------------------------------------------------------------- tokenizer endpoints
     def tokenize(self, body: Any) -> dict[str, Any]:
-        try:
-            request = TokenizeRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RequestError(*validation_message(exc)) from None
+        request = validated(TokenizeRequest, body)
         self.check_model(request.model)
         source, tokenizer = self.lm.sources[0], self.lm.tokenizer
         if request.messages is not None:
@@ -198,19 +190,21 @@ class Server:
             ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
         return {
             "count": len(ids),
-            "max_model_len": min((s.max_positions or 0) for s in self.lm.sources) or None,
+            "max_model_len": self.context_length,
             "tokens": ids,
             "token_strs": [self.lm.token_text(t) for t in ids],
         }
 
     def detokenize(self, body: Any) -> dict[str, Any]:
-        try:
-            request = DetokenizeRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RequestError(*validation_message(exc)) from None
+        request = validated(DetokenizeRequest, body)
         self.check_model(request.model)
         self._check_ids([request.tokens], "tokens")
         return {"prompt": self.lm.tokenizer.decode(request.tokens)}
+
+    @property
+    def context_length(self) -> int | None:
+        """The shortest context among the fused sources (what a prompt must fit), when they state one."""
+        return min((s.max_positions or 0) for s in self.lm.sources) or None
 
     def tokenizer_info(self) -> dict[str, Any]:
         tokenizer = self.lm.tokenizer
@@ -221,7 +215,7 @@ class Server:
             "pad_token": tokenizer.pad_token,
             "unk_token": tokenizer.unk_token,
             "chat_template": getattr(tokenizer, "chat_template", None),
-            "model_max_length": min((s.max_positions or 0) for s in self.lm.sources) or None,
+            "model_max_length": self.context_length,
             "vocab_size": self.lm.vocab_size,
         }
 

@@ -225,6 +225,14 @@ class DetokenizeRequest(_Body):
     tokens: list[NonNegative]
 
 
+def validated(model: type[BaseModel], body: Any) -> Any:
+    """``body`` read as ``model``, or a :class:`RequestError` naming the first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestError(*validation_message(exc)) from None
+
+
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """OpenAI's error message and ``param`` for the first problem of a request body."""
     error = exc.errors(include_url=False)[0]
