@@ -174,3 +174,54 @@ def test_bad_llama_cpp_settings_are_named(tiny, tmp_path) -> None:
     backend.free = backend.free[:2]  # as if n_seq_max were 2
     with pytest.raises(RuntimeError, match=r"raise backend_options\.n_seq_max"):
         small.generate(PROMPTS, max_new_tokens=2, batch_size=4)
+
+
+def test_an_adapter_is_merged_into_a_derived_gguf(tiny, tmp_path) -> None:
+    """A LoRA adapter over a GGUF base (as the demo's CPT sources are) runs on llama.cpp from a derived
+    file: the base's tensors copied, the adapted ones written as W + (alpha/r) B A. At float32 it gives
+    the logits of transformers with the adapter applied (the query/key rows permuted as llama.cpp lays
+    them out), and the merge is cached."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths, root = tiny
+    base = AutoModelForCausalLM.from_pretrained(str(paths["large"].parent), gguf_file=paths["large"].name)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    torch.manual_seed(0)
+    for name, weight in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.2)  # PEFT starts B at zero: make the update real
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    (adapter / "trimix_source.json").write_text(json.dumps({"base": {"model": str(paths["large"])}}))
+    options = {"n_threads": 2, "kv_type": "f32", "merge_precision": "f32"}
+    models = {
+        backend: FusedLM.from_config(
+            load_config(
+                {
+                    "models": [
+                        {
+                            "model": str(adapter),
+                            "role": "cpt",
+                            "backend": backend,
+                            "backend_options": options if backend == "llama_cpp" else {},
+                        }
+                    ],
+                    "fusion": {"method": "single", "role": "cpt"},
+                    "cache_dir": str(root / "cache"),
+                }
+            )
+        )
+        for backend in ("hf", "llama_cpp")
+    }
+    hf, cpp = (models[b].sources[0].backend for b in ("hf", "llama_cpp"))
+    enc = models["hf"].encode(models["hf"].sources[0], PROMPTS)
+    merged, _ = cpp.prefill(enc["input_ids"], enc["attention_mask"])
+    adapted, _ = hf.prefill(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(merged, adapted, atol=LOGIT_ATOL, rtol=0)
+    assert list((root / "cache" / "gguf").glob("large-adapter-*-f32.gguf"))  # written once, then reused
+    want = [g.token_ids for g in models["hf"].generate(PROMPTS, max_new_tokens=8)]
+    assert [g.token_ids for g in models["llama_cpp"].generate(PROMPTS, max_new_tokens=8)] == want

@@ -136,13 +136,15 @@ def demo_config(
     heldout_dev: Path,
     budget: DemoBudget,
     base_model: str = BASE_MODEL,
+    backend: str = "hf",
 ) -> dict:
-    """The run config the demo evaluates: sources, search and the evaluation matrix."""
+    """The run config the demo evaluates: sources, search and the evaluation matrix (``backend``: every
+    source's; ``llama_cpp`` runs the GGUF base and the adapters merged into it quantized)."""
     return {
         "models": [
-            {"model": str(instruct_adapter), "role": "large", "weight": 0.1},
-            {"model": str(cpt_adapter), "role": "small_cpt", "weight": 0.9},
-            {"model": base_model, "role": "small_base"},
+            {"model": str(instruct_adapter), "role": "large", "weight": 0.1, "backend": backend},
+            {"model": str(cpt_adapter), "role": "small_cpt", "weight": 0.9, "backend": backend},
+            {"model": base_model, "role": "small_base", "backend": backend},
         ],
         "fusion": {"method": "trimix"},
         "search": {
@@ -222,8 +224,10 @@ def run_demo(
     cache_dir: str | None = None,
     progress: bool = True,
     resumed: bool = False,
+    backend: str = "hf",
 ) -> str:
-    """Run the five steps and return the report table (also written under ``out_dir``)."""
+    """Run the five steps and return the report table (also written under ``out_dir``); ``backend``
+    decodes and scores steps 4-5 (training always runs on transformers)."""
     start = time.perf_counter()
     budget = DemoBudget().scaled(scale)
     cache_root = resolve_cache_dir(cache_dir)
@@ -238,7 +242,9 @@ def run_demo(
     evaluated = split.validation[: min(budget.heldout_lines, VALIDATION_LINES - DEV_LINES)]
     heldout.write_text("\n".join(evaluated) + "\n", encoding="utf-8")
     heldout_dev.write_text("\n".join(split.validation[-DEV_LINES:]) + "\n", encoding="utf-8")
-    config = load_config(demo_config(cpt_adapter, instruct_adapter, heldout, heldout_dev, budget))
+    config = load_config(
+        demo_config(cpt_adapter, instruct_adapter, heldout, heldout_dev, budget, backend=backend)
+    )
     evaluator = Evaluator(config, out_dir, progress=progress)
     write_run_info(
         out_dir, config, config.eval.seed, resumed=resumed, demo_budget=budget.__dict__, scale=scale

@@ -112,7 +112,9 @@ class LlamaCppBackend:
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # every row draws cells from one cache of n_ctx cells
         if settings["kv_type"] not in KV_TYPES:
-            raise SourceLoadError(f"backend_options.kv_type must be one of {', '.join(KV_TYPES)}; got {settings['kv_type']!r}")
+            raise SourceLoadError(
+                f"backend_options.kv_type must be one of {', '.join(KV_TYPES)}; got {settings['kv_type']!r}"
+            )
         params.type_k = params.type_v = KV_TYPES[settings["kv_type"]]
         if settings["kv_type"] == "f32":  # flash attention would round queries and keys to f16
             params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -396,7 +396,7 @@ def load_source(
     base_cfg, adapter_dir = _split_adapter(cfg)
     if _backend_for(cfg, base_cfg, adapter_dir) == "llama_cpp":
         return _load_llama_cpp(
-            cfg, _gguf_path(base_cfg), cfg.device or default_device, resolve_cache_dir(cache_dir)
+            cfg, _gguf_path(base_cfg), adapter_dir, cfg.device or default_device, resolve_cache_dir(cache_dir)
         )
     location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
     dtype_name = cfg.dtype or default_dtype
@@ -449,7 +449,7 @@ def _backend_for(cfg: SourceConfig, base_cfg: SourceConfig, adapter_dir: Path | 
 
     gguf_path = _gguf_path(base_cfg)
     if cfg.backend == "auto":
-        if gguf_path is None or adapter_dir is not None or not llama_cpp.available():
+        if gguf_path is None or not llama_cpp.available():
             return "hf"
         logger.info("source %s: llama.cpp runs %s (backend auto)", cfg.role, gguf_path.name)
         return "llama_cpp"
@@ -457,14 +457,14 @@ def _backend_for(cfg: SourceConfig, base_cfg: SourceConfig, adapter_dir: Path | 
         raise SourceLoadError(
             f"source {cfg.role!r}: backend llama_cpp runs .gguf files; {cfg.model!r} is not one (use backend: hf)"
         )
-    if adapter_dir is not None:
-        raise SourceLoadError(
-            f"source {cfg.role!r}: backend llama_cpp does not apply adapters yet ({adapter_dir}); use backend: hf"
-        )
     return "llama_cpp"
 
 
-def _load_llama_cpp(cfg: SourceConfig, gguf_path: Path, device: str, cache_dir: Path) -> Source:
+def _load_llama_cpp(
+    cfg: SourceConfig, gguf_path: Path, adapter_dir: Path | None, device: str, cache_dir: Path
+) -> Source:
+    """A GGUF source on llama.cpp; an adapter over it is merged into a derived GGUF first (cached)."""
+    from trimix.backends.gguf_merge import merged_gguf
     from trimix.backends.llama_cpp import LlamaCppBackend
 
     if not gguf_path.is_file():
@@ -475,10 +475,22 @@ def _load_llama_cpp(cfg: SourceConfig, gguf_path: Path, device: str, cache_dir: 
         )
     _check_gguf(gguf_path)
     start = time.perf_counter()
-    tokenizer = _gguf_tokenizer(gguf_path, cache_dir) if not cfg.tokenizer else _tokenizer(cfg.tokenizer, cfg)
-    backend = LlamaCppBackend(gguf_path, tokenizer, cfg.backend_options)
+    options = dict(cfg.backend_options)
+    precision = options.pop("merge_precision", "f16")
+    if cfg.tokenizer:
+        tokenizer = _tokenizer(cfg.tokenizer, cfg)
+    elif _has_tokenizer(adapter_dir):
+        tokenizer = _tokenizer(str(adapter_dir), cfg)
+    else:
+        tokenizer = _gguf_tokenizer(gguf_path, cache_dir)
+    path = gguf_path if adapter_dir is None else merged_gguf(gguf_path, adapter_dir, cache_dir, precision)
+    backend = LlamaCppBackend(path, tokenizer, options)
     logger.info(
-        "loaded source %s from %s with llama.cpp in %.1fs", cfg.role, gguf_path, time.perf_counter() - start
+        "loaded source %s from %s%s with llama.cpp in %.1fs",
+        cfg.role,
+        gguf_path,
+        f" + adapter {adapter_dir} (merged, {precision})" if adapter_dir else "",
+        time.perf_counter() - start,
     )
     return Source(role=cfg.role, backend=backend, config=cfg)
 

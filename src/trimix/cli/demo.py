@@ -28,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scale", type=float, default=1.0, help="multiply every budget (default 1: ~15 min on 2 cores)"
     )
+    p.add_argument(
+        "--backend",
+        choices=["hf", "llama_cpp"],
+        default="hf",
+        help="what runs selection and evaluation: transformers (default) or llama.cpp on the quantized GGUF "
+        "with the adapters merged in (pip install 'trimix[llama-cpp]')",
+    )
     p.add_argument("--cache-dir", help="where conversions and adapters are cached (default ~/.cache/trimix)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an existing --output-dir")
     p.add_argument(
@@ -53,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 cache_dir=args.cache_dir,
                 progress=not args.quiet,
                 resumed=args.resume,
+                backend=args.backend,
             )
         )
     return 0
