@@ -95,9 +95,7 @@ class LlamaCppBackend:
             )
         settings = {**OPTIONS, **(options or {})}
         self.lib, self.tokenizer, self.path = llama_cpp, tokenizer, Path(gguf_path)
-        quiet = logging.getLogger("llama-cpp-python")  # llama.cpp's own log: its warnings and errors only
-        if quiet.level == logging.NOTSET:
-            quiet.setLevel(logging.WARNING)
+        _route_logs(llama_cpp)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
@@ -287,6 +285,26 @@ class LlamaCppBackend:
         buffer = (self.lib.llama_token * size)()
         count = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, False, False)
         return list(buffer[:count])
+
+
+_LOG_CALLBACK: Any = None  # kept alive: llama.cpp calls it from C
+
+
+def _route_logs(lib: Any) -> None:
+    """llama.cpp's own log (model loading, cache sizes) to this module's logger: warnings and errors at
+    WARNING, the rest at DEBUG, instead of pages on stderr."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    levels = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 3 warn, 4 error, 5 continued
+
+    def forward(level: int, text: bytes, _: Any) -> None:
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            logger.log(levels.get(level, logging.DEBUG), "llama.cpp: %s", message)
+
+    _LOG_CALLBACK = lib.llama_log_callback(forward)
+    lib.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _release_all(owner: weakref.ref, seqs: list[int]) -> None:
