@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from trimix import FusedLM, load_config
-from trimix.errors import SourceLoadError
+from trimix.errors import ConfigError, SourceLoadError
 from trimix.testing import build_byte_level_tokenizer, build_model, save_tiny_gguf
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs pip install 'trimix[llama-cpp]'")
@@ -172,7 +172,7 @@ def test_bad_llama_cpp_settings_are_named(tiny, tmp_path) -> None:
     small = _lm(tiny, dict.fromkeys(("large", "small_cpt", "small_base"), "llama_cpp"))
     backend = small.sources[0].backend
     backend.free = backend.free[:2]  # as if n_seq_max were 2
-    with pytest.raises(RuntimeError, match=r"raise backend_options\.n_seq_max"):
+    with pytest.raises(ConfigError, match=r"raise backend_options\.n_seq_max"):
         small.generate(PROMPTS, max_new_tokens=2, batch_size=4)
 
 

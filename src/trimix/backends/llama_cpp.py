@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trimix.errors import SourceLoadError
+from trimix.errors import ConfigError, SourceLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class LlamaCppBackend:
     # ---------------------------------------------------------------- internals
     def _new_state(self, rows: int) -> LlamaCppState:
         if rows > len(self.free):
-            raise RuntimeError(
+            raise ConfigError(
                 f"llama.cpp source {self.path.name}: {rows} new rows but only {len(self.free)} free sequences; "
                 "raise backend_options.n_seq_max or lower the batch size"
             )
@@ -248,7 +248,7 @@ class LlamaCppBackend:
                         wanted.append((i, b))
                 code = lib.llama_decode(self.context, batch)
                 if code != 0:
-                    raise RuntimeError(
+                    raise ConfigError(
                         f"llama.cpp could not decode {len(chunk)} tokens (code {code}): the KV cache of "
                         f"{lib.llama_n_ctx(self.context)} cells is full; raise backend_options.n_ctx"
                     )
