@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from trimix.testing import CORPUS, build_tokenizer, save_tiny_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-__all__ = ["CORPUS", "FLOAT32_SUM_REL", "assert_same_rows", "build_tokenizer"]
+__all__ = ["CORPUS", "FLOAT32_SUM_REL", "assert_same_rows", "build_tokenizer", "run_cli"]
 
 # Property tests: the same examples on every machine and run (derandomize), no per-example deadline (a
 # 2-core CI machine under load is not a bug). HYPOTHESIS_PROFILE=explore draws new random examples.
@@ -57,6 +57,20 @@ def assert_same_rows(a, b, path: str = "rows") -> None:
             assert_same_rows(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def run_cli(capsys, args: list) -> tuple[int, str]:
+    """Run ``trimix ARGS`` in this process: its exit code (argparse's own refusals included) and stderr,
+    which must hold no traceback."""
+    from trimix.cli.main import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse refuses a flag or choice itself (exit 2, usage and the reason)
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
 
 
 def row_key(row: dict) -> tuple:

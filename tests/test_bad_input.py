@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import trio_config
+from conftest import run_cli, trio_config
 from trimix.cli.main import main
 
 SIB_HEADER = "index_id\tcategory\ttext\n"
@@ -52,18 +52,11 @@ def _eval_cfg(trio, tmp_path: Path, root: str) -> Path:
     return path
 
 
-def _run(capsys, args: list[str]) -> tuple[int, str]:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
-
-
 @pytest.mark.parametrize("where", ["relative_to_config", "absolute"])
 def test_a_users_own_sib200_folder_evaluates(trio, tmp_path, capsys, where) -> None:
     _sib_folder(tmp_path / "conf" / "my_sib200")
     root = "./my_sib200" if where == "relative_to_config" else str(tmp_path / "conf" / "my_sib200")
-    code, _ = _run(
+    code, _ = run_cli(
         capsys, ["-q", "eval", "-c", str(_eval_cfg(trio, tmp_path, root)), "-o", str(tmp_path / "o")]
     )
     assert code == 0
@@ -74,9 +67,19 @@ def test_a_users_own_sib200_folder_evaluates(trio, tmp_path, capsys, where) -> N
 def test_an_unknown_label_is_named_with_file_and_line_before_models_load(trio, tmp_path, capsys) -> None:
     _sib_folder(tmp_path / "conf" / "my_sib200", bad_label=True)
     path = _eval_cfg(trio, tmp_path, "./my_sib200")
-    code, err = _run(capsys, ["eval", "-c", str(path), "-o", str(tmp_path / "o")])
+    code, err = run_cli(capsys, ["eval", "-c", str(path), "-o", str(tmp_path / "o")])
     assert code == 2 and "test.tsv:3: category 'helth' is not in labels.txt" in err
     assert not (tmp_path / "o" / "predictions.jsonl").exists()
+
+
+def _with_topic_task(config: Path, out: Path, options: dict) -> None:
+    """``config`` with an `eval` section: one source, SIB-200 topic on Uyghur with these task options."""
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"] = {
+        "methods": [{"name": "large", "method": "single", "role": "large"}],
+        "tasks": [{"task": "sib200_topic", "langs": ["uig_Arab"], "options": options}],
+    }
+    out.write_text(yaml.safe_dump(raw))
 
 
 CASES = {
@@ -202,40 +205,14 @@ CASES = {
         "models.0.weight: must be a number, unable to parse string as a number (got 'heavy')",
     ),
     "task_option_misspelled": (
-        lambda d, c: d.joinpath("o.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    **yaml.safe_load(c.read_text()),
-                    "eval": {
-                        "methods": [{"name": "large", "method": "single", "role": "large"}],
-                        "tasks": [{"task": "sib200_topic", "langs": ["uig_Arab"], "options": {"rooot": "x"}}],
-                    },
-                }
-            )
-        ),
+        lambda d, c: _with_topic_task(c, d / "o.yaml", {"rooot": "x"}),
         ["eval", "-c", "{d}/o.yaml", "-o", "{d}/out"],
         "task 'sib200_topic' has no option 'rooot'; did you mean 'root'?",
     ),
     "task_root_is_a_file": (
         lambda d, c: (
             d.joinpath("afile").write_text("x"),
-            d.joinpath("r.yaml").write_text(
-                yaml.safe_dump(
-                    {
-                        **yaml.safe_load(c.read_text()),
-                        "eval": {
-                            "methods": [{"name": "large", "method": "single", "role": "large"}],
-                            "tasks": [
-                                {
-                                    "task": "sib200_topic",
-                                    "langs": ["uig_Arab"],
-                                    "options": {"root": str(d / "afile")},
-                                }
-                            ],
-                        },
-                    }
-                )
-            ),
+            _with_topic_task(c, d / "r.yaml", {"root": str(d / "afile")}),
         ),
         ["eval", "-c", "{d}/r.yaml", "-o", "{d}/out"],
         "is a file; `root` names the folder",
@@ -268,7 +245,7 @@ def test_bad_input_exits_2_with_a_message(case, cfg, tmp_path, capsys, monkeypat
                 {"models": [{"model": model, "role": "a"}], "fusion": {"method": "single", "role": "a"}}
             )
         )
-    code, err = _run(capsys, [a.format(d=tmp_path, c=cfg) for a in args])
+    code, err = run_cli(capsys, [a.format(d=tmp_path, c=cfg) for a in args])
     assert code == 2, err
     assert message in err
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
@@ -280,7 +257,7 @@ def test_non_utf8_stdin_fails_before_models_load(cfg, capsys, monkeypatch) -> No
             return False
 
     monkeypatch.setattr(sys, "stdin", Stdin(io.BytesIO("café".encode("latin-1"))))
-    code, err = _run(capsys, ["generate", "-c", str(cfg)])
+    code, err = run_cli(capsys, ["generate", "-c", str(cfg)])
     assert code == 2 and "standard input is not UTF-8" in err
 
 
@@ -303,18 +280,18 @@ def test_offline_hub_id_fails_at_once(tmp_path, capsys, monkeypatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
-    code, err = _run(capsys, ["generate", "-c", str(path), "-p", "x"])
+    code, err = run_cli(capsys, ["generate", "-c", str(path), "-p", "x"])
     assert code == 2 and "HF_HUB_OFFLINE is set" in err and "hf download some-org/not-cached-model" in err
     assert attempts == []
 
 
 def test_a_failed_run_leaves_nothing_a_rerun_must_override(cfg, tmp_path, capsys) -> None:
     out = tmp_path / "o"
-    code, _ = _run(
+    code, _ = run_cli(
         capsys, ["generate", "-c", str(cfg), "-p", "hello " * 1200, "-o", str(out)]
     )  # too long: refused
     assert code == 2 and not (out / "generations.jsonl").exists()
-    code, _ = _run(
+    code, _ = run_cli(
         capsys, ["-q", "generate", "-c", str(cfg), "-p", "hello", "--max-new-tokens", "2", "-o", str(out)]
     )
     assert code == 0 and (out / "generations.jsonl").is_file()
@@ -323,7 +300,7 @@ def test_a_failed_run_leaves_nothing_a_rerun_must_override(cfg, tmp_path, capsys
 def test_weights_flag_keeps_trimix_and_writes_the_derived_weight(cfg, tmp_path, capsys) -> None:
     path = tmp_path / "t.yaml"
     path.write_text(cfg.read_text().replace("method: proxy_tuning", "method: trimix"))
-    code, _ = _run(
+    code, _ = run_cli(
         capsys,
         [
             "-q",
@@ -366,7 +343,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(trio, tmp_path, capsys) -> N
     config, out = _eval_cfg(trio, tmp_path, "./my_sib200"), tmp_path / "o"
     out.mkdir()
     with folder_lock(out):  # another run holds the folder
-        code, err = _run(capsys, ["-q", "eval", "-c", str(config), "-o", str(out), "--resume"])
+        code, err = run_cli(capsys, ["-q", "eval", "-c", str(config), "-o", str(out), "--resume"])
     assert code == 2 and "in use by another trimix run" in err
     assert not (out / "predictions.jsonl").exists() and not (out / "config.yaml").exists()
 
@@ -381,7 +358,7 @@ def test_an_overlong_evaluation_item_stops_at_the_context_and_is_counted(trio, t
     raw = yaml.safe_load(config.read_text())
     raw["eval"]["tasks"][0] |= {"shots": 0, "max_chars": 100_000, "max_new_tokens": 8}
     config.write_text(yaml.safe_dump(raw))
-    code, _ = _run(capsys, ["-q", "eval", "-c", str(config), "-o", str(tmp_path / "o")])
+    code, _ = run_cli(capsys, ["-q", "eval", "-c", str(config), "-o", str(tmp_path / "o")])
     assert code == 0
     rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(r["finish_reason"] == "context" for r in rows) == [False, False, False, True]
@@ -408,7 +385,7 @@ def test_overwrite_into_a_busy_folder_deletes_nothing(trio, cfg, tmp_path, capsy
     )
     before = progress.read_bytes()
     with folder_lock(out):  # another run holds the folder
-        code, err = _run(capsys, [*args, "-o", str(out), "--overwrite"])
+        code, err = run_cli(capsys, [*args, "-o", str(out), "--overwrite"])
     assert code == 2 and "in use by another trimix run" in err
     assert progress.read_bytes() == before
 
@@ -425,7 +402,7 @@ def test_a_damaged_line_in_the_middle_is_an_error_and_nothing_is_truncated(tmp_p
     with pytest.raises(DataError, match=r"predictions.jsonl:3: not a complete JSON line"):
         read_jsonl(path)
     assert path.read_bytes() == before
-    code, err = _run(capsys, ["report", str(tmp_path)])
+    code, err = run_cli(capsys, ["report", str(tmp_path)])
     assert code == 2 and "predictions.jsonl:3" in err and path.read_bytes() == before
 
 
@@ -511,7 +488,7 @@ def test_a_config_from_a_pipe_is_read(tmp_path, capsys) -> None:
     os.write(write, yaml.safe_dump(raw).encode())
     os.close(write)
     try:
-        code, err = _run(capsys, ["generate", "-c", f"/dev/fd/{read}", "-p", "x"])
+        code, err = run_cli(capsys, ["generate", "-c", f"/dev/fd/{read}", "-p", "x"])
     finally:
         os.close(read)
     assert code == 2 and "model path" in err and "absent" in err and "config file '" not in err, err

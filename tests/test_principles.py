@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import trio_config
-from trimix.cli.main import main
+from conftest import run_cli, trio_config
 
 PREVIOUS = {
     "eval": "predictions.jsonl",
@@ -32,16 +31,6 @@ def cfg(trio, tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(trio_config(trio)))
     return path
-
-
-def _run(capsys, args: list[str]) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse refuses a flag or choice itself (exit 2, usage and the reason)
-        code = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return code, err
 
 
 @pytest.mark.parametrize(
@@ -66,7 +55,7 @@ def test_rule_1_overwrite_with_bad_input_deletes_nothing(cfg, tmp_path, capsys, 
         out.mkdir()
         previous.write_text('{"id": 0}\n')
     prompt = ["-p", "x"] if command == "generate" else []
-    code, err = _run(capsys, [command, "-c", cfg, *prompt, "-o", out, "--overwrite", *bad])
+    code, err = run_cli(capsys, [command, "-c", cfg, *prompt, "-o", out, "--overwrite", *bad])
     assert code == 2 and previous.exists(), err
 
 
@@ -84,7 +73,7 @@ def test_rule_1_overwrite_with_bad_input_deletes_nothing(cfg, tmp_path, capsys, 
     ],
 )
 def test_rule_2_every_entry_point_names_the_bad_value(cfg, tmp_path, capsys, args, named) -> None:
-    code, err = _run(capsys, [a.format(c=cfg, d=tmp_path) for a in args])
+    code, err = run_cli(capsys, [a.format(c=cfg, d=tmp_path) for a in args])
     assert code == 2 and named in err, err
 
 
@@ -124,9 +113,9 @@ def test_rule_3_resume_checks_content_not_names(cfg, tmp_path, capsys) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\n")
     out = tmp_path / "g"
-    assert _run(capsys, ["generate", "-c", cfg, "-f", prompts, "-o", out, "--max-new-tokens", "2"])[0] == 0
+    assert run_cli(capsys, ["generate", "-c", cfg, "-f", prompts, "-o", out, "--max-new-tokens", "2"])[0] == 0
     prompts.write_text("one\nthree\n")
-    code, err = _run(
+    code, err = run_cli(
         capsys, ["generate", "-c", cfg, "-f", prompts, "-o", out, "--max-new-tokens", "2", "--resume"]
     )
     assert code == 2 and "prompts" in err, err
@@ -164,7 +153,7 @@ def test_rule_4_an_operating_system_refusal_is_a_message(cfg, tmp_path, capsys, 
         ],
         "select": ["-c", cfg],
     }[command]
-    code, err = _run(capsys, [command, *extra, "-o", locked / "out"])
+    code, err = run_cli(capsys, [command, *extra, "-o", locked / "out"])
     assert code == 2 and "permission" in err.lower() and str(locked) in err, err
 
 
@@ -172,12 +161,12 @@ def test_rule_4_exit_codes(cfg, tmp_path, capsys, monkeypatch) -> None:
     """0 done, 2 bad input, 130 interrupted (with the resume hint)."""
     from trimix import faults
 
-    assert _run(capsys, ["generate", "-c", cfg, "-p", "x", "--max-new-tokens", "1"])[0] == 0
-    assert _run(capsys, ["generate", "-c", cfg, "-p", "x", "--max-new-tokens", "0"])[0] == 2
+    assert run_cli(capsys, ["generate", "-c", cfg, "-p", "x", "--max-new-tokens", "1"])[0] == 0
+    assert run_cli(capsys, ["generate", "-c", cfg, "-p", "x", "--max-new-tokens", "0"])[0] == 2
     faults.reset()
     monkeypatch.setenv(faults.ENV, "generate.row:2")
     try:
-        code, err = _run(
+        code, err = run_cli(
             capsys, ["generate", "-c", cfg, "-p", "x", "-p", "y", "-o", tmp_path / "i", "--batch-size", "1"]
         )
     finally:

@@ -22,7 +22,7 @@ can take in new rows (continuous batching). A state's rows decode exactly as eac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -181,3 +181,20 @@ def capabilities(backend: Any) -> frozenset[str]:
 
 def has_capability(backend: Any, name: str) -> bool:
     return name in capabilities(backend)
+
+
+def position_logits(
+    backend: SourceBackend, ids: torch.Tensor, count: int, block: int | None = None
+) -> Iterator[torch.Tensor]:
+    """The logits after each of the first ``count`` tokens of one row ``ids`` ``(1, T)``, in order, as
+    ``(1, k, R)`` chunks: the first from a prefill of one token, the rest fed ``block`` tokens at a time
+    (all at once when None). The core protocol alone: any backend can score a text this way."""
+    if count < 1:
+        return
+    first, state = backend.prefill(ids[:, :1], torch.ones_like(ids[:, :1]))
+    yield first[:, None]
+    done = 1
+    while done < count:
+        feed = ids[:, done : count if block is None else min(done + block, count)]
+        yield backend.advance(state, feed)
+        done += feed.shape[1]

@@ -161,10 +161,15 @@ def _check_gguf(gguf_path: Path) -> None:
         )
 
 
+def _file_key(path: Path) -> str:
+    """A short key of a file's identity (resolved path, size, modification time) for what is cached from it."""
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def _dequantized_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
     """Dequantise a GGUF file once and keep it as a safetensors folder; return that folder."""
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _file_key(gguf_path)
     target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         logger.info("using the cached conversion of %s at %s", gguf_path.name, target)
@@ -497,8 +502,7 @@ def _load_llama_cpp(
 
 def _gguf_tokenizer(gguf_path: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
     """The Hugging Face tokenizer a GGUF file holds, read once and cached (without dequantising weights)."""
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _file_key(gguf_path)
     target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}-tokenizer"
     if (target / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(target))

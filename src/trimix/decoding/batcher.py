@@ -278,17 +278,19 @@ class ContinuousBatcher:
         """The prompt as text and, with ``logprobs``, as scored tokens (every source reads the same ids:
         the given token ids, or the first fused source's encoding of the prompt)."""
         lm = self.lm.with_fusion(request.fusion)
-        if is_token_ids(request.prompt):
-            ids = list(request.prompt)
-            text = lm.tokenizer.decode(ids)
+        prompt, source = request.prompt, lm.sources[0]
+        rendered = None if is_token_ids(prompt) else lm.render(prompt)[source.role]
+        if rendered is None:
+            text = lm.tokenizer.decode(prompt)
         else:
-            text = (
-                request.prompt if isinstance(request.prompt, str) else lm.render(request.prompt)[lm.roles[0]]
-            )
-            source = lm.sources[0]
-            ids = encode_texts(source, [lm.render(request.prompt)[source.role]])["input_ids"][0].tolist()
+            text = prompt if isinstance(prompt, str) else rendered
         echo = PromptEcho(text)
-        if request.logprobs is not None:
+        if request.logprobs is not None:  # the tokens are needed only to score them
+            ids = (
+                list(prompt)
+                if rendered is None
+                else encode_texts(source, [rendered])["input_ids"][0].tolist()
+            )
             echo.tokens = [lm.token_text(t) for t in ids]
             scored = prompt_logprobs(lm, ids, request.logprobs)
             echo.logprobs = [None] + [lp for lp, _ in scored]

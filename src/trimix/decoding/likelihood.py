@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trimix.backends.base import position_logits
 from trimix.backends.loading import Source
 from trimix.decoding.results import Loglikelihood
 from trimix.decoding.text import prefix_token, rolling_windows, split_continuation
@@ -117,32 +118,22 @@ def prompt_logprobs(
     """Each token after the first: its fused log-probability given the ones before, and the ``top`` most
     likely tokens there (id, log-probability). Every source reads ``ids`` as they are; the fusion is the
     model's without the plausibility rule (a decoding rule), as in :meth:`FusedLM.loglikelihood`. Uses the
-    backends' core calls only (one token prefilled, the rest fed ``block`` at a time).
+    backends' core calls only (:func:`~trimix.backends.base.position_logits`, ``block`` tokens at a time).
     """
     ids = list(ids)
-    if len(ids) < 2:
-        return []
     device = lm.fusion_device
     weights = torch.tensor([lm.weight_vector()], dtype=torch.float32, device=device)
     tensor = torch.tensor([ids], dtype=torch.long)
-    prefilled = [s.backend.prefill(tensor[:, :1], torch.ones(1, 1, dtype=torch.long)) for s in lm.sources]
-    states = [state for _, state in prefilled]
-    pending = [logits[:, None].to(device) for logits, _ in prefilled]  # (1, 1, R): predicts ids[1]
+    chunks = [position_logits(s.backend, tensor, len(ids) - 1, block) for s in lm.sources]
     out: list[tuple[float, list[tuple[int, float]]]] = []
-    position = 1  # the next token to score
-    while position < len(ids):
-        fused = lm.fuse(pending, weights, plausibility=False)[0].float()  # (k, V)
+    for logits in zip(*chunks, strict=True):  # every source's logits at the same positions
+        fused = lm.fuse([x.to(device) for x in logits], weights, plausibility=False)[0].float()  # (k, V)
         logp = torch.log_softmax(fused, dim=-1)
-        targets = torch.tensor(ids[position : position + logp.shape[0]], device=device)
+        targets = torch.tensor(ids[1 + len(out) : 1 + len(out) + logp.shape[0]], device=device)
         chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
         values, best = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
         for lp, v, b in zip(chosen, values.tolist(), best.tolist(), strict=True):
             out.append((lp, list(zip(b, v, strict=True))))
-        position += logp.shape[0]
-        feed = tensor[:, position - 1 : min(position - 1 + block, len(ids) - 1)]
-        if feed.shape[1] == 0:
-            break
-        pending = [s.backend.advance(st, feed).to(device) for s, st in zip(lm.sources, states, strict=True)]
     return out
 
 

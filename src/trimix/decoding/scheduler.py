@@ -35,7 +35,7 @@ from trimix.decoding.drafting import SpeculativeRunner
 from trimix.decoding.results import Generation, RowText, Step, StreamEvent
 from trimix.decoding.runners import Admission, EagerRunner, Runner, StaticRunner
 from trimix.decoding.sampling import row_keys, sampling_key
-from trimix.decoding.stopping import StopChecker, emit_text, first_stop
+from trimix.decoding.stopping import StopChecker, emit_text, ended_text
 from trimix.decoding.text import encode_rows, is_token_ids
 from trimix.errors import TrimixError
 from trimix.fusion import Fusion
@@ -129,8 +129,7 @@ class Scheduler:
         for group in self.groups.values():
             group.waiting = deque(item for item in group.waiting if item[0] != sequence)
             if sequence in group.rows:
-                del group.rows[sequence]
-                group.checker.remove(sequence)
+                _release(group, sequence)
 
     @property
     def running(self) -> int:
@@ -172,9 +171,7 @@ class Scheduler:
         """Start or join the waiting rows that fit (and release the rows that ended at the last step);
         steps for rows that end at once or were refused."""
         for group, sequence in self._ended:
-            group.rows.pop(sequence, None)
-            if sequence in group.checker.rows:
-                group.checker.remove(sequence)
+            _release(group, sequence)
         self._ended = []
         steps = []
         room = self.max_batch - self.running
@@ -275,6 +272,12 @@ class Scheduler:
         return key
 
 
+def _release(group: _Group, sequence: int) -> None:
+    """Forget a row that ended or was cancelled (its runner drops it at its next step)."""
+    group.rows.pop(sequence, None)
+    group.checker.rows.pop(sequence, None)
+
+
 def decode_prompts(
     lm: FusedLM, prompts: Sequence[str], gen: GenerationConfig, row_ids: Sequence[int] | None, deltas: bool
 ) -> Iterator[StreamEvent]:
@@ -324,12 +327,9 @@ def decode_prompts(
 
 
 def _finish(lm: FusedLM, prompt: str, row: RowText, gen: GenerationConfig) -> Generation:
-    text = lm.tokenizer.decode(row.token_ids, skip_special_tokens=True)
-    if row.finish_reason == "stop":
-        text = text[: first_stop(text, gen.stop)]
     return Generation(
         prompt=prompt,
-        text=text,
+        text=ended_text(lm.tokenizer, row.token_ids, row.finish_reason, gen.stop),
         token_ids=list(row.token_ids),
         finish_reason=row.finish_reason,
         inspection=row.inspection if gen.inspect_top_k else None,

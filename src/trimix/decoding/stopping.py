@@ -95,8 +95,7 @@ class RowStop:
         """The ended row's text: all its tokens decoded at once (a trailing incomplete character shows as
         U+FFFD, as ``generate`` returns it), cut before the first stop string."""
         detokenizer = self.detokenizer
-        full = detokenizer.tokenizer.decode(detokenizer.tokens, skip_special_tokens=True)
-        return full[: first_stop(full, self.stops)] if self.finish_reason == "stop" else full
+        return ended_text(detokenizer.tokenizer, detokenizer.tokens, self.finish_reason, self.stops)
 
 
 class StopChecker:
@@ -202,6 +201,15 @@ def first_stop(text: str, stops: Sequence[str]) -> int:
     """Where the earliest stop string starts in a whole text (its length when none occurs)."""
     found = _first_stop(text, stops, 0) if stops else None
     return len(text) if found is None else found
+
+
+def ended_text(
+    tokenizer: Any, tokens: Sequence[int], reason: FinishReason | None, stops: Sequence[str]
+) -> str:
+    """An ended row's text: its tokens decoded at once (a trailing incomplete character shows as U+FFFD),
+    cut before the first stop string when a stop string ended it."""
+    full = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    return full[: first_stop(full, stops)] if reason == "stop" else full
 
 
 def emit_text(shown: str, text: str, finished: bool, stops: Sequence[str]) -> tuple[str, str]:

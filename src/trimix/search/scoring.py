@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trimix.backends.base import HIDDEN, has_capability
+from trimix.backends.base import HIDDEN, has_capability, position_logits
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
@@ -72,14 +72,10 @@ def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None =
 
 def _position_features(backend: Any, ids: torch.Tensor) -> torch.Tensor:
     """Every position's features for one row ``(1, T)``: final hidden states ``(1, T, H)``, or the logits
-    ``(1, T, R)`` where the backend does not give hidden states (the first from the prefill of one token,
-    the rest from one advance over the others)."""
+    ``(1, T, R)`` where the backend does not give hidden states (:func:`position_logits`)."""
     if has_capability(backend, HIDDEN):
         return backend.prefill(ids, torch.ones_like(ids), hidden=True)[0]
-    first, state = backend.prefill(ids[:, :1], torch.ones_like(ids[:, :1]))
-    if ids.shape[1] == 1:
-        return first[:, None]
-    return torch.cat([first[:, None], backend.advance(state, ids[:, 1:])], dim=1)
+    return torch.cat(list(position_logits(backend, ids, ids.shape[1])), dim=1)
 
 
 @dataclass
