@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from trimix import FusedLM, load_config
+from trimix.decoding.likelihood import continuation_items
 from trimix.errors import ConfigError, SourceLoadError
 from trimix.testing import build_byte_level_tokenizer, build_model, save_tiny_gguf
 
@@ -120,6 +121,57 @@ def test_a_fusion_may_mix_backends(tiny, pair) -> None:
 def test_likelihood_through_full_logits(pair) -> None:
     hf, cpp = pair
     requests = [("Hello world,", " this is"), ("ئۇيغۇر", " تىلى")]
+    for want, got in zip(hf.loglikelihood(requests), cpp.loglikelihood(requests), strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-3) and got.is_greedy == want.is_greedy
+
+
+def test_forked_rows_and_selected_positions_give_the_same_logits(pair) -> None:
+    """``fork`` (rows sharing their source's cache cells) and ``advance_selected`` (the head at chosen
+    positions only) give the logits of running every row whole and reading every position."""
+    _, cpp = pair
+    backend = cpp.sources[0].backend
+    ids = torch.tensor([[5, 17, 29, 41, 8]])
+    _, state = backend.prefill(ids, torch.ones_like(ids))
+    forked = backend.fork(state, 3)
+    assert forked.batch_size == 3 and forked.lengths == [5, 5, 5]
+    rest = torch.tensor([[3, 4, 0], [6, 0, 0], [7, 8, 9]])
+    valid = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    outputs = torch.tensor([[0, 1, 0], [1, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    got = backend.advance_selected(forked, rest, valid, outputs)
+    for row, cols in enumerate(([1], [0], [0, 2])):
+        whole = torch.cat([ids, rest[row : row + 1, : int(valid[row].sum())]], dim=1)
+        _, alone = backend.prefill(whole[:, :1], torch.ones_like(whole[:, :1]))
+        every = backend.advance(alone, whole[:, 1:])[0, ids.shape[1] - 1 :]
+        torch.testing.assert_close(
+            got[outputs[:row].sum() : outputs[: row + 1].sum()], every[cols], atol=LOGIT_ATOL, rtol=0
+        )
+        if row == 0:
+            first_row = every
+    # the forked-from row is untouched: it goes on as if nothing had been forked
+    torch.testing.assert_close(
+        backend.advance(state, rest[:1, :1])[0, 0], first_row[0], atol=LOGIT_ATOL, rtol=0
+    )
+
+
+def test_choices_sharing_a_context_run_it_once(pair) -> None:
+    """Log-likelihood requests come as one context under several continuations: the scorer runs each
+    context once per source and continues every choice from a fork of its cache, computing the logits of
+    the scored positions only; the numbers are those of scoring every request whole (and transformers')."""
+    hf, cpp = pair
+    contexts = [
+        "Topic of the text: the quick brown fox jumps over the lazy dog. Answer:",
+        "ئۇيغۇر تىلى تۈركىي تىللار ئائىلىسىگە تەۋە. جاۋاب:",
+    ]
+    requests = [(c, f" {o}") for c in contexts for o in ("science", "travel", "sports and games")]
+    roles = [s.role for s in cpp.sources]
+    items = continuation_items(cpp.sources[0], requests)
+    weights = torch.tensor([[0.3, 0.9, -0.2], [0.1, 1.0, -0.1]])
+    shared = cpp.scorer(items, roles=roles, progress=False, share_prefix=True)
+    whole = cpp.scorer(items, roles=roles, progress=False, share_prefix=False)
+    assert shared.prefix_groups == 2 and whole.prefix_groups == 0
+    torch.testing.assert_close(
+        shared.score(weights).per_text, whole.score(weights).per_text, rtol=1e-5, atol=1e-4
+    )
     for want, got in zip(hf.loglikelihood(requests), cpp.loglikelihood(requests), strict=True):
         assert got.logprob == pytest.approx(want.logprob, abs=1e-3) and got.is_greedy == want.is_greedy
 

@@ -138,6 +138,29 @@ def test_shared_prefix_cache_gives_the_same_scores(make_model, arch) -> None:
     assert torch.allclose(shared.score(weights).per_text, whole.score(weights).per_text, rtol=1e-5)
 
 
+def test_each_context_under_several_continuations_runs_once(make_model) -> None:
+    """Consecutive texts sharing more than what all texts share (a context under its answer options)
+    form groups of their own; a text alone among them runs on the prefix every text shares."""
+    paths = {
+        role: make_model("qwen2", seed=seed) for seed, role in enumerate(("large", "small_cpt", "small_base"))
+    }
+    lm = FusedLM.from_config(load_config(trio_config(paths)), load_all=True)
+    head = "Read the text and name its topic in one word. "
+    contexts = [
+        f"{head}Text: the quick brown fox jumps over the lazy dog. Topic:",
+        f"{head}Text: rain fell on the hills all night long. Topic:",
+    ]
+    texts = [
+        ScoringText(f"{c}{o}", f"{c} {o}", len(c)) for c in contexts for o in ("science", "travel", "sports")
+    ]
+    texts.insert(3, ScoringText("alone", f"{head}Something else entirely", len(head)))
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.9, -0.2]])
+    shared = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False)
+    whole = FusedPerplexityScorer(lm.sources, lm.vocab_size, texts, progress=False, share_prefix=False)
+    assert shared.prefix_groups == 3  # two contexts, and the lone text with the shared instruction
+    assert torch.allclose(shared.score(weights).per_text, whole.score(weights).per_text, rtol=1e-5)
+
+
 def test_one_hot_combination_is_the_source_perplexity(lm) -> None:
     whole = [ScoringText(t.id, t.text) for t in TEXTS]
     scorer = FusedPerplexityScorer(lm.sources, lm.vocab_size, whole, progress=False)

@@ -13,9 +13,14 @@ can take in new rows (continuous batching). A state's rows decode exactly as eac
 **Optional capabilities**, declared in a backend's ``capabilities`` set and used only where declared:
 
 * ``"hidden"`` (:class:`HiddenStates`): final hidden states instead of logits, the output head applied
-  separately (``head_logits``, ``restricted_head``) and ``fork``. The weight search scores many weight
-  vectors from one forward with them; without it the search keeps full logits per position (more
-  memory, same numbers). Speculative fusion's draft vocabulary needs a drafter that has it.
+  separately (``head_logits``, ``restricted_head``). The weight search scores many weight vectors from
+  one forward with them; without it the search keeps the logits of the scored positions (more memory,
+  same numbers). Speculative fusion's draft vocabulary needs a drafter that has it.
+* ``"fork"`` (:class:`Forks`): copy a state's rows (``fork``), so texts that share a prefix (a prompt's
+  instructions, one context under several continuations) run it once and continue from its cache.
+* ``"selected"`` (:class:`SelectedLogits`): ``advance_selected`` computes the logits of the positions
+  a caller reads and no others (a scorer reads a few positions of a long context); without it
+  :func:`advance_selected` takes them from ``advance``.
 * ``"static"`` (:class:`StaticCaches`): preallocated caches and a step that keeps every tensor's
   address, which the static engine runs and the graphs engine captures as a CUDA graph.
 """
@@ -27,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-HIDDEN, STATIC = "hidden", "static"
+HIDDEN, STATIC, FORK, SELECTED = "hidden", "static", "fork", "selected"
 
 
 @runtime_checkable
@@ -136,8 +141,24 @@ class HiddenStates(Protocol):
         to ``head_logits(hidden)[..., ids]`` (the rows are copied once, when this is called)."""
         ...
 
+
+class Forks(Protocol):
+    """Capability ``"fork"``."""
+
     def fork(self, state: DecodeState, repeats: int) -> DecodeState:
-        """A copy of the state with every row repeated ``repeats`` times (``[r0, r0, r1, r1, ...]``)."""
+        """A new state with every row repeated ``repeats`` times (``[r0, r0, r1, r1, ...]``); ``state``
+        is unchanged and both go on independently."""
+        ...
+
+
+class SelectedLogits(Protocol):
+    """Capability ``"selected"``."""
+
+    def advance_selected(
+        self, state: DecodeState, tokens: torch.Tensor, valid: torch.Tensor | None, outputs: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`SourceBackend.advance`, returning only the logits after the tokens ``outputs`` ``(B, k)``
+        marks, row by row: ``(outputs.sum(), R)``."""
         ...
 
 
@@ -181,6 +202,21 @@ def capabilities(backend: Any) -> frozenset[str]:
 
 def has_capability(backend: Any, name: str) -> bool:
     return name in capabilities(backend)
+
+
+def advance_selected(
+    backend: SourceBackend,
+    state: DecodeState,
+    tokens: torch.Tensor,
+    valid: torch.Tensor | None,
+    outputs: torch.Tensor,
+) -> torch.Tensor:
+    """The logits after the fed tokens that ``outputs`` ``(B, k)`` marks, row by row, ``(M, R)``: from the
+    backend's own call where it declares ``"selected"``, else picked out of :meth:`~SourceBackend.advance`."""
+    if has_capability(backend, SELECTED):
+        return backend.advance_selected(state, tokens, valid, outputs)
+    logits = backend.advance(state, tokens, valid)
+    return logits[outputs.to(logits.device)]
 
 
 def position_logits(

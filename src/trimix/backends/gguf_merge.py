@@ -35,7 +35,13 @@ MODULES = {
     "mlp.down_proj": "ffn_down",
 }
 PERMUTED = {"llama"}  # architectures whose converter permutes query/key rows
-UNPERMUTED = {"gemma", "gemma2", "gemma3", "qwen2", "qwen3"}  # NEOX rotary: rows kept as transformers has them
+UNPERMUTED = {
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "qwen2",
+    "qwen3",
+}  # NEOX rotary: rows kept as transformers has them
 PRECISIONS = {"f16": np.float16, "f32": np.float32}
 
 

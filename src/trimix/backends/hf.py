@@ -35,7 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from trimix.backends import attention
-from trimix.backends.base import HIDDEN, STATIC
+from trimix.backends.base import FORK, HIDDEN, STATIC
 from trimix.errors import SourceLoadError
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class HFBackend:
             logits the backend does not reproduce.
     """
 
-    capabilities = frozenset({HIDDEN, STATIC})
+    capabilities = frozenset({HIDDEN, STATIC, FORK})
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, verify: bool = True

@@ -9,8 +9,10 @@ are read for every position that asks for them.
 
 The tokenizer is the Hugging Face tokenizer read from the same GGUF file (so the source fuses with
 transformers sources of the same vocabulary), checked at load against llama.cpp's own tokenisation of
-probe texts. The backend declares no optional capability (no hidden states: the weight search keeps full
-logits for it; no preallocated caches: the eager engine runs it).
+probe texts. Optional capabilities: ``"fork"`` (a forked row's sequence shares its source's cache cells)
+and ``"selected"`` (llama.cpp computes the output head only at the positions a caller reads, which the
+weight search and log-likelihood scoring ask for); no hidden states (the scorer keeps the logits of the
+scored positions) and no preallocated caches (the eager engine runs it).
 
 Settings (``backend_options`` of the source): ``n_ctx`` (KV cells shared by all rows, default 8192),
 ``n_seq_max`` (most rows at once, default 64), ``n_threads`` (default: the machine's cores),
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trimix.backends.base import FORK, SELECTED
 from trimix.errors import ConfigError, SourceLoadError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ class LlamaCppBackend:
             from the tokenizer's.
     """
 
-    capabilities = frozenset()
+    capabilities = frozenset({FORK, SELECTED})
 
     def __init__(self, gguf_path: str | Path, tokenizer: Any, options: dict[str, Any] | None = None) -> None:
         try:
@@ -166,22 +169,43 @@ class LlamaCppBackend:
     ) -> tuple[torch.Tensor, LlamaCppState]:
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
         state = self._new_state(len(rows))
-        logits = self._decode(state, rows, last_only=True)
-        return torch.stack([row[-1] for row in logits]), state
+        wanted = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
+        for b, row in enumerate(rows):
+            wanted[b, len(row) - 1] = True
+        return self._decode(state, rows, wanted), state
 
     @torch.inference_mode()
     def advance(
         self, state: LlamaCppState, tokens: torch.Tensor, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        width = tokens.shape[1]
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()
-        rows = [row[keep].tolist() for row, keep in zip(tokens.cpu(), valid.cpu(), strict=True)]
-        logits = self._decode(state, rows, last_only=False)
-        out = torch.zeros(len(rows), width, self.n_vocab)
-        for b, row in enumerate(logits):
-            if row:
-                out[b, : len(row)] = torch.stack(row)
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
+        out = torch.zeros(*tokens.shape, self.n_vocab)
+        out[valid] = self.advance_selected(state, tokens, valid, valid)
         return out
+
+    @torch.inference_mode()
+    def advance_selected(
+        self, state: LlamaCppState, tokens: torch.Tensor, valid: torch.Tensor | None, outputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Capability ``"selected"``: llama.cpp computes (and copies out) only the logits asked for."""
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
+        rows = [row[keep].tolist() for row, keep in zip(tokens.cpu(), valid, strict=True)]
+        wanted = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.bool)
+        for b, (keep, asked) in enumerate(zip(valid, outputs.cpu().bool(), strict=True)):
+            wanted[b, : int(keep.sum())] = asked[keep]
+        return self._decode(state, rows, wanted)
+
+    def fork(self, state: LlamaCppState, repeats: int) -> LlamaCppState:
+        """Capability ``"fork"``: each new sequence shares its source row's cache cells (no copy)."""
+        forked = self._new_state(state.batch_size * repeats)
+        for i, (seq, length) in enumerate(
+            (seq, length)
+            for seq, length in zip(state.seqs, state.lengths, strict=True)
+            for _ in range(repeats)
+        ):
+            self.lib.llama_memory_seq_cp(self.memory, seq, forked.seqs[i], -1, -1)
+            forked.lengths[i] = length
+        return forked
 
     def crop(self, state: LlamaCppState, lengths: torch.Tensor) -> None:
         for b, keep in enumerate(lengths.tolist()):
@@ -223,41 +247,40 @@ class LlamaCppBackend:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free.append(seq)
 
-    def _decode(
-        self, state: LlamaCppState, rows: Sequence[list[int]], last_only: bool
-    ) -> list[list[torch.Tensor]]:
-        """Feed each row its tokens (in batches of at most ``n_batch`` tokens); each row's logits at the
-        positions asked for (every fed token, or only its last)."""
+    def _decode(self, state: LlamaCppState, rows: Sequence[list[int]], wanted: torch.Tensor) -> torch.Tensor:
+        """Feed each row its tokens (in batches of at most ``n_batch`` tokens); the logits after the fed
+        tokens ``wanted`` ``(B, k)`` marks, row by row, ``(wanted.sum(), R)``."""
         lib = self.lib
         items = [(b, j, token) for b, tokens in enumerate(rows) for j, token in enumerate(tokens)]
-        out: list[list[torch.Tensor]] = [[] for _ in rows]
+        order = torch.zeros_like(wanted, dtype=torch.long)
+        order[wanted] = torch.arange(int(wanted.sum()))  # row-major: where each asked position's row goes
+        out = torch.empty(int(wanted.sum()), self.n_vocab)
+        target = out.numpy()
         for start in range(0, len(items), self.n_batch):
             chunk = items[start : start + self.n_batch]
             batch = lib.llama_batch_init(len(chunk), 0, 1)
             try:
                 batch.n_tokens = len(chunk)
-                wanted = []
+                asked = []
                 for i, (b, j, token) in enumerate(chunk):
                     batch.token[i] = int(token)
                     batch.pos[i] = state.lengths[b] + j
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = state.seqs[b]
-                    ask = not last_only or j == len(rows[b]) - 1
-                    batch.logits[i] = 1 if ask else 0
-                    if ask:
-                        wanted.append((i, b))
+                    batch.logits[i] = int(wanted[b, j])
+                    if batch.logits[i]:
+                        asked.append((i, int(order[b, j])))
                 code = lib.llama_decode(self.context, batch)
                 if code != 0:
                     raise ConfigError(
                         f"llama.cpp could not decode {len(chunk)} tokens (code {code}): the KV cache of "
                         f"{lib.llama_n_ctx(self.context)} cells is full; raise backend_options.n_ctx"
                     )
-                for i, b in wanted:
+                for i, slot in asked:
                     pointer = lib.llama_get_logits_ith(self.context, i)
-                    values = np.ctypeslib.as_array(
+                    target[slot] = np.ctypeslib.as_array(
                         ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
                     )
-                    out[b].append(torch.from_numpy(values.copy()))
             finally:
                 lib.llama_batch_free(batch)
         for b, tokens in enumerate(rows):

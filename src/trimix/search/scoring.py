@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trimix.backends.base import HIDDEN, has_capability, position_logits
+from trimix.backends.base import FORK, HIDDEN, advance_selected, has_capability
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
@@ -70,12 +70,43 @@ def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None =
     return source.backend.head_logits(hidden, out=out)
 
 
-def _position_features(backend: Any, ids: torch.Tensor) -> torch.Tensor:
-    """Every position's features for one row ``(1, T)``: final hidden states ``(1, T, H)``, or the logits
-    ``(1, T, R)`` where the backend does not give hidden states (:func:`position_logits`)."""
+def _prefix_features(backend: Any, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run one row ``ids`` ``(1, L)`` and return the features after each of the sorted ``positions``
+    (``< L``) — final hidden states ``(P, H)``, or the logits ``(P, R)`` where the backend gives no hidden
+    states, computed at those positions only where it declares ``"selected"`` — and the row's state."""
+    ones = torch.ones_like(ids)
     if has_capability(backend, HIDDEN):
-        return backend.prefill(ids, torch.ones_like(ids), hidden=True)[0]
-    return torch.cat(list(position_logits(backend, ids, ids.shape[1])), dim=1)
+        hidden, state = backend.prefill(ids, ones, hidden=True)
+        return hidden[0, positions.to(hidden.device)], state
+    first, state = backend.prefill(ids[:, :1], ones[:, :1])
+    parts = [first] if positions.numel() and int(positions[0]) == 0 else []
+    if ids.shape[1] > 1:
+        outputs = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
+        outputs[0, positions[positions > 0] - 1] = True
+        parts.append(advance_selected(backend, state, ids[:, 1:], None, outputs))
+    return torch.cat(parts) if parts else first[:0], state
+
+
+def _suffix_features(
+    backend: Any, state: Any, tokens: torch.Tensor, valid: torch.Tensor, columns: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Feed right-padded ``tokens`` ``(B, k)`` to a state's rows; each row's features after the fed tokens
+    at its ``columns`` (sorted), as :func:`_prefix_features` gives them."""
+    if has_capability(backend, HIDDEN):
+        hidden = backend.advance(state, tokens, valid, hidden=True)
+        return [hidden[row, cols.to(hidden.device)] for row, cols in enumerate(columns)]
+    outputs = torch.zeros_like(tokens, dtype=torch.bool)
+    for row, cols in enumerate(columns):
+        outputs[row, cols] = True
+    logits = advance_selected(backend, state, tokens, valid, outputs)
+    return list(logits.split([int(c.numel()) for c in columns]))
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading ids two 1-d id tensors share."""
+    n = min(a.numel(), b.numel())
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
 
 
 @dataclass
@@ -219,22 +250,43 @@ class FusedPerplexityScorer:
         options), kept below every text's length; 0 when too short to be worth a cache."""
         if len(self.encoded) < 2:
             return 0
-        first = self.encoded[0].input_ids
         shared = min(int(e.input_ids.numel()) for e in self.encoded) - 1
         for item in self.encoded[1:]:
-            differ = (item.input_ids[:shared] != first[:shared]).nonzero()
-            shared = int(differ[0]) if differ.numel() else shared
+            shared = min(shared, _common_prefix(item.input_ids, self.encoded[0].input_ids))
         return shared if shared >= _MIN_SHARED_PREFIX else 0
+
+    def _prefix_groups(self) -> list[tuple[int, list[int]]]:
+        """The texts as groups that run a shared token prefix once: ``(prefix length, text indices)``.
+
+        Consecutive texts sharing at least ``_MIN_SHARED_PREFIX`` tokens more than every text shares (one
+        context under several continuations, as log-likelihood choices come) form a group of their own;
+        the rest share the prefix common to all texts (0: each runs whole)."""
+        everyone = self._shared_prefix() if self.share_prefix else 0
+        if not self.share_prefix:
+            return [(0, list(range(len(self.encoded))))]
+        groups, rest, i = [], [], 0
+        while i < len(self.encoded):
+            shared, j = self.encoded[i].input_ids.numel() - 1, i + 1
+            while j < len(self.encoded):
+                ids = self.encoded[j].input_ids
+                common = min(shared, ids.numel() - 1, _common_prefix(ids, self.encoded[i].input_ids))
+                if common < everyone + _MIN_SHARED_PREFIX:
+                    break
+                shared, j = common, j + 1
+            if j - i > 1:
+                groups.append((int(shared), list(range(i, j))))
+            else:
+                rest.append(i)
+            i = j
+        return groups + ([(everyone, rest)] if rest else [])
 
     @torch.inference_mode()
     def _run_forwards(self) -> None:
-        """One forward per source per text; a prefix all texts share runs once, and the texts' remainders
-        continue from its KV cache in right-padded batches (causal attention never lets a real token
-        see the padding after it), which gives the same hidden states as running every text whole."""
+        """One forward per source per text; a prefix a group of texts shares runs once, and their
+        remainders continue from its cache in right-padded batches (causal attention never lets a real
+        token see the padding after it), which gives the same features as running every text whole."""
         start = time.perf_counter()
-        prefix = self._shared_prefix() if self.share_prefix else 0
-        if not all(has_capability(s.backend, HIDDEN) for s in self.sources):
-            prefix = 0  # the prefix cache forks states, part of the "hidden" capability
+        groups = self._prefix_groups()
         bar = tqdm(
             total=len(self.encoded) * len(self.sources),
             desc="search: forward passes",
@@ -243,35 +295,41 @@ class FusedPerplexityScorer:
         )
         for source in self.sources:
             backend = source.backend
-            if not prefix:
-                for item in self.encoded:
-                    hidden = _position_features(backend, item.input_ids[None])[0]
-                    item.features[source.role] = hidden[item.positions.to(hidden.device)]  # (P, H)
-                    bar.update(1)
-                continue
-            ids = self.encoded[0].input_ids[None, :prefix]
-            prefix_hidden, prefix_state = backend.prefill(ids, torch.ones_like(ids), hidden=True)
-            prefix_hidden = prefix_hidden[0]
-            for b0 in range(0, len(self.encoded), _SUFFIX_BATCH):
-                batch = self.encoded[b0 : b0 + _SUFFIX_BATCH]
-                rests = [item.input_ids[prefix:] for item in batch]
-                padded = torch.nn.utils.rnn.pad_sequence(
-                    rests, batch_first=True, padding_value=int(ids[0, 0])
-                )
-                valid = torch.nn.utils.rnn.pad_sequence(
-                    [torch.ones_like(r, dtype=torch.bool) for r in rests],
-                    batch_first=True,
-                    padding_value=False,
-                )
-                state = backend.fork(prefix_state, len(batch))
-                hidden = backend.advance(state, padded, valid, hidden=True)
-                for row, (item, rest) in enumerate(zip(batch, rests, strict=True)):
-                    whole = torch.cat([prefix_hidden, hidden[row, : rest.numel()]])
-                    item.features[source.role] = whole[item.positions.to(whole.device)]
-                bar.update(len(batch))
+            for prefix, members in groups:
+                if not prefix or not has_capability(backend, FORK):
+                    for index in members:
+                        item = self.encoded[index]
+                        features, _ = _prefix_features(backend, item.input_ids[None], item.positions)
+                        item.features[source.role] = features
+                        bar.update(1)
+                    continue
+                self._run_group(backend, source.role, prefix, members)
+                bar.update(len(members))
         bar.close()
-        self.shared_prefix_tokens = prefix
+        self.shared_prefix_tokens = max((prefix for prefix, members in groups), default=0)
+        self.prefix_groups = sum(1 for prefix, _ in groups if prefix)
         self.forward_seconds = time.perf_counter() - start
+
+    def _run_group(self, backend: Any, role: str, prefix: int, members: list[int]) -> None:
+        """Texts sharing their first ``prefix`` tokens: the prefix once, then the rest from forks of its
+        state, ``_SUFFIX_BATCH`` texts at a time."""
+        items = [self.encoded[i] for i in members]
+        inside = torch.unique(torch.cat([item.positions[item.positions < prefix] for item in items]))
+        prefix_features, prefix_state = _prefix_features(backend, items[0].input_ids[None, :prefix], inside)
+        for b0 in range(0, len(items), _SUFFIX_BATCH):
+            batch = items[b0 : b0 + _SUFFIX_BATCH]
+            rests = [item.input_ids[prefix:] for item in batch]
+            padded = torch.nn.utils.rnn.pad_sequence(rests, batch_first=True, padding_value=int(rests[0][0]))
+            valid = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(r, dtype=torch.bool) for r in rests], batch_first=True, padding_value=False
+            )
+            columns = [item.positions[item.positions >= prefix] - prefix for item in batch]
+            state = backend.fork(prefix_state, len(batch))
+            after = _suffix_features(backend, state, padded, valid, columns)
+            del state  # its rows' cache goes back before the next batch forks
+            for item, features in zip(batch, after, strict=True):
+                before = prefix_features[torch.searchsorted(inside, item.positions[item.positions < prefix])]
+                item.features[role] = torch.cat([before.to(features.device), features])
 
     @torch.inference_mode()
     def score(
