@@ -10,11 +10,13 @@ installed (``pip install 'trimix[llama-cpp]'``).
 from __future__ import annotations
 
 import re
+import sys
 
 import httpx
 import pytest
 import torch
 
+from conftest import run_cli
 from trimix import FusedLM, load_config
 from trimix.decoding.likelihood import continuation_items
 from trimix.errors import ConfigError, SourceLoadError
@@ -107,6 +109,123 @@ def test_fused_decoding_gives_the_same_tokens(pair, speculative) -> None:
     settings = {"max_new_tokens": 10, "batch_size": 3, "speculative": speculative}
     want = [g.token_ids for g in hf.generate(PROMPTS, **settings)]
     assert [g.token_ids for g in cpp.generate(PROMPTS, **settings)] == want
+
+
+def test_one_source_decodes_what_llama_cpp_python_decodes(tiny) -> None:
+    """A single llama.cpp source, greedy: token for token what llama-cpp-python's own ``Llama.generate``
+    gives on the same file (same KV precision, flash attention off)."""
+    import llama_cpp
+
+    paths, root = tiny
+    raw = {
+        "models": [
+            {
+                "model": str(paths["large"]),
+                "role": "large",
+                "backend": "llama_cpp",
+                "backend_options": {"n_threads": 2, "kv_type": "f32"},
+            }
+        ],
+        "fusion": {"method": "single", "role": "large"},
+        "cache_dir": str(root / "cache"),
+    }
+    lm = FusedLM.from_config(load_config(raw))
+    theirs = llama_cpp.Llama(
+        str(paths["large"]), n_ctx=256, n_threads=2, type_k=0, type_v=0, flash_attn=False, verbose=False
+    )
+    for prompt in PROMPTS:
+        ours = lm.generate([prompt], max_new_tokens=12, ignore_eos=True)[0].token_ids
+        ids = lm.sources[0].tokenizer(prompt)["input_ids"]
+        stream = theirs.generate(ids, top_k=1, temp=0.0, min_p=0.0, top_p=1.0)
+        assert [next(stream) for _ in range(12)] == ours
+
+
+def test_fusion_equals_recomputing_every_sequence_from_scratch(pair) -> None:
+    """Cached, batched fused decoding on llama.cpp equals a naive decoder that prefills every source's
+    whole sequence afresh at each step and fuses those logits (the same backend's)."""
+    _, cpp = pair
+    weights = torch.tensor([cpp.weight_vector()])
+    want = []
+    for prompt in PROMPTS:
+        ids = cpp.sources[0].tokenizer(prompt)["input_ids"]
+        generated: list[int] = []
+        for _ in range(8):
+            row = torch.tensor([ids + generated])
+            logits = [s.backend.prefill(row, torch.ones_like(row))[0] for s in cpp.sources]
+            generated.append(int(cpp.fuse(logits, weights).argmax(-1)))
+        want.append(generated)
+    got = cpp.generate(PROMPTS, max_new_tokens=8, ignore_eos=True, batch_size=4)
+    assert [g.token_ids for g in got] == want
+
+
+def test_rolling_back_equals_never_having_advanced(pair) -> None:
+    _, cpp = pair
+    backend = cpp.sources[1].backend
+    ids = torch.tensor([[5, 17, 29, 41]])
+    _, state = backend.prefill(ids, torch.ones_like(ids))
+    backend.advance(state, torch.tensor([[60, 61, 62]]))
+    backend.crop(state, torch.tensor([4]))
+    assert state.lengths == [4]
+    _, fresh = backend.prefill(ids, torch.ones_like(ids))
+    step = torch.tensor([[70, 71]])
+    torch.testing.assert_close(
+        backend.advance(state, step), backend.advance(fresh, step), atol=LOGIT_ATOL, rtol=0
+    )
+
+
+def test_a_damaged_file_or_a_missing_extra_is_one_line(tiny, tmp_path, monkeypatch, capsys) -> None:
+    paths, root = tiny
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(paths["large"].read_bytes()[:5000])
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    for path in (damaged, text):
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            f"models:\n- {{model: {path}, role: a, backend: llama_cpp}}\nfusion: {{method: single, role: a}}\n"
+            f"cache_dir: {root / 'cache'}\n"
+        )
+        code, err = run_cli(capsys, ["generate", "-c", config, "-p", "Hello"])
+        assert code == 2 and path.name in err, err
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if the extra were not installed
+    config.write_text(
+        f"models:\n- {{model: {paths['large']}, role: a, backend: llama_cpp}}\nfusion: {{method: single, role: a}}\n"
+        f"cache_dir: {root / 'cache'}\n"
+    )
+    code, err = run_cli(capsys, ["generate", "-c", config, "-p", "Hello"])
+    assert code == 2 and "pip install 'trimix[llama-cpp]'" in err, err
+
+
+def test_a_prompt_prefilled_again_reuses_its_cells(tiny) -> None:
+    """The prompt cache: the same prompt again decodes only its last token, a longer prompt only its new
+    tokens, with the logits of a fresh prefill; when the cache holds the cells a decode needs, it is
+    emptied and the decode goes on."""
+    from trimix.backends.llama_cpp import LlamaCppBackend
+
+    paths, _ = tiny
+    tokenizer = build_byte_level_tokenizer(eos="<|endoftext|>")
+    options = {"n_ctx": 256, "n_threads": 2, "kv_type": "f32", "prompt_cache": 4}
+    backend = LlamaCppBackend(paths["large"], tokenizer, options)
+    fresh = LlamaCppBackend(paths["large"], tokenizer, {**options, "prompt_cache": 0})
+    fed: list[int] = []
+    decode = backend._decode
+    backend._decode = lambda state, rows, wanted: (
+        fed.append(sum(map(len, rows))) or decode(state, rows, wanted)
+    )
+
+    def prefill(on, ids):
+        return on.prefill(ids, torch.ones_like(ids))[0]
+
+    ids = torch.randint(5, 200, (1, 100), generator=torch.Generator().manual_seed(0))
+    longer = torch.cat([ids, torch.tensor([[7, 8, 9]])], dim=1)
+    prefill(backend, ids)
+    torch.testing.assert_close(prefill(backend, ids), prefill(fresh, ids), atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(prefill(backend, longer), prefill(fresh, longer), atol=LOGIT_ATOL, rtol=0)
+    assert fed == [100, 1, 3] and len(backend.prompts) == 2
+    for seed in range(1, 4):  # 120-token prompts: two fit next to the cached ones, then the cache empties
+        other = torch.randint(5, 200, (1, 120), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(prefill(backend, other), prefill(fresh, other), atol=LOGIT_ATOL, rtol=0)
+    assert fed[3:] == [120, 120, 120] and len(backend.prompts) < 4
 
 
 def test_a_fusion_may_mix_backends(tiny, pair) -> None:

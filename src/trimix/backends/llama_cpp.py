@@ -17,7 +17,17 @@ scored positions) and no preallocated caches (the eager engine runs it).
 Settings (``backend_options`` of the source): ``n_ctx`` (KV cells shared by all rows, default 8192),
 ``n_seq_max`` (most rows at once, default 64), ``n_threads`` (default: the machine's cores),
 ``n_batch`` (tokens per ``llama_decode``, default 512), ``kv_type`` (``f16``, llama.cpp's default, or
-``f32``: keys, values and attention at full precision, as transformers computes them).
+``f32``: keys, values and attention at full precision, as transformers computes them), ``prompt_cache``
+(how many recent prompts keep their cache cells, default 32; 0: none).
+
+**Prompt cache.** A prefilled prompt stays in the KV cache as a sequence of its own (its cells shared
+with the row, so it costs no cell until the row leaves); a later prompt that starts with at least
+``REUSE_MIN`` of its tokens copies those cells instead of recomputing them — the same prompts decoded
+under several fusions, weight vectors or requests with one system prompt prefill once. The least
+recently used prompt goes first; all of them go when the cache has no cell left for a decode. Note:
+llama.cpp's quantized kernels are not batch-invariant (a position's logits depend slightly on how many
+tokens one call computes), so a reused prompt's logits may differ from a fresh prefill's in the last
+digits, as two batch sizes' do.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import ctypes
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +51,16 @@ from trimix.errors import ConfigError, SourceLoadError
 logger = logging.getLogger(__name__)
 
 PROBES = ("Hello world, 123", " ئۇيغۇر تىلى", "  two  spaces\nnew line", "བོད་ཡིག", "中文 text")
-OPTIONS = {"n_ctx": 8192, "n_seq_max": 64, "n_threads": None, "n_batch": 512, "kv_type": "f16"}
+OPTIONS = {
+    "n_ctx": 8192,
+    "n_seq_max": 64,
+    "n_threads": None,
+    "n_batch": 512,
+    "kv_type": "f16",
+    "prompt_cache": 32,
+}
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+REUSE_MIN = 16  # shorter shared prompt prefixes are recomputed
 KV_TYPES = {"f16": 1, "f32": 0}  # ggml's type ids: the KV cache's precision
 
 
@@ -109,7 +129,13 @@ class LlamaCppBackend:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = int(settings["n_ctx"])
         params.n_batch = params.n_ubatch = int(settings["n_batch"])
-        params.n_seq_max = int(settings["n_seq_max"])
+        rows, kept = int(settings["n_seq_max"]), int(settings["prompt_cache"])
+        if rows < 1 or kept < 0 or rows + kept > MAX_SEQUENCES:
+            raise SourceLoadError(
+                f"backend_options: n_seq_max ({rows}) + prompt_cache ({kept}) must be 1..{MAX_SEQUENCES} "
+                "(llama.cpp's most sequences)"
+            )
+        params.n_seq_max = rows + kept
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # every row draws cells from one cache of n_ctx cells
         if settings["kv_type"] not in KV_TYPES:
@@ -126,7 +152,9 @@ class LlamaCppBackend:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_batch = int(settings["n_batch"])
-        self.free = list(range(int(settings["n_seq_max"]) - 1, -1, -1))  # sequence ids not in use
+        self.free = list(range(rows - 1, -1, -1))  # sequence ids not in use by rows
+        self.prompts: OrderedDict[tuple[int, ...], int] = OrderedDict()  # cached prompt -> its sequence
+        self.prompt_free = list(range(rows + kept - 1, rows - 1, -1))
         self._finalizer = weakref.finalize(self, _free, llama_cpp, self.model, self.context)
         self._check_tokenizer()
         logger.info(
@@ -134,7 +162,7 @@ class LlamaCppBackend:
             self.path.name,
             self.n_vocab,
             params.n_ctx,
-            params.n_seq_max,
+            rows,
             threads,
         )
 
@@ -167,12 +195,18 @@ class LlamaCppBackend:
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, LlamaCppState]:
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
-        state = self._new_state(len(rows))
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        state = self._new_state(len(prompts))
+        rows = [prompt[self._reuse(seq, prompt) :] for seq, prompt in zip(state.seqs, prompts, strict=True)]
+        for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+            state.lengths[b] = len(prompt) - len(row)
         wanted = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
         for b, row in enumerate(rows):
             wanted[b, len(row) - 1] = True
-        return self._decode(state, rows, wanted), state
+        logits = self._decode(state, rows, wanted)
+        for seq, prompt in zip(state.seqs, prompts, strict=True):
+            self._remember(seq, prompt)
+        return logits, state
 
     @torch.inference_mode()
     def advance(
@@ -243,6 +277,46 @@ class LlamaCppBackend:
         weakref.finalize(state, _release_all, weakref.ref(self), state.seqs)
         return state
 
+    def _reuse(self, seq: int, prompt: list[int]) -> int:
+        """Copy the cells of the cached prompt sharing the longest prefix with ``prompt`` into sequence
+        ``seq`` (all but the prompt's last token, whose logits are wanted); how many tokens that gave."""
+        best, best_seq, best_key = 0, -1, ()
+        for key, cached in self.prompts.items():
+            n = min(len(key), len(prompt) - 1)
+            same = np.flatnonzero(np.asarray(key[:n]) != np.asarray(prompt[:n]))
+            shared = int(same[0]) if same.size else n
+            if shared > best:
+                best, best_seq, best_key = shared, cached, key
+        # a sliding-window cache that dropped the prompt's first cells cannot continue from its middle
+        if best < REUSE_MIN or self.lib.llama_memory_seq_pos_min(self.memory, best_seq) != 0:
+            return 0
+        self.lib.llama_memory_seq_cp(self.memory, best_seq, seq, 0, best)
+        self.prompts.move_to_end(best_key)
+        return best
+
+    def _remember(self, seq: int, prompt: list[int]) -> None:
+        """Keep a freshly prefilled prompt's cells under a sequence of the prompt cache."""
+        key = tuple(prompt)
+        if key in self.prompts:
+            self.prompts.move_to_end(key)
+            return
+        if len(prompt) < REUSE_MIN or not (self.prompt_free or self.prompts):
+            return
+        if not self.prompt_free:
+            _, oldest = self.prompts.popitem(last=False)
+            self._drop_prompt(oldest)
+        cached = self.prompt_free.pop()
+        self.lib.llama_memory_seq_cp(self.memory, seq, cached, 0, len(prompt))
+        self.prompts[key] = cached
+
+    def _drop_prompt(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.prompt_free.append(seq)
+
+    def _forget_prompts(self) -> None:
+        while self.prompts:
+            self._drop_prompt(self.prompts.popitem()[1])
+
     def _release(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free.append(seq)
@@ -271,6 +345,9 @@ class LlamaCppBackend:
                     if batch.logits[i]:
                         asked.append((i, int(order[b, j])))
                 code = lib.llama_decode(self.context, batch)
+                if code == 1 and self.prompts:  # no free cell: the prompt cache's cells go first
+                    self._forget_prompts()
+                    code = lib.llama_decode(self.context, batch)
                 if code != 0:
                     raise ConfigError(
                         f"llama.cpp could not decode {len(chunk)} tokens (code {code}): the KV cache of "
