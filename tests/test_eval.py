@@ -180,6 +180,25 @@ def test_end_to_end_matrix_and_report(trio, milic_root, tmp_path, capsys) -> Non
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert capsys.readouterr().out.strip() == (out / "report.md").read_text().strip()
+    # `--against`: another run of the same evaluation (here a copy holding fewer of large's rows), cell by
+    # cell on the items both scored: run minus base with paired intervals.
+    base = tmp_path / "base"
+    base.mkdir()
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    dropped = next(i for i, line in enumerate(lines) if json.loads(line)["method"] == "large")
+    (base / "predictions.jsonl").write_text("\n".join(lines[:dropped] + lines[dropped + 1 :]) + "\n")
+    assert main(["report", str(out), "--against", str(base)]) == 0
+    comparison = (out / "against-base.md").read_text()
+    assert comparison.strip() in capsys.readouterr().out
+    table = [
+        line.split(" | ") for line in comparison.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    rows_by_cell = {(r[0].strip("| "), r[1], r[3]): r for r in table[1:]}
+    assert len(rows_by_cell) == len(table) - 1 > 0
+    for (method, task, _), row in rows_by_cell.items():
+        assert row[5] == row[6] and row[7].startswith("0.00")  # the same predictions: no difference
+        full = sum(1 for r in rows if r["method"] == method and r["task"] == task)
+        assert int(row[4]) == full - (method == "large" and task == json.loads(lines[dropped])["task"])
 
 
 def test_loglikelihood_scoring_and_selected_weights(trio, milic_root, tmp_path) -> None:

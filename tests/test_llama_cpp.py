@@ -18,7 +18,8 @@ import torch
 
 from conftest import run_cli
 from trimix import FusedLM, load_config
-from trimix.decoding.likelihood import continuation_items
+from trimix.decoding import likelihood
+from trimix.decoding.likelihood import continuation_items, logit_chunks
 from trimix.errors import ConfigError, SourceLoadError
 from trimix.testing import build_byte_level_tokenizer, build_model, save_tiny_gguf
 
@@ -272,7 +273,7 @@ def test_forked_rows_and_selected_positions_give_the_same_logits(pair) -> None:
     )
 
 
-def test_choices_sharing_a_context_run_it_once(pair) -> None:
+def test_choices_sharing_a_context_run_it_once(pair, monkeypatch) -> None:
     """Log-likelihood requests come as one context under several continuations: the scorer runs each
     context once per source and continues every choice from a fork of its cache, computing the logits of
     the scored positions only; the numbers are those of scoring every request whole (and transformers')."""
@@ -293,6 +294,17 @@ def test_choices_sharing_a_context_run_it_once(pair) -> None:
     )
     for want, got in zip(hf.loglikelihood(requests), cpp.loglikelihood(requests), strict=True):
         assert got.logprob == pytest.approx(want.logprob, abs=1e-3) and got.is_greedy == want.is_greedy
+    # logits kept at once are bounded: in runs of items that fit the budget, with the same numbers
+    width = 4 * cpp.sources[0].backend.logit_rows * len(cpp.sources)
+    budget = width * max(item.score_last for item in items)
+    chunks = logit_chunks(cpp.sources, items, budget=budget)
+    assert len(chunks) > 1 and [item for chunk in chunks for item in chunk] == items
+    assert all(width * sum(item.score_last for item in chunk) <= budget for chunk in chunks)
+    whole = cpp.loglikelihood(requests)
+    monkeypatch.setattr(likelihood, "LOGIT_BYTES", budget)
+    assert [r.logprob for r in cpp.loglikelihood(requests)] == pytest.approx(
+        [r.logprob for r in whole], abs=1e-4
+    )
 
 
 def test_the_server_runs_rows_that_join_and_leave(pair) -> None:

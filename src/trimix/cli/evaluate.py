@@ -9,6 +9,7 @@ from pathlib import Path
 from trimix.cli.common import add_config_args, config_from_args
 from trimix.errors import ConfigError
 from trimix.evaluation import RESUMED_FROM, Evaluator, write_report
+from trimix.evaluation.report import compare_runs
 from trimix.runinfo import locked_output_dir, write_run_info
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser(
         "report",
         help="rebuild report.md/json/png of an eval run from its predictions.jsonl",
-        epilog="example:\n  trimix report runs/eval-uig",
+        epilog="examples:\n  trimix report runs/eval-uig\n"
+        "  trimix report runs/demo-llama-cpp --against runs/demo-hf   # the same evaluation, two backends",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("run_dir")
+    r.add_argument(
+        "--against",
+        metavar="BASE_RUN",
+        help="also compare with another run of the same evaluation: run minus base per cell, with paired "
+        "bootstrap intervals (written to RUN_DIR/against-BASE.md)",
+    )
     r.set_defaults(func=run_report)
 
 
@@ -116,4 +124,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     table, _ = write_report(args.run_dir)
     print(table)
+    if args.against:
+        comparison, _ = compare_runs(args.run_dir, args.against)
+        print()
+        print(comparison)
     return 0

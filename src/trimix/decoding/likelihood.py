@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trimix.backends.base import position_logits
+from trimix.backends.base import HIDDEN, has_capability, position_logits
 from trimix.backends.loading import Source
 from trimix.decoding.results import Loglikelihood
 from trimix.decoding.text import prefix_token, rolling_windows, split_continuation
@@ -20,6 +20,8 @@ from trimix.fusion.methods import get_method
 
 if TYPE_CHECKING:
     from trimix.decoding.fused import FusedLM
+
+LOGIT_BYTES = 1 << 30  # logits kept at once when scoring sources without hidden states
 
 
 def continuation_items(source: Source, requests: Sequence[tuple[str, str]]) -> list[Any]:
@@ -83,12 +85,44 @@ def sum_windows(per_item: Sequence[Loglikelihood], owner: Sequence[int], n_texts
     return [Loglikelihood(lp, greedy, n) for lp, greedy, n in totals]
 
 
+def logit_chunks(sources: Sequence[Source], items: list[Any], budget: int | None = None) -> list[list[Any]]:
+    """Consecutive runs of ``items`` whose kept features fit ``budget`` bytes. A source without hidden
+    states is scored from its logits, a vocabulary row per scored position (1 MiB for Gemma's 262,144
+    entries), so many items at once would hold gigabytes; with hidden states all items go at once.
+    ``budget`` defaults to ``LOGIT_BYTES``."""
+    budget = LOGIT_BYTES if budget is None else budget
+    per_position = sum(4 * s.backend.logit_rows for s in sources if not has_capability(s.backend, HIDDEN))
+    if not per_position:
+        return [items]
+    chunks: list[list[Any]] = [[]]
+    held = 0
+    for item in items:
+        size = per_position * (item.score_last or len(item.tokens))
+        if chunks[-1] and held + size > budget:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(item)
+        held += size
+    return chunks
+
+
 def score_items(
     lm: FusedLM, items: list[Any], fusions: Sequence[Fusion], progress: bool
 ) -> list[list[Loglikelihood]]:
-    """Every item's fused log-likelihood under each fusion (one list per fusion)."""
+    """Every item's fused log-likelihood under each fusion (one list per fusion), in runs of items whose
+    features fit memory (:func:`logit_chunks`)."""
     used = {r for fusion in fusions for r in fusion.weights if fusion.weight(r) != 0.0}
     roles = [r for r in lm.pool.roles if r in used]
+    results: list[list[Loglikelihood]] = [[] for _ in fusions]
+    for chunk in logit_chunks([lm.pool.get(r) for r in roles], items):
+        for mine, theirs in zip(results, _score_chunk(lm, chunk, fusions, roles, progress), strict=True):
+            mine += theirs
+    return results
+
+
+def _score_chunk(
+    lm: FusedLM, items: list[Any], fusions: Sequence[Fusion], roles: list[str], progress: bool
+) -> list[list[Loglikelihood]]:
     scorer = lm.scorer(items, roles=roles, progress=progress, share_prefix=True)
     # Linear methods: every weight combination from one factorised pass. Others fuse the full logits
     # with their own combination, one fusion at a time (the forwards are still shared).

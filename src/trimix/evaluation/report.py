@@ -284,3 +284,67 @@ def write_report(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     )
     plot(cells, run_dir / "report.png")
     return table, cells
+
+
+def compare_runs(run_dir: str | Path, base_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """Two runs of the same evaluation (another backend, precision or version): for every method, task,
+    language and metric both hold, ``run - base`` on the items both scored, with a paired bootstrap
+    interval. Writes ``against-<base folder name>.md`` into ``run_dir``; returns its text and the rows."""
+    run_dir, base_dir = Path(run_dir), Path(base_dir)
+    groups = []
+    for folder in (run_dir, base_dir):
+        rows = read_predictions(folder / PREDICTIONS, repair=False)
+        if not rows:
+            raise DataError(f"{folder / PREDICTIONS} holds no predictions; run `trimix eval` first")
+        groups.append(_groups(rows))
+    mine, theirs = groups
+    out = []
+    for key in [k for k in mine if k in theirs]:
+        a = {str(r["id"]): r for r in mine[key]}
+        b = {str(r["id"]): r for r in theirs[key]}
+        shared = sorted(set(a) & set(b))
+        if not shared:
+            continue
+        lang = a[shared[0]].get("target_lang")
+        for metric in a[shared[0]]["metrics"]:
+            if metric not in b[shared[0]]["metrics"]:
+                continue
+            ours = metric_statistics(metric, [a[i] for i in shared], lang)
+            base = metric_statistics(metric, [b[i] for i in shared], lang)
+            diff = paired_bootstrap(ours, base)
+            out.append(
+                {
+                    "method": key[0],
+                    "task": key[1],
+                    "lang": key[2],
+                    "metric": metric,
+                    "n": len(shared),
+                    "run": bootstrap(ours).value,
+                    "base": bootstrap(base).value,
+                    "difference": diff.to_dict(),
+                    "excludes_zero": diff.excludes_zero(),
+                }
+            )
+    if not out:
+        raise DataError(f"{run_dir} and {base_dir} share no (method, task, language) cell with common items")
+    lines = [
+        f"{run_dir.name} minus {base_dir.name}, on the items both scored (paired bootstrap):",
+        "",
+        f"| method | task | lang | metric | n | {run_dir.name} | {base_dir.name} | difference [95% interval] | excludes 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in out:
+        verdict = "n/a" if p["excludes_zero"] is None else ("yes" if p["excludes_zero"] else "no")
+        lines.append(
+            f"| {p['method']} | {p['task']} | {p['lang']} | {METRIC_LABELS.get(p['metric'], p['metric'])} | "
+            f"{p['n']} | {p['run']:.2f} | {p['base']:.2f} | {Interval(**p['difference']).format()} | {verdict} |"
+        )
+    differing = sum(1 for p in out if p["excludes_zero"])
+    lines += [
+        "",
+        f"{differing} of {len(out)} differences exclude 0 at 95% (uncorrected for the {len(out)} comparisons). "
+        f"Intervals: {N_RESAMPLES} paired resamples of the shared items, seed {SEED}.",
+    ]
+    text = "\n".join(lines)
+    (run_dir / f"against-{base_dir.name}.md").write_text(text + "\n", encoding="utf-8")
+    return text, out
