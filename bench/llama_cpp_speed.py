@@ -70,7 +70,8 @@ def likelihood_costs(lm: FusedLM, texts: list[str]) -> dict[str, float]:
     """Seconds for the weight search's forward passes + grid scoring, and for log-likelihood choices."""
     grid = torch.tensor([[a, b, 1.0 - a - b] for a in PAPER_GRID for b in PAPER_GRID], dtype=torch.float32)
     start = time.perf_counter()
-    scorer = lm.scorer([ScoringText(str(i), t) for i, t in enumerate(texts)], progress=False)
+    items = [ScoringText(str(i), t) for i, t in enumerate(texts)]
+    scorer = lm.scorer(items, roles=list(lm.pool.roles), progress=False)
     scorer.score(grid, desc="grid")
     search = time.perf_counter() - start
     requests = [(f"Text: {t}\nThe topic of the text is", f" {label}") for t in texts for label in LABELS]

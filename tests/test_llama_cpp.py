@@ -229,6 +229,28 @@ def test_a_prompt_prefilled_again_reuses_its_cells(tiny) -> None:
     assert fed[3:] == [120, 120, 120] and len(backend.prompts) < 4
 
 
+def test_one_file_through_both_backends_at_half_weight_each(tiny) -> None:
+    """The same GGUF read by transformers and by llama.cpp, fused 0.5 / 0.5: the tokenizer check passes
+    and the fusion decodes what the model alone decodes (two copies of the same logits)."""
+    paths, root = tiny
+    path = str(paths["large"])
+    options = {"n_threads": 2, "kv_type": "f32"}
+    raw = {
+        "models": [
+            {"model": path, "role": "hf", "backend": "hf", "weight": 0.5},
+            {"model": path, "role": "cpp", "backend": "llama_cpp", "backend_options": options, "weight": 0.5},
+        ],
+        "fusion": {"method": "weighted"},
+        "cache_dir": str(root / "cache"),
+    }
+    both = FusedLM.from_config(load_config(raw))
+    alone = FusedLM.from_config(
+        load_config({**raw, "models": [raw["models"][0]], "fusion": {"method": "single", "role": "hf"}})
+    )
+    want = [g.token_ids for g in alone.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)]
+    assert [g.token_ids for g in both.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)] == want
+
+
 def test_a_fusion_may_mix_backends(tiny, pair) -> None:
     """large through transformers, small_cpt through llama.cpp: the same tokens as all-transformers."""
     hf, _ = pair

@@ -72,7 +72,8 @@ def decode_speculative(
         if not has_capability(drafter.backend, HIDDEN):
             raise ConfigError(
                 f"speculative.draft_vocab needs a drafter whose backend gives hidden states; {draft_role!r}'s "
-                "does not. Drop draft_vocab or draft with another source"
+                "does not (llama.cpp, for one, computes the whole output head at every position, where a draft "
+                "vocabulary would save nothing). Drop draft_vocab or draft with another source"
             )
         draft_enc = enc if draft_index is None else encodings[draft_index]
         draft_ids = frequent_tokens(
