@@ -245,7 +245,9 @@ def test_one_file_through_both_backends_at_half_weight_each(tiny) -> None:
     }
     both = FusedLM.from_config(load_config(raw))
     alone = FusedLM.from_config(
-        load_config({**raw, "models": [raw["models"][0]], "fusion": {"method": "single", "role": "hf"}})
+        load_config(
+            {**raw, "models": [{"model": path, "role": "hf"}], "fusion": {"method": "single", "role": "hf"}}
+        )
     )
     want = [g.token_ids for g in alone.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)]
     assert [g.token_ids for g in both.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)] == want
