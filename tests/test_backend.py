@@ -158,13 +158,13 @@ def test_grouped_attention_equals_transformers_sdpa(length: int) -> None:
 
 def test_switching_a_model_to_grouped_attention_keeps_its_outputs(tokenizer) -> None:
     """CUDA models are switched to trimix_sdpa; transformers' own padded forward must not change."""
-    from trimix.backends.hf import _use_grouped_attention
+    from trimix.backends.hf import use_grouped_attention
 
     model = build_model("qwen2", len(tokenizer), seed=7)
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         before = model(**enc).logits
-        _use_grouped_attention(model)
+        use_grouped_attention(model)
         after = model(**enc).logits
     assert model.config._attn_implementation == "trimix_sdpa"
     real = enc["attention_mask"].bool()

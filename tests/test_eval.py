@@ -199,6 +199,8 @@ def test_end_to_end_matrix_and_report(trio, milic_root, tmp_path, capsys) -> Non
         assert row[5] == row[6] and row[7].startswith("0.00")  # the same predictions: no difference
         full = sum(1 for r in rows if r["method"] == method and r["task"] == task)
         assert int(row[4]) == full - (method == "large" and task == json.loads(lines[dropped])["task"])
+    assert main(["report", str(out), "--against", str(tmp_path / "missing")]) == 2
+    assert "missing/predictions.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_loglikelihood_scoring_and_selected_weights(trio, milic_root, tmp_path) -> None:

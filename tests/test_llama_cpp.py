@@ -18,6 +18,7 @@ import torch
 
 from conftest import run_cli
 from trimix import FusedLM, load_config
+from trimix.backends.base import advance_selected
 from trimix.decoding import likelihood
 from trimix.decoding.likelihood import continuation_items, logit_chunks
 from trimix.errors import ConfigError, SourceLoadError
@@ -251,6 +252,29 @@ def test_one_file_through_both_backends_at_half_weight_each(tiny) -> None:
     )
     want = [g.token_ids for g in alone.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)]
     assert [g.token_ids for g in both.generate(PROMPTS, max_new_tokens=10, ignore_eos=True)] == want
+
+
+def test_a_decode_that_fails_midway_leaves_the_state_as_it_was(tiny) -> None:
+    """The KV cache fills during the third of several decode calls: a configuration message, and the cells
+    the first two calls added are gone, so the state goes on as if the call had never been made."""
+    from trimix.backends.llama_cpp import LlamaCppBackend
+
+    paths, _ = tiny
+    tokenizer = build_byte_level_tokenizer(eos="<|endoftext|>")
+    options = {"n_ctx": 256, "n_batch": 64, "n_threads": 2, "kv_type": "f32", "prompt_cache": 0}
+    backend = LlamaCppBackend(paths["large"], tokenizer, options)
+    ids = torch.randint(5, 200, (1, 100), generator=torch.Generator().manual_seed(0))
+    _, state = backend.prefill(ids, torch.ones_like(ids))
+    with pytest.raises(ConfigError, match=r"KV cache of 256 cells is full; raise backend_options\.n_ctx"):
+        backend.advance(state, torch.randint(5, 200, (1, 200)))
+    assert state.lengths == [100]
+    _, fresh = backend.prefill(ids, torch.ones_like(ids))
+    step = torch.tensor([[7, 8]])
+    torch.testing.assert_close(
+        backend.advance(state, step), backend.advance(fresh, step), atol=LOGIT_ATOL, rtol=0
+    )
+    with pytest.raises(ValueError, match="padded position"):
+        advance_selected(backend, fresh, step, torch.tensor([[True, False]]), torch.tensor([[False, True]]))
 
 
 def test_a_fusion_may_mix_backends(tiny, pair) -> None:

@@ -213,6 +213,8 @@ def advance_selected(
 ) -> torch.Tensor:
     """The logits after the fed tokens that ``outputs`` ``(B, k)`` marks, row by row, ``(M, R)``: from the
     backend's own call where it declares ``"selected"``, else picked out of :meth:`~SourceBackend.advance`."""
+    if valid is not None and bool((outputs.bool() & ~valid.bool().to(outputs.device)).any()):
+        raise ValueError("advance_selected: an output is asked for at a padded position")
     if has_capability(backend, SELECTED):
         return backend.advance_selected(state, tokens, valid, outputs)
     logits = backend.advance(state, tokens, valid)

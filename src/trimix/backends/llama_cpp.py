@@ -196,6 +196,8 @@ class LlamaCppBackend:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, LlamaCppState]:
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        if not all(prompts):
+            raise ValueError("every row of a prefill needs at least one token")
         state = self._new_state(len(prompts))
         rows = [prompt[self._reuse(seq, prompt) :] for seq, prompt in zip(state.seqs, prompts, strict=True)]
         for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
@@ -212,7 +214,7 @@ class LlamaCppBackend:
     def advance(
         self, state: LlamaCppState, tokens: torch.Tensor, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
+        valid = torch.ones(tokens.shape, dtype=torch.bool) if valid is None else valid.bool().cpu()
         out = torch.zeros(*tokens.shape, self.n_vocab)
         out[valid] = self.advance_selected(state, tokens, valid, valid)
         return out
@@ -222,7 +224,7 @@ class LlamaCppBackend:
         self, state: LlamaCppState, tokens: torch.Tensor, valid: torch.Tensor | None, outputs: torch.Tensor
     ) -> torch.Tensor:
         """Capability ``"selected"``: llama.cpp computes (and copies out) only the logits asked for."""
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool().cpu()
+        valid = torch.ones(tokens.shape, dtype=torch.bool) if valid is None else valid.bool().cpu()
         rows = [row[keep].tolist() for row, keep in zip(tokens.cpu(), valid, strict=True)]
         wanted = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.bool)
         for b, (keep, asked) in enumerate(zip(valid, outputs.cpu().bool(), strict=True)):
@@ -280,6 +282,7 @@ class LlamaCppBackend:
     def _reuse(self, seq: int, prompt: list[int]) -> int:
         """Copy the cells of the cached prompt sharing the longest prefix with ``prompt`` into sequence
         ``seq`` (all but the prompt's last token, whose logits are wanted); how many tokens that gave."""
+        self._drop_stale_prompts()
         best, best_seq, best_key = 0, -1, ()
         for key, cached in self.prompts.items():
             n = min(len(key), len(prompt) - 1)
@@ -287,8 +290,7 @@ class LlamaCppBackend:
             shared = int(same[0]) if same.size else n
             if shared > best:
                 best, best_seq, best_key = shared, cached, key
-        # a sliding-window cache that dropped the prompt's first cells cannot continue from its middle
-        if best < REUSE_MIN or self.lib.llama_memory_seq_pos_min(self.memory, best_seq) != 0:
+        if best < REUSE_MIN:
             return 0
         self.lib.llama_memory_seq_cp(self.memory, best_seq, seq, 0, best)
         self.prompts.move_to_end(best_key)
@@ -308,6 +310,14 @@ class LlamaCppBackend:
         cached = self.prompt_free.pop()
         self.lib.llama_memory_seq_cp(self.memory, seq, cached, 0, len(prompt))
         self.prompts[key] = cached
+
+    def _drop_stale_prompts(self) -> None:
+        """A sliding-window cache reuses the cells a prompt's window left once its row is gone; such a prompt
+        (its first position gone) cannot be continued from its middle: drop it."""
+        for key, cached in list(self.prompts.items()):
+            if self.lib.llama_memory_seq_pos_min(self.memory, cached) != 0:
+                del self.prompts[key]
+                self._drop_prompt(cached)
 
     def _drop_prompt(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
@@ -349,10 +359,8 @@ class LlamaCppBackend:
                     self._forget_prompts()
                     code = lib.llama_decode(self.context, batch)
                 if code != 0:
-                    raise ConfigError(
-                        f"llama.cpp could not decode {len(chunk)} tokens (code {code}): the KV cache of "
-                        f"{lib.llama_n_ctx(self.context)} cells is full; raise backend_options.n_ctx"
-                    )
+                    self._roll_back(state)  # the chunks decoded before this one leave the cache too
+                    raise _decode_error(code, len(chunk), int(lib.llama_n_ctx(self.context)))
                 for i, slot in asked:
                     pointer = lib.llama_get_logits_ith(self.context, i)
                     target[slot] = np.ctypeslib.as_array(
@@ -363,6 +371,12 @@ class LlamaCppBackend:
         for b, tokens in enumerate(rows):
             state.lengths[b] += len(tokens)
         return out
+
+    def _roll_back(self, state: LlamaCppState) -> None:
+        """Remove every cell a failed decode call added to the state's sequences (positions from each row's
+        length on), so the state is as it was before the call."""
+        for seq, length in zip(state.seqs, state.lengths, strict=True):
+            self.lib.llama_memory_seq_rm(self.memory, seq, int(length), -1)
 
     def _check_tokenizer(self) -> None:
         """The Hugging Face tokenizer must read text as llama.cpp does, or fused token ids would disagree."""
@@ -385,6 +399,16 @@ class LlamaCppBackend:
         buffer = (self.lib.llama_token * size)()
         count = self.lib.llama_tokenize(self.vocab, data, len(data), buffer, size, False, False)
         return list(buffer[:count])
+
+
+def _decode_error(code: int, tokens: int, cells: int) -> Exception:
+    """llama_decode's return code as a message: 1 a full KV cache (a setting), anything else a failure."""
+    if code == 1:
+        return ConfigError(
+            f"llama.cpp could not decode {tokens} tokens: the KV cache of {cells} cells is full; "
+            "raise backend_options.n_ctx or lower the batch size"
+        )
+    return RuntimeError(f"llama.cpp could not decode {tokens} tokens (llama_decode returned {code})")
 
 
 _LOG_CALLBACK: Any = None  # kept alive: llama.cpp calls it from C

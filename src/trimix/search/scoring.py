@@ -324,7 +324,12 @@ class FusedPerplexityScorer:
                 [torch.ones_like(r, dtype=torch.bool) for r in rests], batch_first=True, padding_value=False
             )
             columns = [item.positions[item.positions >= prefix] - prefix for item in batch]
-            state = backend.fork(prefix_state, len(batch))
+            try:
+                state = backend.fork(prefix_state, len(batch))
+            except ConfigError:  # a backend with too few free rows for the batch: these texts run whole
+                for item in batch:
+                    item.features[role], _ = _prefix_features(backend, item.input_ids[None], item.positions)
+                continue
             after = _suffix_features(backend, state, padded, valid, columns)
             del state  # its rows' cache goes back before the next batch forks
             for item, features in zip(batch, after, strict=True):

@@ -1,25 +1,4 @@
-"""A Hugging Face causal LM behind :class:`~trimix.backends.base.SourceBackend`.
-
-trimix builds every attention mask itself, from what each cache column holds: whether it is a real
-token of the row (``valid``) and that token's position in the row (``positions``). A query at
-position ``p`` may attend to a valid column at position ``q <= p`` (and, on sliding-window layers,
-``p - q < window``). Because the masks speak of token positions and not of column indices:
-
-* a left-padded row attends exactly as it would alone (pads are never counted in a sliding window,
-  unlike transformers' own masks, which count padded columns);
-* columns can be dropped per row by marking them invalid (speculative decoding's ragged rollback),
-  exactly, even past a sliding window: caches keep every column, so nothing has to be recomputed;
-* new rows can join a batch with other column layouts (continuous batching).
-
-The masks go to the model as 4-D additive biases (one per attention layer type), which transformers
-passes through unchanged; the model's attention must therefore be ``sdpa`` or ``eager``. Every
-backend checks once, on a short probe, that its masks and output head reproduce the model's own
-forward pass, so a family that computes logits differently fails at load time, not silently.
-
-Two cache storages sit behind the same calls: a growing one (transformers' ``DynamicCache`` with
-full layers) and a preallocated one (:class:`SlotLayer`, written at columns a cursor names) whose
-tensors keep their addresses, which the CUDA-graph decoder needs.
-"""
+"""The transformers backend: :class:`HFBackend` (the core protocol, hidden states, fork)."""
 
 from __future__ import annotations
 
@@ -27,15 +6,16 @@ import copy
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from trimix.backends import attention
 from trimix.backends.base import FORK, HIDDEN, STATIC
+from trimix.backends.hf.state import ColumnCursor, HFState, SlotLayer, attention_bias, shifted
+from trimix.backends.hf.static import InPlaceSteps
 from trimix.errors import SourceLoadError
 
 logger = logging.getLogger(__name__)
@@ -43,120 +23,6 @@ logger = logging.getLogger(__name__)
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 _SUPPORTED_ATTENTION = ("sdpa", "eager", attention.NAME)
 _PROBE_TEXT = "TriMix probe: the quick brown fox 123. ئۇيغۇرچە"
-
-
-class ColumnCursor:
-    """The cache columns a preallocated cache's next forward writes to: ``cols`` ``(k,)`` long."""
-
-    def __init__(self) -> None:
-        self.cols: torch.Tensor | None = None
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values in tensors of ``capacity`` columns, written at the cursor's columns.
-
-    The tensors are allocated once (zeros, so masked columns hold finite values) and never move,
-    which CUDA-graph capture requires.
-    """
-
-    is_compileable = True
-    is_sliding = False
-    is_croppable = True
-
-    def __init__(self, capacity: int, cursor: ColumnCursor) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.cursor = cursor
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads = key_states.shape[:2]
-        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(
-            batch, value_states.shape[1], self.capacity, value_states.shape[-1]
-        )
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys.index_copy_(2, self.cursor.cols, key_states)
-        self.values.index_copy_(2, self.cursor.cols, value_states)
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.capacity, 0
-
-    def get_seq_length(self) -> int:
-        return self.capacity
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-
-
-@dataclass
-class HFState:
-    """A batch's cache and per-column bookkeeping.
-
-    Attributes:
-        cache: the transformers cache (growing, or preallocated :class:`SlotLayer`s).
-        valid: ``(B, C)`` whether column c holds a real token of row b.
-        positions: ``(B, C)`` that token's position in its row (0 where not valid).
-        next_position: ``(B,)`` tokens each row holds, i.e. the position of its next token.
-        length: columns in use (the next forward writes from here).
-        capacity: columns allocated for a preallocated cache; None for a growing one.
-        cursor: where a preallocated cache writes next.
-    """
-
-    cache: Cache
-    valid: torch.Tensor
-    positions: torch.Tensor
-    next_position: torch.Tensor
-    length: int
-    capacity: int | None = None
-    cursor: ColumnCursor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.next_position.shape[0])
-
-    @property
-    def is_static(self) -> bool:
-        return self.capacity is not None
-
-
-def attention_bias(
-    valid: torch.Tensor,
-    positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    window: int | None,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive attention bias from token positions: 0 where a query may attend, the dtype's minimum elsewhere.
-
-    Args:
-        valid: ``(B, K)`` columns holding real tokens.
-        positions: ``(B, K)`` the position of each column's token.
-        query_positions: ``(B, Q)`` the positions of the queries.
-        window: a sliding window (``p - q < window``), or None for full causal attention.
-        dtype: the model's dtype.
-
-    Returns:
-        ``(B, 1, Q, K)``.
-    """
-    keys = positions[:, None, :]
-    queries = query_positions[:, :, None]
-    allowed = valid[:, None, :] & (keys <= queries)
-    if window is not None:
-        allowed &= queries - keys < window
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def cache_keyword(decoder: torch.nn.Module) -> str:
@@ -186,7 +52,7 @@ def _layer_windows(model: PreTrainedModel) -> tuple[dict[str, int | None], bool]
     return {"full_attention": window if use_window else None}, False
 
 
-class HFBackend:
+class HFBackend(InPlaceSteps):
     """A loaded transformers causal LM (or a PEFT model around one) as a trimix source backend.
 
     Args:
@@ -214,7 +80,7 @@ class HFBackend:
                 f"{' or '.join(_SUPPORTED_ATTENTION)} (load it with attn_implementation='sdpa')"
             )
         if implementation == "sdpa" and self._on_cuda(model):
-            _use_grouped_attention(model)
+            use_grouped_attention(model)
         self.windows, self.mask_dict = _layer_windows(model)
         self.num_layers = int(config.num_hidden_layers)
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -315,62 +181,6 @@ class HFBackend:
         return states if hidden else self.head_logits(states)
 
     @torch.inference_mode()
-    def step_in_place(self, state: HFState, tokens: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        """Feed ``(B, k)`` tokens on a preallocated cache, touching only tensors that keep their addresses.
-
-        The cursor's columns and ``next_position`` are advanced in place, so a CUDA graph that captured
-        this call replays it step after step. The host-side ``state.length`` is the caller's to advance.
-
-        Args:
-            state: a preallocated state whose ``cursor.cols`` is a ``(k,)`` tensor owned by the caller
-                (the columns this call writes).
-            tokens: ``(B, k)``.
-            compiled: run the decoder through ``torch.compile`` (fuses the many small elementwise
-                kernels of a layer; compiled once per batch and cache shape).
-
-        Returns:
-            Logits ``(B, k, R)`` after each token.
-        """
-        cols = state.cursor.cols
-        width = tokens.shape[1]
-        query = state.next_position[:, None] + torch.arange(width, device=tokens.device)
-        state.valid.index_fill_(1, cols, True)
-        state.positions.index_copy_(1, cols, query)
-        decoder = self._compiled_decoder() if compiled else self.decoder
-        out = decoder(
-            input_ids=tokens,
-            attention_mask=self._masks(state.valid, state.positions, query),
-            position_ids=query,
-            **{self.cache_keyword: state.cache},
-            use_cache=True,
-        )
-        state.next_position.add_(width)
-        cols.add_(width)
-        return self.head_logits(out.last_hidden_state)
-
-    def attach_cursor(self, state: HFState, cols: torch.Tensor) -> None:
-        cols.fill_(state.length)
-        state.cursor.cols = cols
-
-    def stepped(self, state: HFState, width: int) -> None:
-        state.length += width
-
-    def snapshot(self, state: HFState) -> tuple[torch.Tensor, ...]:
-        return (
-            state.valid.clone(),
-            state.positions.clone(),
-            state.next_position.clone(),
-            state.cursor.cols.clone(),
-        )
-
-    def restore(self, state: HFState, snapshot: tuple[torch.Tensor, ...]) -> None:
-        valid, positions, next_position, cols = snapshot
-        state.valid.copy_(valid)
-        state.positions.copy_(positions)
-        state.next_position.copy_(next_position)
-        state.cursor.cols.copy_(cols)
-
-    @torch.inference_mode()
     def crop(self, state: HFState, lengths: torch.Tensor) -> None:
         """Keep the first ``lengths[b]`` tokens of row b (``lengths <= next_position``)."""
         lengths = lengths.to(state.next_position.device)
@@ -428,8 +238,8 @@ class HFBackend:
         width = max(state.capacity or 0, new.capacity or 0) or None
         if width is not None and length > width:
             raise ValueError(f"rows of {length} columns do not fit a cache of {width}")
-        mine = _shifted(state, length - state.length, width or length)
-        theirs = _shifted(new, length - new.length, width or length)
+        mine = shifted(state, length - state.length, width or length)
+        theirs = shifted(new, length - new.length, width or length)
         for i, layer in enumerate(state.cache.layers):
             layer.keys = torch.cat([mine[0][2 * i], theirs[0][2 * i]])
             layer.values = torch.cat([mine[0][2 * i + 1], theirs[0][2 * i + 1]])
@@ -492,18 +302,6 @@ class HFBackend:
     @staticmethod
     def _on_cuda(model: PreTrainedModel) -> bool:
         return model.get_input_embeddings().weight.device.type == "cuda"
-
-    def _compiled_decoder(self) -> Any:
-        if self._compiled is None:
-            import torch._dynamo
-
-            # One compiled entry per model, batch bucket and cache size; the default limit (8 per code
-            # object, shared by every model of a family) would silently fall back to eager after that.
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-            self._compiled = torch.compile(self.decoder, dynamic=False)
-        return self._compiled
 
     def _empty_state(self, batch: int, capacity: int | None) -> HFState:
         device = self.device
@@ -581,7 +379,7 @@ class HFBackend:
             )
 
 
-def _use_grouped_attention(model: PreTrainedModel) -> None:
+def use_grouped_attention(model: PreTrainedModel) -> None:
     """Switch a CUDA model from ``sdpa`` to :func:`~trimix.backends.attention.grouped_sdpa` (same math, no
     per-head copies of the cache); keep ``sdpa`` with a warning if transformers refuses."""
     attention.register()
@@ -593,25 +391,3 @@ def _use_grouped_attention(model: PreTrainedModel) -> None:
             type(model).__name__,
             exc,
         )
-
-
-def _shifted(state: HFState, shift: int, width: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """A state's keys/values (alternating per layer), valid and positions, moved right by ``shift``
-    columns inside ``width`` columns (new columns invalid)."""
-
-    def place(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        shape = list(tensor.shape)
-        shape[dim] = width
-        out = tensor.new_zeros(shape)
-        used = min(state.length, tensor.shape[dim])
-        index = [slice(None)] * tensor.dim()
-        index[dim] = slice(shift, shift + used)
-        source = [slice(None)] * tensor.dim()
-        source[dim] = slice(0, used)
-        out[tuple(index)] = tensor[tuple(source)]
-        return out
-
-    layers = []
-    for layer in state.cache.layers:
-        layers += [place(layer.keys, 2), place(layer.values, 2)]
-    return layers, place(state.valid, 1), place(state.positions, 1)
