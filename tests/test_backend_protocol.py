@@ -18,6 +18,7 @@ from trimix import FusedLM, load_config
 from trimix.backends.base import SourceBackend, capabilities
 from trimix.backends.loading import Source
 from trimix.backends.recompute import RecomputeBackend
+from trimix.backends.sequences import SequenceBatch
 from trimix.decoding.pool import SourcePool
 from trimix.errors import ConfigError
 from trimix.search import ScoringText
@@ -122,3 +123,39 @@ def test_engines_that_need_a_capability_name_what_is_missing(pair) -> None:
                 "draft_vocab_text": ["sib200:eng_Latn:dev"],
             },
         )
+
+
+@pytest.mark.parametrize("backend_kind", ["transformers", "recompute"])
+def test_sequences_are_addressed_by_id(pair, backend_kind) -> None:
+    """The runners' view of a source (:class:`SequenceBatch`): sequences started at different times,
+    stepped together, rolled back and released by id, each give the logits it would give alone."""
+    cached, plain = pair
+    lm = cached if backend_kind == "transformers" else plain
+    source = lm.sources[1]
+    batch = SequenceBatch(source.backend)
+
+    def encode(prompts):
+        enc = lm.encode(source, prompts)
+        return enc["input_ids"], enc["attention_mask"]
+
+    def alone(prompt: str, fed: list[int]) -> torch.Tensor:
+        single = SequenceBatch(source.backend)
+        logits = single.start([0], *encode([prompt]))
+        return single.step(torch.tensor([fed]))[0, -1] if fed else logits[0]
+
+    batch.start([7, 3], *encode(PROMPTS[:2]))
+    batch.start([11], *encode(PROMPTS[2:3]))  # joins while the others decode
+    assert batch.ids == [7, 3, 11]
+    batch.step(torch.tensor([[5, 6], [8, 9], [10, 12]]))
+    batch.roll_back({3: batch.lengths()[3] - 1})  # sequence 3 keeps one of its two tokens
+    kept = batch.release([7])
+    assert kept == [1, 2] and batch.ids == [3, 11]
+    got = batch.step(torch.tensor([[20], [21]]))[:, -1]
+    want = torch.stack([alone(PROMPTS[1], [8, 20]), alone(PROMPTS[2], [10, 12, 21])])
+    torch.testing.assert_close(got, want, rtol=FLOAT32_SUM_REL, atol=1e-5)
+    with pytest.raises(ValueError, match="already decoding"):
+        batch.start([11], *encode(PROMPTS[:1]))
+    with pytest.raises(ValueError, match="only shorten"):
+        batch.roll_back({11: 1000})
+    with pytest.raises(ValueError, match="3 rows of tokens for 2 sequences"):
+        batch.step(torch.tensor([[1], [2], [3]]))

@@ -5,6 +5,10 @@ through these calls and touches no model internals; only :mod:`trimix.backends.h
 models. :class:`~trimix.backends.recompute.RecomputeBackend` implements the core alone, and the decoding
 core runs on it.
 
+The decoding core's runners address rows by sequence id through
+:class:`~trimix.backends.sequences.SequenceBatch` (start, step, roll back, release); this module is what
+a backend implements beneath it.
+
 **The core** (:class:`SourceBackend`). States are per batch: a left-padded prompt batch is prefilled
 into a state, which then advances by ``k >= 1`` tokens per row at a time, can be cropped back per row
 (rows keep different numbers of tokens, as speculative decoding needs), can drop rows that finished, and

@@ -121,7 +121,7 @@ def _select_languages(config, args: argparse.Namespace) -> int:
             variant, out_dir, progress=not args.quiet, executor=args.executor, ray_address=args.ray_address
         )
         try:
-            evaluator._select_missing({("selected", cell.name): ["all"] for cell in evaluator.cell_list})
+            evaluator.select_missing({("selected", cell.name): ["all"] for cell in evaluator.cell_list})
         finally:
             evaluator.close()
     for cell in evaluator.cell_list:

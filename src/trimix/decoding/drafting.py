@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trimix.backends.base import HIDDEN, has_capability
+from trimix.backends.sequences import SequenceBatch
 from trimix.config import GenerationConfig
 from trimix.decoding.results import Step
 from trimix.decoding.runners import Admission, BatchRows, WholeBatch
@@ -55,18 +56,21 @@ def decode_speculative(
     drafter = lm.pool.get(draft_role)
     draft_index = lm.roles.index(draft_role) if draft_role in lm.roles else None
     weights, keys = admission.weights.to(device), admission.keys.to(device)
-    prefilled = [
-        s.backend.prefill(e["input_ids"], e["attention_mask"])
-        for s, e in zip(lm.sources, encodings, strict=True)
+    ids = list(
+        range(batch)
+    )  # this runner's sequence ids: its batch rows (BatchRows maps them to the group's)
+    sequences = [SequenceBatch(s.backend) for s in lm.sources]
+    first_logits = [
+        seqs.start(ids, e["input_ids"], e["attention_mask"])
+        for seqs, e in zip(sequences, encodings, strict=True)
     ]
-    states = [state for _, state in prefilled]
     if draft_index is None:
         enc = lm.encode(drafter, [_plain(lm, p) for p in admission.prompts])
-        _, draft_state = drafter.backend.prefill(enc["input_ids"], enc["attention_mask"])
+        draft_sequences = SequenceBatch(drafter.backend)
+        draft_sequences.start(ids, enc["input_ids"], enc["attention_mask"])
     else:
-        draft_state = states[draft_index]
-    all_states = states + ([draft_state] if draft_index is None else [])
-    backends = [s.backend for s in lm.sources] + ([drafter.backend] if draft_index is None else [])
+        draft_sequences = sequences[draft_index]
+    every = sequences + ([draft_sequences] if draft_index is None else [])
     draft_head, draft_ids = None, None
     if spec.draft_vocab is not None:
         if not has_capability(drafter.backend, HIDDEN):
@@ -86,7 +90,7 @@ def decode_speculative(
         draft_ids = draft_ids.to(device)
         logger.info("the drafter proposes among %d of %d tokens", len(draft_ids), vocab)
     # The first token comes from the prefill, as in plain fused decoding.
-    logits = [x.to(device) for x, _ in prefilled]
+    logits = [x.to(device) for x in first_logits]
     scores = lm.fuse(logits, weights)
     first = chooser(scores, keys, torch.zeros(batch, dtype=torch.long, device=device))
     alive = [i for i in range(batch) if not rows.done(i)]
@@ -101,7 +105,8 @@ def decode_speculative(
     )
     stats = {row: SpeculativeStats() for row in range(batch)}
     active = [row for row, reason in zip(alive, finish, strict=True) if reason is None]
-    _keep_all(backends, all_states, torch.tensor(active, dtype=torch.long))
+    for seqs in every:
+        seqs.release(set(ids) - set(active))
     pending = first[torch.tensor(active, dtype=torch.long, device=device)]
     k = spec.k if spec.k != "auto" else K_AUTO_START
     total = SpeculativeStats()
@@ -113,16 +118,16 @@ def decode_speculative(
         k_round = max(limits)
         limit = torch.tensor(limits, dtype=torch.long, device=device)
         counters = torch.tensor([len(rows.tokens(r)) for r in active], dtype=torch.long, device=device)
-        before = [state.next_position.clone() for state in all_states]
+        before = [seqs.lengths() for seqs in every]
         # draft_logits: what each draft was chosen from; drafter_logits: the drafter's full logits at the
         # k + 1 positions (the same unless the drafter proposes from a smaller vocabulary).
         token, draft_logits, draft_hidden, drafts = pending, [], [], []
         for j in range(k_round + 1):
             if draft_head is None:
-                step_logits = drafter.backend.advance(draft_state, token[:, None])[:, -1].to(device)
+                step_logits = draft_sequences.step(token[:, None])[:, -1].to(device)
                 draft_logits.append(step_logits)
             else:
-                hidden = drafter.backend.advance(draft_state, token[:, None], hidden=True)[:, -1]
+                hidden = draft_sequences.step(token[:, None], hidden=True)[:, -1]
                 draft_hidden.append(hidden)
                 if j == k_round:
                     break
@@ -146,10 +151,8 @@ def decode_speculative(
         else:
             drafter_logits = drafter.backend.head_logits(torch.stack(draft_hidden, 1)).to(device)
         source_logits = [
-            drafter_logits
-            if i == draft_index
-            else source.backend.advance(states[i], sequence, valid).to(device)
-            for i, source in enumerate(lm.sources)
+            drafter_logits if i == draft_index else sequences[i].step(sequence, valid).to(device)
+            for i in range(len(lm.sources))
         ]
         scores = lm.fuse(source_logits, weights[index])
         drafted = torch.stack(drafts, 1) if drafts else sequence[:, :0]
@@ -175,12 +178,11 @@ def decode_speculative(
         ):
             stats[row].record(drafted_here, a, kept)
         continuing = [i for i, row in enumerate(active) if not rows.done(row)]
-        keep = torch.tensor(continuing, dtype=torch.long)
-        _keep_all(backends, all_states, keep)
-        for backend, state, old in zip(backends, all_states, before, strict=True):
-            lengths = (old.to(keep.device)[keep] + 1 + accepted.to(keep.device)[keep]).to(old.device)
-            backend.crop(state, lengths)
-        pending = following[keep.to(device)]
+        kept = accepted.tolist()
+        for seqs, old in zip(every, before, strict=True):
+            seqs.release(row for row in active if rows.done(row))
+            seqs.roll_back({active[i]: old[active[i]] + 1 + kept[i] for i in continuing})
+        pending = following[torch.tensor(continuing, dtype=torch.long, device=device)]
         active = [active[i] for i in continuing]
         if spec.k == "auto":
             merged = SpeculativeStats()
@@ -247,17 +249,6 @@ def _emit_round(
             )
         at = scores[index, position] if admission.scores else None
         yield Step([active[i] for i in chosen], picked, finish, inspection, scores=at)
-
-
-def _keep_all(backends: list[Any], states: list[Any], rows: torch.Tensor) -> None:
-    if (
-        rows.numel()
-        and rows.numel() == states[0].batch_size
-        and bool((rows == torch.arange(rows.numel())).all())
-    ):
-        return
-    for backend, state in zip(backends, states, strict=True):
-        backend.keep_rows(state, rows)
 
 
 def warp_positions(chooser: TokenChooser, scores: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from trimix.backends.sequences import SequenceBatch
 from trimix.config import GenerationConfig
 from trimix.decoding.results import Step
 from trimix.decoding.sampling import TokenChooser, choose_rows, sampling_key
@@ -74,7 +75,7 @@ class EagerRunner:
         self.device = lm.fusion_device
         self.rows: list[int] = []
         self.settings: list[GenerationConfig] = []
-        self.states: list[Any] | None = None
+        self.sequences = [SequenceBatch(s.backend, compact) for s in lm.sources]
         self.logits: list[torch.Tensor] = []
         self.pending: torch.Tensor | None = None  # tokens chosen at the last step, not fed yet
         self.weights = self.keys = self.counters = None
@@ -84,23 +85,20 @@ class EagerRunner:
     @torch.inference_mode()
     def insert(self, admission: Admission) -> None:
         self._settle()
-        prefilled = [
-            s.backend.prefill(e["input_ids"], e["attention_mask"])
-            for s, e in zip(self.lm.sources, admission.encodings, strict=True)
+        logits = [
+            batch.start(admission.rows, e["input_ids"], e["attention_mask"])
+            for batch, e in zip(self.sequences, admission.encodings, strict=True)
         ]
-        logits, states = [p[0] for p in prefilled], [p[1] for p in prefilled]
         extra = {
             "weights": admission.weights.to(self.device),
             "keys": admission.keys.to(self.device),
             "counters": torch.zeros(len(admission.rows), dtype=torch.long, device=self.device),
         }
-        if self.states is None or not self.rows:
-            self.states, self.logits = states, logits
+        if not self.rows:
+            self.logits = logits
             for name, value in extra.items():
                 setattr(self, name, value)
         else:
-            for source, mine, theirs in zip(self.lm.sources, self.states, states, strict=True):
-                source.backend.insert_rows(mine, theirs)
             self.logits = [torch.cat([a, b.to(a.device)]) for a, b in zip(self.logits, logits, strict=True)]
             for name, value in extra.items():
                 setattr(self, name, torch.cat([getattr(self, name), value]))
@@ -133,13 +131,11 @@ class EagerRunner:
 
     def _settle(self) -> None:
         """Drop the rows that ended, then feed the pending tokens: every remaining row has its logits."""
-        keep = [i for i, row in enumerate(self.rows) if not self.checker.done(row)]
-        if len(keep) < len(self.rows):
+        ended = [row for row in self.rows if self.checker.done(row)]
+        if ended:
+            kept = [batch.release(ended) for batch in self.sequences]  # every source drops them
+            keep = kept[0]
             index = torch.tensor(keep, dtype=torch.long)
-            for source, state in zip(self.lm.sources, self.states, strict=True):
-                source.backend.keep_rows(state, index)
-                if self.compact:
-                    source.backend.compact(state)
             on_device = index.to(self.device)
             self.logits = [x[index.to(x.device)] for x in self.logits]
             self.weights, self.keys, self.counters = (
@@ -152,10 +148,7 @@ class EagerRunner:
             self.rows = [self.rows[i] for i in keep]
             self.settings = [self.settings[i] for i in keep]
         if self.pending is not None and self.rows:
-            self.logits = [
-                s.backend.advance(state, self.pending[:, None])[:, -1]
-                for s, state in zip(self.lm.sources, self.states, strict=True)
-            ]
+            self.logits = [batch.step(self.pending[:, None])[:, -1] for batch in self.sequences]
         self.pending = None
 
 

@@ -176,7 +176,7 @@ class Evaluator:
     def _selection_path(self, cell: Cell) -> Path:
         return self.out_dir / SELECTIONS / f"{cell.task.full_name}.json"
 
-    def _select_missing(self, pending: dict[tuple[str, str], list[str]]) -> None:
+    def select_missing(self, pending: dict[tuple[str, str], list[str]]) -> None:
         """Run the label-free selection of every task that a pending selected method needs (once per task)."""
         selected = [m.name for m in self.config.eval.methods if m.select]
         units, seen = [], set()
@@ -215,7 +215,7 @@ class Evaluator:
         self._record_descriptions()
         sink = JsonlSink(path, fault="eval.row")
         try:
-            self._select_missing(pending)
+            self.select_missing(pending)
             weights = {
                 (m.name, cell.name): self._selected_weights(cell, m.select_score)
                 if m.select
