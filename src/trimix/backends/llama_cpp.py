@@ -36,7 +36,6 @@ import ctypes
 import logging
 import os
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from trimix.backends.base import FORK, SELECTED
+from trimix.backends.prompt_cache import PromptCache
 from trimix.errors import ConfigError, SourceLoadError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ OPTIONS = {
     "prompt_cache": 32,
 }
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
-REUSE_MIN = 16  # shorter shared prompt prefixes are recomputed
 KV_TYPES = {"f16": 1, "f32": 0}  # ggml's type ids: the KV cache's precision
 
 
@@ -153,8 +152,7 @@ class LlamaCppBackend:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_batch = int(settings["n_batch"])
         self.free = list(range(rows - 1, -1, -1))  # sequence ids not in use by rows
-        self.prompts: OrderedDict[tuple[int, ...], int] = OrderedDict()  # cached prompt -> its sequence
-        self.prompt_free = list(range(rows + kept - 1, rows - 1, -1))
+        self.prompts = PromptCache(llama_cpp, self.memory, range(rows, rows + kept))
         self._finalizer = weakref.finalize(self, _free, llama_cpp, self.model, self.context)
         self._check_tokenizer()
         logger.info(
@@ -199,7 +197,9 @@ class LlamaCppBackend:
         if not all(prompts):
             raise ValueError("every row of a prefill needs at least one token")
         state = self._new_state(len(prompts))
-        rows = [prompt[self._reuse(seq, prompt) :] for seq, prompt in zip(state.seqs, prompts, strict=True)]
+        rows = [
+            prompt[self.prompts.reuse(seq, prompt) :] for seq, prompt in zip(state.seqs, prompts, strict=True)
+        ]
         for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
             state.lengths[b] = len(prompt) - len(row)
         wanted = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
@@ -207,7 +207,7 @@ class LlamaCppBackend:
             wanted[b, len(row) - 1] = True
         logits = self._decode(state, rows, wanted)
         for seq, prompt in zip(state.seqs, prompts, strict=True):
-            self._remember(seq, prompt)
+            self.prompts.remember(seq, prompt)
         return logits, state
 
     @torch.inference_mode()
@@ -279,54 +279,6 @@ class LlamaCppBackend:
         weakref.finalize(state, _release_all, weakref.ref(self), state.seqs)
         return state
 
-    def _reuse(self, seq: int, prompt: list[int]) -> int:
-        """Copy the cells of the cached prompt sharing the longest prefix with ``prompt`` into sequence
-        ``seq`` (all but the prompt's last token, whose logits are wanted); how many tokens that gave."""
-        self._drop_stale_prompts()
-        best, best_seq, best_key = 0, -1, ()
-        for key, cached in self.prompts.items():
-            n = min(len(key), len(prompt) - 1)
-            same = np.flatnonzero(np.asarray(key[:n]) != np.asarray(prompt[:n]))
-            shared = int(same[0]) if same.size else n
-            if shared > best:
-                best, best_seq, best_key = shared, cached, key
-        if best < REUSE_MIN:
-            return 0
-        self.lib.llama_memory_seq_cp(self.memory, best_seq, seq, 0, best)
-        self.prompts.move_to_end(best_key)
-        return best
-
-    def _remember(self, seq: int, prompt: list[int]) -> None:
-        """Keep a freshly prefilled prompt's cells under a sequence of the prompt cache."""
-        key = tuple(prompt)
-        if key in self.prompts:
-            self.prompts.move_to_end(key)
-            return
-        if len(prompt) < REUSE_MIN or not (self.prompt_free or self.prompts):
-            return
-        if not self.prompt_free:
-            _, oldest = self.prompts.popitem(last=False)
-            self._drop_prompt(oldest)
-        cached = self.prompt_free.pop()
-        self.lib.llama_memory_seq_cp(self.memory, seq, cached, 0, len(prompt))
-        self.prompts[key] = cached
-
-    def _drop_stale_prompts(self) -> None:
-        """A sliding-window cache reuses the cells a prompt's window left once its row is gone; such a prompt
-        (its first position gone) cannot be continued from its middle: drop it."""
-        for key, cached in list(self.prompts.items()):
-            if self.lib.llama_memory_seq_pos_min(self.memory, cached) != 0:
-                del self.prompts[key]
-                self._drop_prompt(cached)
-
-    def _drop_prompt(self, seq: int) -> None:
-        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
-        self.prompt_free.append(seq)
-
-    def _forget_prompts(self) -> None:
-        while self.prompts:
-            self._drop_prompt(self.prompts.popitem()[1])
-
     def _release(self, seq: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free.append(seq)
@@ -356,7 +308,7 @@ class LlamaCppBackend:
                         asked.append((i, int(order[b, j])))
                 code = lib.llama_decode(self.context, batch)
                 if code == 1 and self.prompts:  # no free cell: the prompt cache's cells go first
-                    self._forget_prompts()
+                    self.prompts.forget()
                     code = lib.llama_decode(self.context, batch)
                 if code != 0:
                     self._roll_back(state)  # the chunks decoded before this one leave the cache too

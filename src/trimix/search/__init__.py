@@ -1,7 +1,8 @@
 """Label-free weight selection: fused perplexity of many weight combinations, grid plus refinement."""
 
+from trimix.search.features import head_logits
 from trimix.search.partition import combination_nll
-from trimix.search.scoring import FusedPerplexityScorer, ScoringText, average_perplexity, head_logits
+from trimix.search.scoring import FusedPerplexityScorer, ScoringText
 from trimix.search.select import (
     Candidate,
     SelectionResult,
@@ -10,10 +11,12 @@ from trimix.search.select import (
     selection_texts,
     task_selection_texts,
 )
+from trimix.search.totals import ScoreTotals, average_perplexity
 
 __all__ = [
     "Candidate",
     "FusedPerplexityScorer",
+    "ScoreTotals",
     "ScoringText",
     "SelectionResult",
     "average_perplexity",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,11 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trimix.backends.base import FORK, HIDDEN, advance_selected, has_capability
+from trimix.backends.base import FORK, has_capability
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
+from trimix.search.features import common_prefix, head_logits, prefix_features, suffix_features
 from trimix.search.partition import combination_nll
+from trimix.search.totals import ScoreTotals, token_script
 
 logger = logging.getLogger(__name__)
 _MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache copy per text
@@ -49,66 +50,6 @@ class ScoringText:
     spans: tuple[tuple[int, int], ...] = ()  # character spans of the task's own text (the rest: template)
 
 
-def token_script(text: str) -> str:
-    """The writing system of a token's text: the Unicode script name of its first letter ("LATIN",
-    "ARABIC", "TIBETAN", "CJK", ...), "digit", or "other" (spaces, punctuation)."""
-    for char in text:
-        if char.isalpha():
-            name = unicodedata.name(char, "")
-            return "CJK" if name.startswith("CJK") else (name.split(" ")[0] if name else "other")
-        if char.isdigit():
-            return "digit"
-    return "other"
-
-
-def head_logits(source: Source, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The source's logits from the features the scorer kept: final hidden states through its output
-    head, or (a backend without the ``hidden`` capability) the logits themselves, cut to ``out``'s width."""
-    if not has_capability(source.backend, HIDDEN):
-        logits = hidden if out is None else out.copy_(hidden[..., : out.shape[-1]])
-        return logits
-    return source.backend.head_logits(hidden, out=out)
-
-
-def _prefix_features(backend: Any, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Run one row ``ids`` ``(1, L)`` and return the features after each of the sorted ``positions``
-    (``< L``) — final hidden states ``(P, H)``, or the logits ``(P, R)`` where the backend gives no hidden
-    states, computed at those positions only where it declares ``"selected"`` — and the row's state."""
-    ones = torch.ones_like(ids)
-    if has_capability(backend, HIDDEN):
-        hidden, state = backend.prefill(ids, ones, hidden=True)
-        return hidden[0, positions.to(hidden.device)], state
-    first, state = backend.prefill(ids[:, :1], ones[:, :1])
-    parts = [first] if positions.numel() and int(positions[0]) == 0 else []
-    if ids.shape[1] > 1:
-        outputs = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
-        outputs[0, positions[positions > 0] - 1] = True
-        parts.append(advance_selected(backend, state, ids[:, 1:], None, outputs))
-    return torch.cat(parts) if parts else first[:0], state
-
-
-def _suffix_features(
-    backend: Any, state: Any, tokens: torch.Tensor, valid: torch.Tensor, columns: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Feed right-padded ``tokens`` ``(B, k)`` to a state's rows; each row's features after the fed tokens
-    at its ``columns`` (sorted), as :func:`_prefix_features` gives them."""
-    if has_capability(backend, HIDDEN):
-        hidden = backend.advance(state, tokens, valid, hidden=True)
-        return [hidden[row, cols.to(hidden.device)] for row, cols in enumerate(columns)]
-    outputs = torch.zeros_like(tokens, dtype=torch.bool)
-    for row, cols in enumerate(columns):
-        outputs[row, cols] = True
-    logits = advance_selected(backend, state, tokens, valid, outputs)
-    return list(logits.split([int(c.numel()) for c in columns]))
-
-
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many leading ids two 1-d id tensors share."""
-    n = min(a.numel(), b.numel())
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if differ.numel() else n
-
-
 @dataclass
 class _Encoded:
     text_id: str
@@ -118,49 +59,6 @@ class _Encoded:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> (P, H) hidden states
     groups: torch.Tensor | None = None  # (P,) 1 where the scored token is the task's own text, 0 template
     scripts: list[str] = field(default_factory=list)  # (P,) the writing system of each scored token
-
-
-@dataclass
-class ScoreTotals:
-    """NLL sums of C combinations over the same scored tokens."""
-
-    nll: torch.Tensor  # (C,) float64
-    n_tokens: int
-    per_text: torch.Tensor | None = None  # (texts, C) float64
-    tokens_per_text: list[int] | None = None
-    per_text_greedy: torch.Tensor | None = None  # (texts, C) bool: every scored token is the fused argmax
-    per_group: torch.Tensor | None = None  # (2, C) float64: NLL of template tokens (0) and task text (1)
-    tokens_per_group: tuple[int, int] | None = None
-    per_text_group: torch.Tensor | None = None  # (texts, 2, C) float64
-    tokens_per_text_group: list[tuple[int, int]] | None = None
-
-    @property
-    def perplexity(self) -> torch.Tensor:
-        """(C,) fused perplexity over every scored token."""
-        return self.perplexities()
-
-    def perplexities(self, group: int | None = None, average: str = "tokens") -> torch.Tensor:
-        """(C,) fused perplexity over every scored token (``group`` None) or one token group (0 template,
-        1 task text), pooled over tokens or averaged over texts (see :func:`average_perplexity`)."""
-        if group is None:
-            return average_perplexity(self.per_text, torch.tensor(self.tokens_per_text), average)
-        counts = torch.tensor([c[group] for c in self.tokens_per_text_group])
-        return average_perplexity(self.per_text_group[:, group], counts, average)
-
-
-def average_perplexity(nll: torch.Tensor, counts: torch.Tensor, average: str = "tokens") -> torch.Tensor:
-    """Perplexity of C combinations from per-text NLL sums ``(texts, C)`` over ``counts`` tokens per text.
-
-    ``tokens``: ``exp(sum NLL / sum counts)``. ``texts``: ``exp(mean_t(NLL_t / counts_t))`` over the texts
-    with at least one token. Texts of equal length give the same value either way.
-    """
-    counts = counts.to(nll.dtype)
-    if average == "tokens":
-        return torch.exp(nll.sum(0) / counts.sum().clamp(min=1))
-    if average == "texts":
-        scored = counts > 0
-        return torch.exp((nll[scored] / counts[scored, None]).mean(0))
-    raise ValueError(f"average must be 'tokens' or 'texts'; got {average!r}")
 
 
 class FusedPerplexityScorer:
@@ -252,7 +150,7 @@ class FusedPerplexityScorer:
             return 0
         shared = min(int(e.input_ids.numel()) for e in self.encoded) - 1
         for item in self.encoded[1:]:
-            shared = min(shared, _common_prefix(item.input_ids, self.encoded[0].input_ids))
+            shared = min(shared, common_prefix(item.input_ids, self.encoded[0].input_ids))
         return shared if shared >= _MIN_SHARED_PREFIX else 0
 
     def _prefix_groups(self) -> list[tuple[int, list[int]]]:
@@ -269,7 +167,7 @@ class FusedPerplexityScorer:
             shared, j = self.encoded[i].input_ids.numel() - 1, i + 1
             while j < len(self.encoded):
                 ids = self.encoded[j].input_ids
-                common = min(shared, ids.numel() - 1, _common_prefix(ids, self.encoded[i].input_ids))
+                common = min(shared, ids.numel() - 1, common_prefix(ids, self.encoded[i].input_ids))
                 if common < everyone + _MIN_SHARED_PREFIX:
                     break
                 shared, j = common, j + 1
@@ -299,7 +197,7 @@ class FusedPerplexityScorer:
                 if not prefix or not has_capability(backend, FORK):
                     for index in members:
                         item = self.encoded[index]
-                        features, _ = _prefix_features(backend, item.input_ids[None], item.positions)
+                        features, _ = prefix_features(backend, item.input_ids[None], item.positions)
                         item.features[source.role] = features
                         bar.update(1)
                     continue
@@ -315,7 +213,7 @@ class FusedPerplexityScorer:
         state, ``_SUFFIX_BATCH`` texts at a time."""
         items = [self.encoded[i] for i in members]
         inside = torch.unique(torch.cat([item.positions[item.positions < prefix] for item in items]))
-        prefix_features, prefix_state = _prefix_features(backend, items[0].input_ids[None, :prefix], inside)
+        kept, prefix_state = prefix_features(backend, items[0].input_ids[None, :prefix], inside)
         for b0 in range(0, len(items), _SUFFIX_BATCH):
             batch = items[b0 : b0 + _SUFFIX_BATCH]
             rests = [item.input_ids[prefix:] for item in batch]
@@ -328,12 +226,12 @@ class FusedPerplexityScorer:
                 state = backend.fork(prefix_state, len(batch))
             except ConfigError:  # a backend with too few free rows for the batch: these texts run whole
                 for item in batch:
-                    item.features[role], _ = _prefix_features(backend, item.input_ids[None], item.positions)
+                    item.features[role], _ = prefix_features(backend, item.input_ids[None], item.positions)
                 continue
-            after = _suffix_features(backend, state, padded, valid, columns)
+            after = suffix_features(backend, state, padded, valid, columns)
             del state  # its rows' cache goes back before the next batch forks
             for item, features in zip(batch, after, strict=True):
-                before = prefix_features[torch.searchsorted(inside, item.positions[item.positions < prefix])]
+                before = kept[torch.searchsorted(inside, item.positions[item.positions < prefix])]
                 item.features[role] = torch.cat([before.to(features.device), features])
 
     @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""MiLiC-Eval tasks, read from the released JSON lists, and Belebele-format multiple choice.
+"""MiLiC-Eval tasks, read from the released JSON lists.
 
 Layout: ``ROOT/<task>/<lang>/{test,dev}.json`` and exemplar files ``train_1.json`` ... ``train_3.json``,
 each a JSON list of objects with a string ``id``. Languages: ``bo`` (Tibetan), ``ug`` (Uyghur),
@@ -394,45 +394,3 @@ class MilicTranslation(TranslationPrompt, MilicTask):
         src, tgt = (self.paper_name(c) for c in self.pair)
         sep = "：" if self.prompt_lang == "zh" else ": "
         return f"{src}{sep}{self.field(example.fields['source'], clip=False)}\n{tgt}{sep.rstrip()}"
-
-
-@dataclass
-class Belebele(MultipleChoicePrompt, Task):
-    """Belebele-format multiple choice: passage, question, four options, the correct option's number.
-
-    Fields (as released): ``flores_passage``, ``question``, ``mc_answer1`` ... ``mc_answer4``,
-    ``correct_answer_num``. Belebele has no train split: exemplars come from ``train_path`` when given,
-    otherwise they are drawn from the file itself and left out of the evaluated items.
-    """
-
-    path: str | None = None
-    train_path: str | None = None
-    name: ClassVar[str] = "belebele"
-    description: ClassVar[str] = "Belebele-format reading comprehension, 4 options (accuracy)"
-
-    def _read(self, path: str | None) -> list[Example]:
-        if not path:
-            raise DataError("task 'belebele' needs path: FILE (JSON list or JSONL in the Belebele format)")
-        items = []
-        for number, item in enumerate(read_json_items(Path(path).expanduser()), start=1):
-            where = f"{path}: item {number}"
-            options = [require(item, f"mc_answer{i}", str, where) for i in range(1, 5)]
-            answer = str(require(item, "correct_answer_num", (str, int), where)).strip()
-            if answer not in {"1", "2", "3", "4"}:
-                raise DataError(f"{where}: field 'correct_answer_num' must be 1-4; got {answer!r}")
-            fields = {
-                "context": require(item, "flores_passage", str, where),
-                "question": require(item, "question", str, where),
-                "options": options,
-            }
-            items.append(
-                Example(str(item.get("id", number)), fields, LETTERS[int(answer) - 1], tuple(LETTERS[:4]))
-            )
-        return items
-
-    def examples(self, split: str) -> list[Example]:
-        items = self._read(self.path)
-        if split == "train":
-            return self._read(self.train_path) if self.train_path else items
-        held = set() if self.train_path else {e.id for e in self.shots()}
-        return [e for e in items if e.id not in held]

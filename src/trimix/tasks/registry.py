@@ -8,8 +8,8 @@ from typing import Any
 
 from trimix.errors import ConfigError
 from trimix.tasks.base import Task
+from trimix.tasks.belebele import Belebele
 from trimix.tasks.milic import (
-    Belebele,
     MilicMath,
     MilicReadingComprehension,
     MilicResponseSelection,
