@@ -291,6 +291,7 @@ class LlamaCppBackend:
         order = torch.zeros_like(wanted, dtype=torch.long)
         order[wanted] = torch.arange(int(wanted.sum()))  # row-major: where each asked position's row goes
         out = torch.empty(int(wanted.sum()), self.n_vocab)
+        wanted_at, order_at = wanted.tolist(), order.tolist()  # read per token below: lists, not tensors
         target = out.numpy()
         for start in range(0, len(items), self.n_batch):
             chunk = items[start : start + self.n_batch]
@@ -303,9 +304,9 @@ class LlamaCppBackend:
                     batch.pos[i] = state.lengths[b] + j
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = state.seqs[b]
-                    batch.logits[i] = int(wanted[b, j])
-                    if batch.logits[i]:
-                        asked.append((i, int(order[b, j])))
+                    batch.logits[i] = int(wanted_at[b][j])
+                    if wanted_at[b][j]:
+                        asked.append((i, order_at[b][j]))
                 code = lib.llama_decode(self.context, batch)
                 if code == 1 and self.prompts:  # no free cell: the prompt cache's cells go first
                     self.prompts.forget()

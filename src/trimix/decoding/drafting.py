@@ -56,9 +56,8 @@ def decode_speculative(
     drafter = lm.pool.get(draft_role)
     draft_index = lm.roles.index(draft_role) if draft_role in lm.roles else None
     weights, keys = admission.weights.to(device), admission.keys.to(device)
-    ids = list(
-        range(batch)
-    )  # this runner's sequence ids: its batch rows (BatchRows maps them to the group's)
+    # This runner's sequence ids are its batch rows (BatchRows maps them to the group's).
+    ids = list(range(batch))
     sequences = [SequenceBatch(s.backend) for s in lm.sources]
     first_logits = [
         seqs.start(ids, e["input_ids"], e["attention_mask"])
@@ -178,9 +177,9 @@ def decode_speculative(
         ):
             stats[row].record(drafted_here, a, kept)
         continuing = [i for i, row in enumerate(active) if not rows.done(row)]
-        kept = accepted.tolist()
+        kept, ended = accepted.tolist(), [row for row in active if rows.done(row)]
         for seqs, old in zip(every, before, strict=True):
-            seqs.release(row for row in active if rows.done(row))
+            seqs.release(ended)
             seqs.roll_back({active[i]: old[active[i]] + 1 + kept[i] for i in continuing})
         pending = following[torch.tensor(continuing, dtype=torch.long, device=device)]
         active = [active[i] for i in continuing]

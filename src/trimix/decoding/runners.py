@@ -71,7 +71,7 @@ class EagerRunner:
     inserts = True
 
     def __init__(self, lm: FusedLM, admission: Admission, compact: bool = False) -> None:
-        self.lm, self.compact, self.checker = lm, compact, admission.checker
+        self.lm, self.checker = lm, admission.checker
         self.device = lm.fusion_device
         self.rows: list[int] = []
         self.settings: list[GenerationConfig] = []

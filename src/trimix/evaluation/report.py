@@ -83,6 +83,32 @@ def _best_single_on_dev(run_dir: Path | None, task: str) -> str | None:
     return min(singles, key=singles.get) if singles else None
 
 
+def _by_id(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(r["id"]): r for r in rows}
+
+
+def _paired_difference(
+    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]], metric: str
+) -> tuple[Any, Any, Interval]:
+    """Two cells' metric statistics on the items both hold (rows by id), and the paired bootstrap
+    interval of mine minus theirs."""
+    shared = sorted(set(mine) & set(theirs))
+    lang = mine[shared[0]].get("target_lang")
+    a = metric_statistics(metric, [mine[i] for i in shared], lang)
+    b = metric_statistics(metric, [theirs[i] for i in shared], lang)
+    return a, b, paired_bootstrap(a, b)
+
+
+def _run_rows(folder: Path) -> list[dict[str, Any]]:
+    """A run's predictions, read without editing the file; a folder without any is an error."""
+    if not (folder / PREDICTIONS).is_file():
+        raise DataError(f"{folder / PREDICTIONS} does not exist; give the folder of a `trimix eval` run")
+    rows = read_predictions(folder / PREDICTIONS, repair=False)  # a report never edits the results
+    if not rows:
+        raise DataError(f"{folder / PREDICTIONS} holds no predictions; run `trimix eval` first")
+    return rows
+
+
 def compare_methods(
     rows: list[dict[str, Any]], cells: list[dict[str, Any]], run_dir: Path | None
 ) -> list[dict]:
@@ -106,14 +132,11 @@ def compare_methods(
             )
             if single is not None:
                 baselines.append((single, f"best single on dev ({best})"))
-        mine = {str(r["id"]): r for r in groups[(cell["method"], cell["task"], cell["lang"])]}
+        mine = _by_id(groups[(cell["method"], cell["task"], cell["lang"])])
         for baseline, kind in baselines:
-            theirs = {str(r["id"]): r for r in groups[(baseline["method"], cell["task"], cell["lang"])]}
-            shared = sorted(set(mine) & set(theirs))
+            theirs = _by_id(groups[(baseline["method"], cell["task"], cell["lang"])])
             for metric in cell["scores"]:
-                a = metric_statistics(metric, [mine[i] for i in shared], mine[shared[0]].get("target_lang"))
-                b = metric_statistics(metric, [theirs[i] for i in shared], mine[shared[0]].get("target_lang"))
-                diff = paired_bootstrap(a, b)
+                _, _, diff = _paired_difference(mine, theirs, metric)
                 out.append(
                     {
                         "task": cell["task"],
@@ -270,9 +293,7 @@ def _fill_fusion_methods(rows: list[dict[str, Any]], run_dir: Path) -> None:
 def write_report(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """Rebuild ``report.md``, ``report.json`` and ``report.png`` of a run from its predictions alone."""
     run_dir = Path(run_dir)
-    rows = read_predictions(run_dir / PREDICTIONS, repair=False)  # a report never edits the results
-    if not rows:
-        raise DataError(f"{run_dir / PREDICTIONS} holds no predictions; run `trimix eval` first")
+    rows = _run_rows(run_dir)
     _fill_fusion_methods(rows, run_dir)
     cells = score_cells(rows)
     comparisons = compare_methods(rows, cells, run_dir)
@@ -291,30 +312,18 @@ def compare_runs(run_dir: str | Path, base_dir: str | Path) -> tuple[str, list[d
     language and metric both hold, ``run - base`` on the items both scored, with a paired bootstrap
     interval. Writes ``against-<base folder name>.md`` into ``run_dir``; returns its text and the rows."""
     run_dir, base_dir = Path(run_dir).resolve(), Path(base_dir).resolve()
-    groups = []
-    for folder in (run_dir, base_dir):
-        if not (folder / PREDICTIONS).is_file():
-            raise DataError(f"{folder / PREDICTIONS} does not exist; give the folder of a `trimix eval` run")
-        rows = read_predictions(folder / PREDICTIONS, repair=False)
-        if not rows:
-            raise DataError(f"{folder / PREDICTIONS} holds no predictions; run `trimix eval` first")
-        groups.append(_groups(rows))
-    mine, theirs = groups
+    mine, theirs = (_groups(_run_rows(folder)) for folder in (run_dir, base_dir))
     ours_name, base_name = (run_dir.name, base_dir.name) if run_dir.name != base_dir.name else ("run", "base")
     out = []
     for key in [k for k in mine if k in theirs]:
-        a = {str(r["id"]): r for r in mine[key]}
-        b = {str(r["id"]): r for r in theirs[key]}
+        a, b = _by_id(mine[key]), _by_id(theirs[key])
         shared = sorted(set(a) & set(b))
         if not shared:
             continue
-        lang = a[shared[0]].get("target_lang")
         for metric in a[shared[0]]["metrics"]:
             if metric not in b[shared[0]]["metrics"]:
                 continue
-            ours = metric_statistics(metric, [a[i] for i in shared], lang)
-            base = metric_statistics(metric, [b[i] for i in shared], lang)
-            diff = paired_bootstrap(ours, base)
+            ours, base, diff = _paired_difference(a, b, metric)
             out.append(
                 {
                     "method": key[0],

@@ -61,6 +61,12 @@ class _Encoded:
     scripts: list[str] = field(default_factory=list)  # (P,) the writing system of each scored token
 
 
+def _run_whole(backend: Any, role: str, items: list[_Encoded]) -> None:
+    """Each text's features from a run of the whole text, no prefix shared."""
+    for item in items:
+        item.features[role], _ = prefix_features(backend, item.input_ids[None], item.positions)
+
+
 class FusedPerplexityScorer:
     """Scores weight combinations by fused perplexity on a fixed set of texts.
 
@@ -159,9 +165,9 @@ class FusedPerplexityScorer:
         Consecutive texts sharing at least ``_MIN_SHARED_PREFIX`` tokens more than every text shares (one
         context under several continuations, as log-likelihood choices come) form a group of their own;
         the rest share the prefix common to all texts (0: each runs whole)."""
-        everyone = self._shared_prefix() if self.share_prefix else 0
         if not self.share_prefix:
             return [(0, list(range(len(self.encoded))))]
+        everyone = self._shared_prefix()
         groups, rest, i = [], [], 0
         while i < len(self.encoded):
             shared, j = self.encoded[i].input_ids.numel() - 1, i + 1
@@ -194,24 +200,20 @@ class FusedPerplexityScorer:
         for source in self.sources:
             backend = source.backend
             for prefix, members in groups:
+                items = [self.encoded[i] for i in members]
                 if not prefix or not has_capability(backend, FORK):
-                    for index in members:
-                        item = self.encoded[index]
-                        features, _ = prefix_features(backend, item.input_ids[None], item.positions)
-                        item.features[source.role] = features
-                        bar.update(1)
-                    continue
-                self._run_group(backend, source.role, prefix, members)
+                    _run_whole(backend, source.role, items)
+                else:
+                    self._run_group(backend, source.role, prefix, items)
                 bar.update(len(members))
         bar.close()
         self.shared_prefix_tokens = max((prefix for prefix, members in groups), default=0)
         self.prefix_groups = sum(1 for prefix, _ in groups if prefix)
         self.forward_seconds = time.perf_counter() - start
 
-    def _run_group(self, backend: Any, role: str, prefix: int, members: list[int]) -> None:
+    def _run_group(self, backend: Any, role: str, prefix: int, items: list[_Encoded]) -> None:
         """Texts sharing their first ``prefix`` tokens: the prefix once, then the rest from forks of its
         state, ``_SUFFIX_BATCH`` texts at a time."""
-        items = [self.encoded[i] for i in members]
         inside = torch.unique(torch.cat([item.positions[item.positions < prefix] for item in items]))
         kept, prefix_state = prefix_features(backend, items[0].input_ids[None, :prefix], inside)
         for b0 in range(0, len(items), _SUFFIX_BATCH):
@@ -225,8 +227,7 @@ class FusedPerplexityScorer:
             try:
                 state = backend.fork(prefix_state, len(batch))
             except ConfigError:  # a backend with too few free rows for the batch: these texts run whole
-                for item in batch:
-                    item.features[role], _ = prefix_features(backend, item.input_ids[None], item.positions)
+                _run_whole(backend, role, batch)
                 continue
             after = suffix_features(backend, state, padded, valid, columns)
             del state  # its rows' cache goes back before the next batch forks
