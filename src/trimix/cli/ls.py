@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
             roles = f" (roles: {', '.join(method.required_roles)})" if method.required_roles else ""
             print(f"{name:<14} {method.summary}{roles}")
     elif args.what == "metrics":
-        for name in ["accuracy", *sorted(CORPUS_METRICS), "perplexity"]:
+        for name in ["accuracy", *sorted(CORPUS_METRICS), "perplexity", "bits_per_byte"]:
             print(name)
     elif args.what == "models":
         for name in EMBEDDED_MODELS:

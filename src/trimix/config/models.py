@@ -89,6 +89,13 @@ class FusionConfig(StrictModel):
     plausibility: PlausibilityConfig | None = None
     vocab: Literal["exact", "shared_prefix"] = "exact"
     weights_from: str | None = None
+    # tokens: fuse next-token logits (one shared tokenizer); bytes: fuse next-byte log-probabilities
+    # (any tokenizers, trimix.bytelevel); auto: tokens where the tokenizers agree, else bytes.
+    space: Literal["auto", "tokens", "bytes"] = "auto"
+    # Byte level: drop a tokenization of the text whose share of its probability falls below
+    # byte_prune, keep at most byte_max_nodes per row and source (0 and null: exact, slower).
+    byte_prune: float = Field(1e-4, ge=0.0, lt=1.0)
+    byte_max_nodes: int | None = Field(8, ge=1)
 
     @field_validator("method")
     @classmethod

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
+from trimix.bytelevel import ByteLevelBackend
 from trimix.config import TrimixConfig
 from trimix.data import read_text_spec
 from trimix.decoding.static import SessionPool
-from trimix.errors import ConfigError
+from trimix.errors import ConfigError, VocabularyMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +25,31 @@ class SourcePool:
         config: the run config they came from; roles it names but that are not loaded yet are loaded
             when a fusion first weights them.
         vocab_mode: ``exact`` or ``shared_prefix`` (see :func:`trimix.backends.check_vocabularies`).
+        space: ``tokens`` fuses next-token logits (the sources must share a tokenizer); ``bytes``
+            fuses next-byte log-probabilities (:mod:`trimix.bytelevel`), whatever the tokenizers;
+            ``auto`` (default) fuses tokens where the tokenizers agree and bytes where they differ.
+            None: the config's ``fusion.space`` (``auto`` without a config).
     """
 
     def __init__(
-        self, sources: Sequence[Source], config: TrimixConfig | None = None, vocab_mode: str = "exact"
+        self,
+        sources: Sequence[Source],
+        config: TrimixConfig | None = None,
+        vocab_mode: str = "exact",
+        space: str | None = None,
     ) -> None:
         roles = [s.role for s in sources]
         if len(set(roles)) != len(roles):
             raise ConfigError(f"source roles must be unique; got {roles}")
-        self.sources: dict[str, Source] = {s.role: s for s in sources}
+        self.token_sources: dict[str, Source] = {s.role: s for s in sources}
+        self.sources: dict[str, Source] = dict(self.token_sources)
         self.config = config
         self.vocab_mode = vocab_mode
+        fusion = config.fusion if config is not None else None
+        self.space_setting = space or (fusion.space if fusion is not None else "auto")
+        self.byte_prune = fusion.byte_prune if fusion is not None else 0.0
+        self.byte_max_nodes = fusion.byte_max_nodes if fusion is not None else None
+        self.space = "tokens"
         self.sessions = SessionPool()
         self.vocab_size = self._check() if self.sources else 0
         self._token_counts: dict[tuple[str, tuple[str, ...]], Counter[int]] = {}
@@ -59,6 +74,7 @@ class SourcePool:
             default_device=self.config.device,
             cache_dir=self.config.cache_dir,
         )
+        self.token_sources[role] = source
         self.sources[role] = source
         self.vocab_size = self._check()
         return source
@@ -82,12 +98,42 @@ class SourcePool:
         return self._token_counts[key]
 
     def _check(self) -> int:
-        sources = list(self.sources.values())
-        vocab = check_vocabularies(
-            {s.role: s.tokenizer for s in sources}, {s.role: s.logit_rows for s in sources}, self.vocab_mode
-        )
+        """Check the vocabularies and choose the fusion space; wrap the sources for bytes."""
+        sources = list(self.token_sources.values())
+        space = self.space_setting
+        if space in ("auto", "tokens"):
+            try:
+                vocab = check_vocabularies(
+                    {s.role: s.tokenizer for s in sources}, {s.role: s.logit_rows for s in sources}, self.vocab_mode
+                )
+            except VocabularyMismatchError as exc:
+                if space == "tokens":
+                    raise VocabularyMismatchError(f"{exc} (or set `fusion.space: bytes` to fuse at the byte level)") from exc
+                logger.info(
+                    "the sources' tokenizers differ (%s); fusing at the byte level (`fusion.space: bytes`): each "
+                    "source is read one byte at a time, with a forward only where a token boundary is crossed. "
+                    "This costs about one fused step per byte instead of per token", exc
+                )
+                space = "bytes"
+        if space == "bytes":
+            self.sources = {s.role: self._byte_level(s) for s in sources}
+            sources = list(self.sources.values())
+            vocab = len(sources[0].tokenizer)
+        else:
+            self.sources = dict(self.token_sources)
+        self.space = space if space == "bytes" else "tokens"
         for source in sources:
             if source.tokenizer.pad_token_id is None:
                 # Pads are masked out; any id works, and EOS is the conventional choice.
                 source.tokenizer.pad_token = source.tokenizer.eos_token
         return vocab
+
+    def _byte_level(self, source: Source) -> Source:
+        """``source`` read one byte at a time (already byte-level sources are kept)."""
+        current = self.sources.get(source.role)
+        if current is not None and isinstance(current.backend, ByteLevelBackend):
+            return current
+        if isinstance(source.backend, ByteLevelBackend):
+            return source
+        backend = ByteLevelBackend(source.backend, prune=self.byte_prune, max_nodes=self.byte_max_nodes)
+        return Source(source.role, backend, source.config)

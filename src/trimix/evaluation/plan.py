@@ -333,5 +333,13 @@ class EvalPlan:
         for i, example in enumerate(items):
             yield (
                 example,
-                [{"id": example.id, "nll": -r[i].logprob, "n_tokens": r[i].n_tokens} for r in results],
+                [
+                    {
+                        "id": example.id,
+                        "nll": -r[i].logprob,
+                        "n_tokens": r[i].n_tokens,
+                        "n_bytes": len(example.fields["text"].encode("utf-8")),
+                    }
+                    for r in results
+                ],
             )

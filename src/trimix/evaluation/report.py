@@ -33,6 +33,7 @@ METRIC_LABELS = {
     "bleu": "BLEU",
     "rouge_l_f": "ROUGE-L",
     "perplexity": "ppl",
+    "bits_per_byte": "bits/byte",
 }
 
 

@@ -43,9 +43,10 @@ def fuse_logits(
         fused = logits[0].float() * values[0]
         for source_logits, weight in zip(logits[1:], values[1:], strict=True):
             fused += source_logits.float() * weight
-        return fused
+        return rule_out_impossible(fused, logits)
     stacked = (logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits), dim=0)).float()
-    return torch.tensordot(w.to(stacked.device), stacked, dims=([-1], [0]))
+    fused = torch.tensordot(w.to(stacked.device), stacked, dims=([-1], [0]))
+    return fused.masked_fill_(torch.isneginf(stacked).any(0), float("-inf"))
 
 
 def fuse_rows(logits: Sequence[torch.Tensor], weights: torch.Tensor, vocab: int | None) -> torch.Tensor:
@@ -67,6 +68,16 @@ def fuse_rows(logits: Sequence[torch.Tensor], weights: torch.Tensor, vocab: int 
     fused = logits[0][..., :vocab].float() * weights[:, 0].view(-1, *extra)
     for i, source_logits in enumerate(logits[1:], start=1):
         fused += source_logits[..., :vocab].float() * weights[:, i].view(-1, *extra)
+    return rule_out_impossible(fused, [source_logits[..., :vocab] for source_logits in logits])
+
+
+def rule_out_impossible(fused: torch.Tensor, logits: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``fused`` with ``-inf`` wherever a source gives ``-inf``: what one source rules out stays out,
+    whatever the sign of its weight (a byte-level source rules out bytes no token of it spells; a
+    negative weight would otherwise turn its ``-inf`` into ``+inf``). Token-level logits are finite,
+    so this changes nothing there. Edits ``fused`` in place and returns it."""
+    for source_logits in logits:
+        fused.masked_fill_(torch.isneginf(source_logits), float("-inf"))
     return fused
 
 
@@ -111,7 +122,7 @@ def fused_scores(
     Returns:
         float32 ``(B, ..., V)``.
     """
-    fused = (combine or fuse_rows)(logits, weights, vocab)
+    fused = rule_out_impossible((combine or fuse_rows)(logits, weights, vocab), [x[..., :vocab] for x in logits])
     if plausibility_index is not None:
         keep = plausibility_mask(logits[plausibility_index][..., :vocab], alpha)
         fused = fused.masked_fill(~keep, float("-inf"))

@@ -135,6 +135,7 @@ HIGHER_IS_BETTER = {
     "bleu": True,
     "rouge_l_f": True,
     "perplexity": False,
+    "bits_per_byte": False,
 }
 
 
@@ -149,12 +150,14 @@ def metric_statistics(name: str, rows: Sequence[dict], target_lang: str | None =
         return b.accuracy_stats([r["correct"] for r in rows])
     if name == "perplexity":
         return b.perplexity_stats([r["nll"] for r in rows], [r["n_tokens"] for r in rows])
+    if name == "bits_per_byte":
+        return b.bits_per_byte_stats([r["nll"] for r in rows], [r["n_bytes"] for r in rows])
     if name == "rouge_l_f":
         return b.mean_stats([rouge_l_f(p, ref) for p, ref in zip(predictions, references, strict=True)])
     if name in {"chrf", "chrf_pp", "bleu"}:
         return b.sacrebleu_stats(sacrebleu_metric(name, target_lang), predictions, references)
     raise ConfigError(
-        f"unknown metric {name!r}; available: accuracy, perplexity, {', '.join(sorted(CORPUS_METRICS))}"
+        f"unknown metric {name!r}; available: accuracy, perplexity, bits_per_byte, {', '.join(sorted(CORPUS_METRICS))}"
     )
 
 

@@ -81,6 +81,12 @@ def perplexity_stats(nll: Sequence[float], tokens: Sequence[int]) -> ItemStatist
     return ItemStatistics(stats, lambda s: float(np.exp(s[0] / max(s[1], 1.0))))
 
 
+def bits_per_byte_stats(nll: Sequence[float], n_bytes: Sequence[int]) -> ItemStatistics:
+    """Total NLL (nats) over total UTF-8 bytes, in bits: comparable across tokenizers, unlike perplexity."""
+    stats = np.array([[float(a), float(b)] for a, b in zip(nll, n_bytes, strict=True)]).reshape(-1, 2)
+    return ItemStatistics(stats, lambda s: float(s[0] / max(s[1], 1.0) / np.log(2.0)))
+
+
 def sacrebleu_stats(metric: Any, predictions: Sequence[str], references: Sequence[str]) -> ItemStatistics:
     """Per-sentence statistics of a sacrebleu corpus metric (CHRF, BLEU) and its score of their sum."""
     stats = np.array(

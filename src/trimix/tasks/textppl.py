@@ -12,7 +12,9 @@ from trimix.tasks.base import Example, Task
 
 @dataclass
 class TextPerplexity(Task):
-    """Each line of ``path`` is scored from its BOS; the cell's value is the token-level perplexity.
+    """Each line of ``path`` is scored from its BOS; the cell's values are the perplexity per token of
+    the fused vocabulary (per byte under byte-level fusion) and bits per byte (total NLL over the lines'
+    UTF-8 bytes, in bits), which compares models whose tokenizers differ.
 
     ``dev_path`` holds other text of the same kind for weight selection; without it the task has no dev
     split, so selected weights are refused rather than chosen on the evaluated lines.
@@ -22,7 +24,7 @@ class TextPerplexity(Task):
     dev_path: str | None = None
     name: ClassVar[str] = "text_ppl"
     kind: ClassVar[str] = "perplexity"
-    metric_names: ClassVar[tuple[str, ...]] = ("perplexity",)
+    metric_names: ClassVar[tuple[str, ...]] = ("perplexity", "bits_per_byte")
     description: ClassVar[str] = "perplexity of the (fused) model on a raw text file (lower is better)"
 
     def examples(self, split: str) -> list[Example]:
