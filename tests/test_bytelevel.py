@@ -25,8 +25,13 @@ from trimix.backends.recompute import RecomputeBackend
 from trimix.bytelevel import END, START, ByteLevelBackend
 from trimix.bytelevel.spelling import token_spellings
 from trimix.config import SourceConfig
-from trimix.fusion import Fusion
-from trimix.testing import build_byte_fallback_tokenizer, build_byte_level_tokenizer, build_model, save_tiny_model
+from trimix.errors import VocabularyMismatchError
+from trimix.testing import (
+    build_byte_fallback_tokenizer,
+    build_byte_level_tokenizer,
+    build_model,
+    save_tiny_model,
+)
 
 TOKENIZERS = {
     "byte_level_bpe": lambda: build_byte_level_tokenizer(vocab_size=300),
@@ -75,7 +80,7 @@ class BruteForce:
             if s and s.startswith(rest):
                 total += p[t]
             elif s and rest.startswith(s):
-                total += p[t] * self.prefix(x, seq + [t], done + len(s))
+                total += p[t] * self.prefix(x, [*seq, t], done + len(s))
         return total
 
     def exactly(self, x: bytes, seq: list[int] | None = None, done: int = 0) -> float:
@@ -85,7 +90,7 @@ class BruteForce:
         total = p[self.tokenizer.eos_token_id] if not rest else 0.0
         for t, s in enumerate(self.spell):
             if s and rest and rest.startswith(s):
-                total += p[t] * self.exactly(x, seq + [t], done + len(s))
+                total += p[t] * self.exactly(x, [*seq, t], done + len(s))
         return total
 
     def next_byte(self, x: bytes) -> torch.Tensor:
@@ -96,7 +101,7 @@ class BruteForce:
 
 def _byte_state(backend: ByteLevelBackend, prompt: str, text: bytes):
     ids = [START, *prompt.encode()]
-    logp, state = backend.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    _logp, state = backend.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
     if text:
         backend.advance(state, torch.tensor([list(text)]))
     return state
@@ -293,12 +298,15 @@ def test_different_tokenizers_fuse_at_the_byte_level(mixed, caplog) -> None:
     again = lm.generate(["Hello"] * 2, max_new_tokens=8, do_sample=True, seed=3)
     assert [s.token_ids for s in sampled] == [s.token_ids for s in again]
     # Tokens asked for on sources that cannot share them: a clear refusal naming the way out.
-    with pytest.raises(Exception, match="fusion.space: bytes"):
+    with pytest.raises(VocabularyMismatchError, match=r"fusion\.space: bytes"):
         FusedLM.from_config(load_config(_mixed_config(mixed, space="tokens")))
 
 
 def test_shared_tokenizer_stays_token_level_unless_asked(trio) -> None:
-    raw = {"models": [{"model": str(p), "role": r} for r, p in trio.items()], "fusion": {"method": "proxy_tuning"}}
+    raw = {
+        "models": [{"model": str(p), "role": r} for r, p in trio.items()],
+        "fusion": {"method": "proxy_tuning"},
+    }
     assert FusedLM.from_config(load_config(raw)).pool.space == "tokens"
     raw["fusion"]["space"] = "bytes"
     as_bytes = FusedLM.from_config(load_config(raw))

@@ -76,7 +76,9 @@ def build_byte_level_tokenizer(
     )
 
 
-def build_byte_fallback_tokenizer(vocab_size: int = 120, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+def build_byte_fallback_tokenizer(
+    vocab_size: int = 120, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
     """A small SentencePiece-style BPE with byte fallback (Gemma / Llama 2 style): ``▁`` for spaces,
     pieces learned from the corpus, and ``<0x00>``..``<0xFF>`` for every byte no piece covers (a
     Tibetan letter outside the corpus is three byte pieces)."""
@@ -95,7 +97,9 @@ def build_byte_fallback_tokenizer(vocab_size: int = 120, corpus: list[str] | Non
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     tok.add_special_tokens(SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(

@@ -91,8 +91,13 @@ class ByteLevelBackend:
 
     # ---------------------------------------------------------------- the core
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ByteState]:
-        rows = [self._inner_prompt(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask, strict=True)]
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ByteState]:
+        rows = [
+            self._inner_prompt(ids[mask.bool()].tolist())
+            for ids, mask in zip(input_ids, attention_mask, strict=True)
+        ]
         width = max(len(r) for r in rows)
         pad = self.inner.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
@@ -107,7 +112,9 @@ class ByteLevelBackend:
         return torch.stack([t.next_byte_logprobs() for t in trees]).float(), state
 
     @torch.inference_mode()
-    def advance(self, state: ByteState, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def advance(
+        self, state: ByteState, tokens: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tokens = tokens.cpu()
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.cpu().bool()
         out = torch.zeros(tokens.shape[0], tokens.shape[1], BYTE_VOCAB)

@@ -106,7 +106,11 @@ class RowTree:
                 mass[END] += node.weight * node.dist.end
                 continue
             lo, hi = self.table.prefix_range(pending)
-            following = self.table.next_byte[lo:hi, len(pending)].long() if len(pending) < self.table.next_byte.shape[1] else None
+            following = (
+                self.table.next_byte[lo:hi, len(pending)].long()
+                if len(pending) < self.table.next_byte.shape[1]
+                else None
+            )
             if following is None:
                 continue
             keep = following >= 0

@@ -110,7 +110,9 @@ class ByteTokenizer:
         return spans
 
     # -------------------------------------------------------------- decode
-    def decode(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False, **_: Any) -> str:
+    def decode(
+        self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False, **_: Any
+    ) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if isinstance(ids, int):
@@ -127,7 +129,9 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def batch_decode(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = False, **kw: Any) -> list[str]:
+    def batch_decode(
+        self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = False, **kw: Any
+    ) -> list[str]:
         return [self.decode(r, skip_special_tokens=skip_special_tokens, **kw) for r in rows]
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:

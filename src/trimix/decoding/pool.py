@@ -104,15 +104,20 @@ class SourcePool:
         if space in ("auto", "tokens"):
             try:
                 vocab = check_vocabularies(
-                    {s.role: s.tokenizer for s in sources}, {s.role: s.logit_rows for s in sources}, self.vocab_mode
+                    {s.role: s.tokenizer for s in sources},
+                    {s.role: s.logit_rows for s in sources},
+                    self.vocab_mode,
                 )
             except VocabularyMismatchError as exc:
                 if space == "tokens":
-                    raise VocabularyMismatchError(f"{exc} (or set `fusion.space: bytes` to fuse at the byte level)") from exc
+                    raise VocabularyMismatchError(
+                        f"{exc} (or set `fusion.space: bytes` to fuse at the byte level)"
+                    ) from exc
                 logger.info(
                     "the sources' tokenizers differ (%s); fusing at the byte level (`fusion.space: bytes`): each "
                     "source is read one byte at a time, with a forward only where a token boundary is crossed. "
-                    "This costs about one fused step per byte instead of per token", exc
+                    "This costs about one fused step per byte instead of per token",
+                    exc,
                 )
                 space = "bytes"
         if space == "bytes":

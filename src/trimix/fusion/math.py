@@ -122,7 +122,9 @@ def fused_scores(
     Returns:
         float32 ``(B, ..., V)``.
     """
-    fused = rule_out_impossible((combine or fuse_rows)(logits, weights, vocab), [x[..., :vocab] for x in logits])
+    fused = rule_out_impossible(
+        (combine or fuse_rows)(logits, weights, vocab), [x[..., :vocab] for x in logits]
+    )
     if plausibility_index is not None:
         keep = plausibility_mask(logits[plausibility_index][..., :vocab], alpha)
         fused = fused.masked_fill(~keep, float("-inf"))
