@@ -297,3 +297,94 @@ def test_resume_refuses_a_corpus_whose_content_changed(base, corpus, tmp_path, c
     assert "changed since the run" in err and str(own) in err, err
     own.write_text(original, encoding="utf-8")
     assert main(["-q", "cpt", "-o", str(out), "--resume"]) == 0
+
+
+def test_new_rows_start_as_the_mean_of_their_pieces() -> None:
+    from trimix.testing import build_model, build_tokenizer
+    from trimix.training.vocab import add_tokens, init_new_rows, pieces_of
+
+    tokenizer = build_tokenizer()
+    model = build_model("llama", len(tokenizer), seed=2)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    words = [" ئۇيغۇر تىلى", " kitab"]
+    pieces = pieces_of(tokenizer, words)
+    extended = build_tokenizer()
+    ids = add_tokens(extended, words)
+    assert ids == [len(tokenizer), len(tokenizer) + 1]
+    init_new_rows(model, ids, pieces)
+    for new, old in zip(ids, pieces, strict=True):
+        torch.testing.assert_close(model.get_input_embeddings().weight[new], old_in[old].mean(0))
+        torch.testing.assert_close(model.get_output_embeddings().weight[new], old_out[old].mean(0))
+    torch.testing.assert_close(model.get_input_embeddings().weight[: len(tokenizer)], old_in)
+    assert extended(" kitab", add_special_tokens=False)["input_ids"] == [ids[1]]
+
+
+def test_extend_vocab_end_to_end(base, corpus, tmp_path, monkeypatch, capsys) -> None:
+    """New tokens are learned, used, trained, saved as a model folder that loads and fuses (at the byte
+    level, its tokenizer now differs from the base's), and an interrupted run resumes to the same model."""
+    from safetensors.torch import load_file as load_weights
+
+    from trimix.training.vocab import pieces_of
+
+    out = tmp_path / "straight"
+    code = main(
+        [
+            "-q",
+            "cpt",
+            "--model",
+            base.model,
+            "--corpus",
+            corpus,
+            "--extend-vocab",
+            "12",
+            "--max-steps",
+            "6",
+            "--block-size",
+            "32",
+            "--save-every",
+            "3",
+            "--lr",
+            "0.005",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "cpt_report.json").read_text())
+    vocab = report["vocabulary"]
+    assert vocab["added"] == 12 and vocab["tokens_per_byte_after"] < vocab["tokens_per_byte_before"]
+    assert set(report["bits_per_byte_after"]) == {"heldout_lrl", "heldout_hrl"}
+    folder = out / "merged"
+    assert "tokens per byte" in (folder / "README.md").read_text()
+    source = load_source(SourceConfig(model=str(folder), role="small_cpt"))
+    base_source = load_source(base.model_copy(update={"weight": 1.0}))
+    old = len(base_source.tokenizer)
+    assert len(source.tokenizer) == old + 12 and source.logit_rows >= old + 12
+    ids = source.tokenizer(CORPUS[4], add_special_tokens=False)["input_ids"]
+    assert max(ids) >= old  # the new tokens are used on the language's text
+    # Old rows are untouched (LoRA trains only the new rows of the embeddings); new rows moved from
+    # their mean-of-pieces start.
+    trained = source.model.get_input_embeddings().weight.detach()
+    before = base_source.model.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(trained[:old], before)
+    tokens = json.loads((out / "new_tokens.json").read_text())["tokens"]
+    start = torch.stack([before[p].mean(0) for p in pieces_of(base_source.tokenizer, tokens)])
+    assert not torch.allclose(trained[old:], start)
+    # Fused with its base: the tokenizers differ, so the fusion runs at the byte level.
+    from trimix.decoding import SourcePool
+
+    pool = SourcePool([source, base_source.__class__("small_base", base_source.backend, base_source.config)])
+    assert pool.space == "bytes"
+    # Interrupted at step 2, then resumed: the same model as straight through.
+    settings = _cpt(corpus, extend_vocab=12, max_steps=6)
+    run_cpt(base, settings, tmp_path / "api", progress=False)
+    broken = tmp_path / "broken"
+    with pytest.raises(CptInterrupted):
+        _interrupted("cpt.step:2", monkeypatch, lambda: run_cpt(base, settings, broken, progress=False))
+    run_cpt(base, settings, broken, progress=False, resume=True)
+    a = load_weights(tmp_path / "api" / "merged" / "model.safetensors")
+    b = load_weights(broken / "merged" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--merge", action="store_true", default=None, help="save the merged model instead of the adapter"
     )
+    p.add_argument(
+        "--extend-vocab",
+        type=int,
+        metavar="N",
+        help="learn N new tokens for the corpus's language and add them to the model (saves a model folder)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--output-dir", "-o", required=True)
     p.add_argument(
@@ -66,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 _CPT_FLAGS = {
     "text_field": "--text-field",
+    "extend_vocab": "--extend-vocab",
     "method": "--method",
     "max_steps": "--max-steps",
     "max_tokens": "--max-tokens",

@@ -57,6 +57,9 @@ class CptConfig(StrictModel):
     save_every: int = Field(50, ge=1)
     gradient_checkpointing: bool = False
     merge: bool = False
+    # Learn this many new tokens for the corpus's language and add them to the model (mean-of-pieces
+    # embeddings, trained with the LoRA); the result is a model + tokenizer folder (trimix.training.vocab).
+    extend_vocab: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _budget(self) -> CptConfig:

@@ -9,9 +9,11 @@ folder that ``trimix generate`` loads as a source.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +34,14 @@ from trimix.faults import SimulatedKill, fault_point
 from trimix.io import atomic_write_json
 from trimix.search.scoring import FusedPerplexityScorer, ScoringText
 from trimix.training.corpus import BlockDataset, pack_blocks, split_corpus
+from trimix.training.vocab import (
+    add_tokens,
+    init_new_rows,
+    learn_tokens,
+    pieces_of,
+    token_modules,
+    tokens_per_byte,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,10 @@ class CptReport:
     output: str
     resumed_from: str | None = None
     train_loss: list[float] = field(default_factory=list)
+    # bits per byte on the same held-out text: comparable across tokenizers (perplexity per token is not)
+    bits_per_byte_before: dict[str, float] = field(default_factory=dict)
+    bits_per_byte_after: dict[str, float] = field(default_factory=dict)
+    vocabulary: dict[str, Any] | None = None  # --extend-vocab: what was added, tokens per byte before/after
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,9 +83,65 @@ class CptReport:
 
 def held_out_perplexity(source: Source, texts: list[str]) -> float:
     """Token-level perplexity of one model on texts (each scored from its BOS), via the search scorer."""
+    return held_out_scores(source, texts)[0]
+
+
+def held_out_scores(source: Source, texts: list[str]) -> tuple[float, float]:
+    """Perplexity per token and bits per UTF-8 byte of one model on texts (each scored from its BOS)."""
     items = [ScoringText(f"t{i}", t) for i, t in enumerate(texts)]
     scorer = FusedPerplexityScorer([source], len(source.tokenizer), items, progress=False)
-    return float(scorer.score(torch.ones(1, 1)).perplexity[0])
+    totals = scorer.score(torch.ones(1, 1))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return float(totals.perplexity[0]), float(totals.nll[0]) / max(1, n_bytes) / math.log(2)
+
+
+def _measure(source: Source, lrl: list[str], hrl: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out perplexity and bits per byte, on the language of the corpus and the forgetting text."""
+    ppl, bpb = {}, {}
+    for key, texts in (("heldout_lrl", lrl), ("heldout_hrl", hrl)):
+        if texts:
+            ppl[key], bpb[key] = held_out_scores(source, texts)
+    return ppl, bpb
+
+
+@dataclass
+class _Extension:
+    tokenizer: Any
+    new_ids: list[int]
+    pieces: list[list[int]]
+    summary: dict[str, Any]
+
+
+def _extend_vocabulary(
+    source: Source, texts: list[str], heldout: list[str], count: int, out_dir: Path
+) -> _Extension:
+    """The base tokenizer with ``count`` new tokens learned from ``texts`` (kept in ``new_tokens.json`` so
+    that ``--resume`` rebuilds the same model), and what they change on held-out text."""
+    saved = out_dir / "new_tokens.json"
+    if saved.is_file():
+        tokens = json.loads(saved.read_text(encoding="utf-8"))["tokens"]
+    else:
+        tokens = learn_tokens(texts, source.tokenizer, count)
+        atomic_write_json(saved, {"tokens": tokens})
+    tokenizer = copy.deepcopy(source.tokenizer)
+    new_ids = add_tokens(tokenizer, tokens)
+    before, after = tokens_per_byte(source.tokenizer, heldout), tokens_per_byte(tokenizer, heldout)
+    logger.info(
+        "extended the vocabulary by %d tokens: held-out tokens per byte %.4f -> %.4f (%.1f%% fewer)",
+        len(tokens),
+        before,
+        after,
+        100 * (1 - after / before),
+    )
+    summary = {
+        "added": len(tokens),
+        "first_ids": [new_ids[0], new_ids[-1]] if new_ids else [],
+        "examples": tokens[:20],
+        "tokens_per_byte_before": before,
+        "tokens_per_byte_after": after,
+        "init": "mean of the base tokenizer's pieces (input and untied output rows)",
+    }
+    return _Extension(tokenizer, new_ids, pieces_of(source.tokenizer, tokens), summary)
 
 
 def forgetting_texts(spec: str | None, limit: int = 100) -> list[str]:
@@ -226,7 +296,10 @@ def run_cpt(
         default_device=device,
         cache_dir=cache_dir,
     )
-    tokenizer = source.tokenizer
+    extension = None
+    if cpt.extend_vocab:
+        extension = _extend_vocabulary(source, split.train, split.validation, cpt.extend_vocab, out_dir)
+    tokenizer = extension.tokenizer if extension else source.tokenizer
     context = source.max_positions
     if context is not None and cpt.block_size > context:
         raise ConfigError(
@@ -242,15 +315,22 @@ def run_cpt(
     before = (
         json.loads(report_path.read_text())["perplexity_before"] if resume and report_path.is_file() else None
     )
+    saved_report = json.loads(report_path.read_text()) if resume and report_path.is_file() else {}
+    bpb_before = saved_report.get("bits_per_byte_before", {})
     if before is None:
         logger.info("measuring perplexity before training on %d held-out lines", len(split.validation))
-        before = {"heldout_lrl": held_out_perplexity(source, split.validation)}
-        if hrl:
-            before["heldout_hrl"] = held_out_perplexity(source, hrl)
-        _write_json(report_path, {"perplexity_before": before, "status": "training"})
+        before, bpb_before = _measure(source, split.validation, hrl)
+        _write_json(
+            report_path,
+            {"perplexity_before": before, "bits_per_byte_before": bpb_before, "status": "training"},
+        )
 
     model = source.model
     set_seed(cpt.seed)  # the adapter's random init must not depend on what ran before in this process
+    token_rows = {}
+    if extension is not None:
+        init_new_rows(model, extension.new_ids, extension.pieces)
+        token_rows = {name: extension.new_ids for name in token_modules(model)}
     if cpt.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -261,6 +341,7 @@ def run_cpt(
             lora_alpha=cpt.lora.alpha,
             lora_dropout=cpt.lora.dropout,
             target_modules=targets,
+            trainable_token_indices=token_rows or None,  # the new tokens' rows train too
         )
         with peft_without_checkpointing_warning():
             model = get_peft_model(model, lora)
@@ -318,9 +399,7 @@ def run_cpt(
         )
     model.eval()
     trained = Source(source.role, HFBackend(model, tokenizer), source.config)
-    after = {"heldout_lrl": held_out_perplexity(trained, split.validation)}
-    if hrl:
-        after["heldout_hrl"] = held_out_perplexity(trained, hrl)
+    after, bpb_after = _measure(trained, split.validation, hrl)
     output = _save_result(model, tokenizer, base, cpt, out_dir)
     report = CptReport(
         base=base.model_dump(exclude_none=True, include={"model", "gguf_file", "revision"}),
@@ -342,6 +421,9 @@ def run_cpt(
         output=str(output),
         resumed_from=last if resume else None,
         train_loss=progress_cb.losses,
+        bits_per_byte_before=bpb_before,
+        bits_per_byte_after=bpb_after,
+        vocabulary=extension.summary if extension else None,
     )
     _write_json(report_path, {**report.to_dict(), "status": "done"})
     _write_card(output, report)
@@ -349,13 +431,14 @@ def run_cpt(
 
 
 def _save_result(model, tokenizer, base: SourceConfig, cpt: CptConfig, out_dir: Path) -> Path:
-    if cpt.method == "lora" and not cpt.merge:
+    if cpt.method == "lora" and not cpt.merge and not cpt.extend_vocab:
         target = out_dir / "adapter"
         model.save_pretrained(target)
         # How to load the base again: the user's own model string (e.g. embedded:gemma-3-270m), not a cache path.
         base_info = base.model_dump(exclude_none=True, include={"model", "gguf_file", "revision"})
         _write_json(target / SOURCE_CARD, {"base": base_info})
     else:
+        # An extended vocabulary changes the base's embeddings: the result is a whole model folder.
         target = out_dir / ("merged" if cpt.method == "lora" else "model")
         plain = model.merge_and_unload() if cpt.method == "lora" else model
         plain.save_pretrained(target)
@@ -375,6 +458,17 @@ def _write_card(folder: Path, report: CptReport) -> None:
         f"wall time {report.wall_seconds:.0f} s",
         f"- held-out perplexity (language of the corpus): {b['heldout_lrl']:.2f} -> {a['heldout_lrl']:.2f}",
     ]
+    if report.bits_per_byte_before:
+        lines.append(
+            f"- held-out bits per byte: {report.bits_per_byte_before['heldout_lrl']:.4f} -> "
+            f"{report.bits_per_byte_after.get('heldout_lrl', float('nan')):.4f}"
+        )
+    if report.vocabulary:
+        v = report.vocabulary
+        lines.append(
+            f"- vocabulary: +{v['added']} tokens; held-out tokens per byte {v['tokens_per_byte_before']:.4f} -> "
+            f"{v['tokens_per_byte_after']:.4f}"
+        )
     if "heldout_hrl" in b:
         lines.append(
             f"- forgetting check ({report.corpus['forgetting_text']}): {b['heldout_hrl']:.2f} -> "
