@@ -25,7 +25,7 @@ from trimix.backends.recompute import RecomputeBackend
 from trimix.bytelevel import END, START, ByteLevelBackend
 from trimix.bytelevel.spelling import token_spellings
 from trimix.config import SourceConfig
-from trimix.errors import VocabularyMismatchError
+from trimix.errors import ConfigError, VocabularyMismatchError
 from trimix.testing import (
     build_byte_fallback_tokenizer,
     build_byte_level_tokenizer,
@@ -297,9 +297,28 @@ def test_different_tokenizers_fuse_at_the_byte_level(mixed, caplog) -> None:
     sampled = lm.generate(["Hello"] * 2, max_new_tokens=8, do_sample=True, seed=3)
     again = lm.generate(["Hello"] * 2, max_new_tokens=8, do_sample=True, seed=3)
     assert [s.token_ids for s in sampled] == [s.token_ids for s in again]
+    with pytest.raises(ConfigError, match="speculative fusion works on shared tokens"):
+        lm.generate(["Hello"], max_new_tokens=4, speculative={"k": 2})
     # Tokens asked for on sources that cannot share them: a clear refusal naming the way out.
     with pytest.raises(VocabularyMismatchError, match=r"fusion\.space: bytes"):
         FusedLM.from_config(load_config(_mixed_config(mixed, space="tokens")))
+
+
+def test_stops_streaming_and_inspection_at_the_byte_level(mixed) -> None:
+    lm = FusedLM.from_config(load_config(_mixed_config(mixed)))
+    prompt = "ئۇيغۇر تىلى"
+    whole = lm.generate([prompt], max_new_tokens=16)[0]
+    streamed = list(lm.stream([prompt], max_new_tokens=16))
+    assert "".join(e.text for e in streamed) == streamed[-1].generation.text == whole.text
+    # A stop string in the middle of the greedy text, ending inside a multi-byte character's bytes.
+    stop = whole.text[3:6]
+    stopped = lm.generate([prompt], max_new_tokens=16, stop=[stop])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == whole.text[: whole.text.index(stop)]
+    inspected = lm.generate([prompt], max_new_tokens=4, inspect_top_k=3)[0]
+    assert inspected.token_ids == whole.token_ids[:4] and len(inspected.inspection) == 4
+    step = inspected.inspection[0]
+    assert step.token_id == whole.token_ids[0] and set(step.sources) == {"large", "small_cpt", "small_base"}
+    assert step.leader in step.sources and len(step.fused_top) == 3
 
 
 def test_shared_tokenizer_stays_token_level_unless_asked(trio) -> None:

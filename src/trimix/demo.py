@@ -75,7 +75,9 @@ def _train_or_reuse(
     name: str, role: str, cpt: CptConfig, cache_root: Path, progress: bool
 ) -> tuple[Path, dict]:
     """Train a LoRA on the base model with ``cpt``, or reuse the one cached for exactly these settings."""
-    key = hashlib.sha1(json.dumps(cpt.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+    # Settings added since a cache was written are left out while unset, so existing adapters stay valid.
+    settings = cpt.model_dump(exclude={"extend_vocab"} if cpt.extend_vocab is None else set())
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache_root / "demo" / f"{name}-{key}"
     report_path = folder / "cpt_report.json"
     if report_path.is_file() and json.loads(report_path.read_text()).get("status") == "done":

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trimix.backends.base import DecodeState, SourceBackend
+from trimix.backends.base import HIDDEN, DecodeState, SourceBackend, has_capability
 from trimix.bytelevel.marginal import BYTE_VOCAB, END, Expansion, Node, NodeDistribution, RowTree
 from trimix.bytelevel.spelling import SpellingTable
 from trimix.bytelevel.tokenizer import START, ByteTokenizer
@@ -185,12 +185,17 @@ class ByteLevelBackend:
         valid = torch.zeros(batch, 1, dtype=torch.bool)
         for row, (_, e) in zip(children, expansions, strict=True):
             feed[row, 0], valid[row, 0] = e.token, True
-        logits = self.inner.advance(state.inner, feed.to(self.inner.device), valid.to(self.inner.device))
+        feed, valid = feed.to(self.inner.device), valid.to(self.inner.device)
+        rows = torch.tensor(children, device=self.inner.device)
+        if has_capability(self.inner, HIDDEN):  # the output head only on the rows that were fed
+            hidden = self.inner.advance(state.inner, feed, valid, hidden=True)
+            logits = self.inner.head_logits(hidden[rows, 0]).cpu()
+        else:
+            logits = self.inner.advance(state.inner, feed, valid)[rows, 0].cpu()
         self._count(len(expansions))
-        logits = logits[:, 0].cpu()
-        for row, (tree, e) in zip(children, expansions, strict=True):
-            dist = NodeDistribution.from_logits(logits[row], self.table)
-            tree.nodes.append(Node(len(tree.text), e.weight, dist, row))
+        for i, (tree, e) in enumerate(expansions):
+            dist = NodeDistribution.from_logits(logits[i], self.table)
+            tree.nodes.append(Node(len(tree.text), e.weight, dist, children[i]))
 
     def _reindex(self, state: ByteState, extra: list[int]) -> list[int]:
         """Keep the inner rows of every live node, then append copies of ``extra`` rows; renumber the

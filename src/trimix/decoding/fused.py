@@ -350,6 +350,11 @@ class FusedLM(LikelihoodMethods):
         """The role that drafts for speculative fusion: ``speculative.draft``, else the fused source with the
         largest weight (the one with the fewest parameters among equals)."""
         spec = generation.speculative
+        if self.pool.space == "bytes":
+            raise ConfigError(
+                "speculative fusion works on shared tokens; this fusion runs at the byte level (the "
+                "sources' tokenizers differ, or fusion.space: bytes). Remove generation.speculative."
+            )
         if spec is not None and spec.draft is not None:
             if spec.draft not in self.pool.roles:
                 raise ConfigError(

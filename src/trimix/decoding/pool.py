@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
 from trimix.bytelevel import ByteLevelBackend
-from trimix.config import TrimixConfig
+from trimix.config import FusionConfig, TrimixConfig
 from trimix.data import read_text_spec
 from trimix.decoding.static import SessionPool
 from trimix.errors import ConfigError, VocabularyMismatchError
@@ -29,6 +29,8 @@ class SourcePool:
             fuses next-byte log-probabilities (:mod:`trimix.bytelevel`), whatever the tokenizers;
             ``auto`` (default) fuses tokens where the tokenizers agree and bytes where they differ.
             None: the config's ``fusion.space`` (``auto`` without a config).
+        byte_prune, byte_max_nodes: byte-level pruning (:class:`~trimix.bytelevel.ByteLevelBackend`);
+            None: the config's (or :class:`~trimix.config.FusionConfig`'s defaults).
     """
 
     def __init__(
@@ -37,6 +39,8 @@ class SourcePool:
         config: TrimixConfig | None = None,
         vocab_mode: str = "exact",
         space: str | None = None,
+        byte_prune: float | None = None,
+        byte_max_nodes: int | None = None,
     ) -> None:
         roles = [s.role for s in sources]
         if len(set(roles)) != len(roles):
@@ -47,8 +51,9 @@ class SourcePool:
         self.vocab_mode = vocab_mode
         fusion = config.fusion if config is not None else None
         self.space_setting = space or (fusion.space if fusion is not None else "auto")
-        self.byte_prune = fusion.byte_prune if fusion is not None else 0.0
-        self.byte_max_nodes = fusion.byte_max_nodes if fusion is not None else None
+        defaults = fusion or FusionConfig()
+        self.byte_prune = defaults.byte_prune if byte_prune is None else byte_prune
+        self.byte_max_nodes = defaults.byte_max_nodes if byte_max_nodes is None else byte_max_nodes
         self.space = "tokens"
         self.sessions = SessionPool()
         self.vocab_size = self._check() if self.sources else 0

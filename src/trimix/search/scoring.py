@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from trimix.backends.base import FORK, has_capability
+from trimix.backends.base import FORK, HIDDEN, has_capability
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
 from trimix.fusion.math import fuse_logits
@@ -31,6 +31,8 @@ from trimix.search.totals import ScoreTotals, token_script
 logger = logging.getLogger(__name__)
 _MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache copy per text
 _SUFFIX_BATCH = 8  # texts continued from one copy of the shared prefix's cache at a time
+_SMALL_VOCAB = 4096  # logits per position up to which whole texts run side by side (byte-level sources)
+_SMALL_VOCAB_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,27 @@ class _Encoded:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> (P, H) hidden states
     groups: torch.Tensor | None = None  # (P,) 1 where the scored token is the task's own text, 0 template
     scripts: list[str] = field(default_factory=list)  # (P,) the writing system of each scored token
+
+
+def _run_batched(backend: Any, role: str, items: list[_Encoded]) -> None:
+    """Texts run whole side by side, right-padded, ``_SMALL_VOCAB_BATCH`` at a time: for sources whose
+    logits are small enough to keep for every position (a byte-level source's 258), where each step of
+    a batch costs about what one row's does."""
+    for b0 in range(0, len(items), _SMALL_VOCAB_BATCH):
+        batch = items[b0 : b0 + _SMALL_VOCAB_BATCH]
+        first = torch.stack([item.input_ids[:1] for item in batch])
+        logits, state = backend.prefill(first, torch.ones_like(first))
+        rests = [item.input_ids[1:] for item in batch]
+        after = None
+        if max(r.numel() for r in rests):
+            padded = torch.nn.utils.rnn.pad_sequence(rests, batch_first=True, padding_value=int(first[0, 0]))
+            valid = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(r, dtype=torch.bool) for r in rests], batch_first=True, padding_value=False
+            )
+            after = backend.advance(state, padded, valid)
+        for row, item in enumerate(batch):
+            whole = logits[row : row + 1] if after is None else torch.cat([logits[row : row + 1], after[row]])
+            item.features[role] = whole[item.positions.to(whole.device)]
 
 
 def _run_whole(backend: Any, role: str, items: list[_Encoded]) -> None:
@@ -199,6 +222,10 @@ class FusedPerplexityScorer:
         )
         for source in self.sources:
             backend = source.backend
+            if not has_capability(backend, HIDDEN) and backend.logit_rows <= _SMALL_VOCAB:
+                _run_batched(backend, source.role, self.encoded)
+                bar.update(len(self.encoded))
+                continue
             for prefix, members in groups:
                 items = [self.encoded[i] for i in members]
                 if not prefix or not has_capability(backend, FORK):

@@ -38,15 +38,11 @@ def learn_tokens(texts: Sequence[str], base_tokenizer: Any, count: int) -> list[
     learner.train_from_iterator(texts, trainer=trainer)
     vocab = learner.get_vocab()
     known = base_tokenizer.get_vocab()
+    metaspace = _normalizes_spaces(base_tokenizer)
     out: list[str] = []
     for piece in sorted(vocab, key=vocab.get):
         text = piece.replace(SPACE, " ")
-        if (
-            len(text.strip()) < 2
-            or "  " in text
-            or text.endswith(" ")
-            or _spelled(base_tokenizer, text) in known
-        ):
+        if len(text.strip()) < 2 or "  " in text or text.endswith(" ") or _spelled(text, metaspace) in known:
             continue
         if len(base_tokenizer(text, add_special_tokens=False)["input_ids"]) < 2:
             continue  # the base tokenizer already spells it in one token
@@ -70,15 +66,15 @@ def _normalizes_spaces(tokenizer: Any) -> bool:
     return any(s.get("type") == "Replace" and s.get("content") == SPACE for s in steps)
 
 
-def _spelled(tokenizer: Any, text: str) -> str:
-    """``text`` as the tokenizer writes it in its vocabulary (``▁`` for spaces where its normaliser does)."""
-    return text.replace(" ", SPACE) if _normalizes_spaces(tokenizer) else text
+def _spelled(text: str, metaspace: bool) -> str:
+    """``text`` as a tokenizer writes it in its vocabulary (``▁`` for spaces where its normaliser does)."""
+    return text.replace(" ", SPACE) if metaspace else text
 
 
 def add_tokens(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
     """Add ``tokens`` (text) to ``tokenizer`` in its own spelling; return their ids, in order."""
     metaspace = _normalizes_spaces(tokenizer)
-    added = [AddedToken(_spelled(tokenizer, t), normalized=metaspace, special=False) for t in tokens]
+    added = [AddedToken(_spelled(t, metaspace), normalized=metaspace, special=False) for t in tokens]
     before = len(tokenizer)
     tokenizer.add_tokens(added)
     ids = tokenizer.convert_tokens_to_ids([a.content for a in added])
