@@ -27,6 +27,7 @@ from trimix.bytelevel.spelling import token_spellings
 from trimix.config import SourceConfig
 from trimix.errors import ConfigError, VocabularyMismatchError
 from trimix.testing import (
+    CORPUS,
     build_byte_fallback_tokenizer,
     build_byte_level_tokenizer,
     build_model,
@@ -259,6 +260,21 @@ def test_bits_per_byte_of_one_source_is_its_marginal_nll() -> None:
     assert result.n_tokens == n_bytes
     nll = math.log(brute.prefix(context.encode())) - math.log(brute.prefix((context + continuation).encode()))
     assert -result.logprob / math.log(2) / n_bytes == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-6)
+
+
+def test_pruned_sources_resynchronise_instead_of_failing() -> None:
+    """With one tokenization kept per row, a byte only a dropped tokenization spells is still read: the
+    floor gave it probability, and the row restarts from its text's own tokenization."""
+    tokenizer = build_byte_fallback_tokenizer()
+    model = build_model("llama", len(tokenizer), seed=5, init_std=0.3)
+    config = SourceConfig(model="m", role="s")
+    pruned = ByteLevelBackend(HFBackend(model, tokenizer), prune=0.05, max_nodes=1)
+    exact = ByteLevelBackend(HFBackend(model, tokenizer), prune=1e-6, max_nodes=64)
+    texts = CORPUS[:6]
+    a = FusedLM([Source("s", pruned, config)]).loglikelihood_rolling(texts)
+    b = FusedLM([Source("s", exact, config)]).loglikelihood_rolling(texts)
+    assert pruned.resyncs > 0 and all(math.isfinite(x) for x in a)
+    assert all(x <= y + 1e-3 for x, y in zip(a, b, strict=True))  # dropping tokenizations loses probability
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,9 @@ class ByteLevelBackend:
         self.table = SpellingTable.build(inner.tokenizer, list(inner.eos_token_ids))
         self.forwards = 0  # inner forward calls, for reports
         self.forwarded_rows = 0
+        self.resyncs = 0  # bytes read that no kept tokenization spelled (see _resynchronise)
+        self.pruning = prune > 0 or max_nodes is not None
+        self.floor = max(prune, 1e-6) if self.pruning else 0.0
 
     # ---------------------------------------------------------------- properties
     @property
@@ -105,7 +108,12 @@ class ByteLevelBackend:
         logits, inner = self.inner.prefill(ids.to(self.inner.device), mask.to(self.inner.device))
         self._count(len(rows))
         trees = [
-            RowTree(self.table, [Node(0, 1.0, NodeDistribution.from_logits(logits[b].cpu(), self.table), b)])
+            RowTree(
+                self.table,
+                [Node(0, 1.0, NodeDistribution.from_logits(logits[b].cpu(), self.table), b)],
+                prompt=rows[b],
+                floor=self.floor,
+            )
             for b in range(len(rows))
         ]
         state = ByteState(trees, inner, attention_mask.sum(-1).cpu())
@@ -120,14 +128,20 @@ class ByteLevelBackend:
         out = torch.zeros(tokens.shape[0], tokens.shape[1], BYTE_VOCAB)
         for j in range(tokens.shape[1]):
             expansions: list[tuple[RowTree, Expansion]] = []
+            lost = []
             for b, tree in enumerate(state.trees):
                 if bool(valid[b, j]):
                     try:
                         new = tree.advance(int(tokens[b, j]), self.prune, self.max_nodes)
                     except ValueError as exc:
-                        raise DataError(f"byte-level source: row {b}: {exc}") from exc
+                        if not self.pruning:
+                            raise DataError(f"byte-level source: row {b}: {exc}") from exc
+                        lost.append((tree, int(tokens[b, j])))
+                        continue
                     expansions += [(tree, e) for e in new]
             self._expand(state, expansions)
+            for tree, byte in lost:
+                self._resynchronise(state, tree, byte)
             for b, tree in enumerate(state.trees):
                 if bool(valid[b, j]):
                     out[b, j] = tree.next_byte_logprobs().float() if not tree.ended else 0.0
@@ -196,6 +210,44 @@ class ByteLevelBackend:
         for i, (tree, e) in enumerate(expansions):
             dist = NodeDistribution.from_logits(logits[i], self.table)
             tree.nodes.append(Node(len(tree.text), e.weight, dist, children[i]))
+
+    def _resynchronise(self, state: ByteState, tree: RowTree, byte: int) -> None:
+        """Pruning dropped every tokenization that spells ``byte`` next (it had only the floor's
+        probability): restart the row from the source's own tokenization of its text so far, its last
+        token left open, and read the rest of the text again from there (counted in ``tree.resyncs``)."""
+        tree.resyncs += 1
+        self.resyncs += 1
+        if self.resyncs == 1:
+            logger.warning(
+                "byte-level source: a byte that no kept tokenization spells was read; resynchronising the "
+                "row from its text's own tokenization (lower fusion.byte_prune or raise byte_max_nodes to "
+                "make this rarer)"
+            )
+        text = bytes(tree.text) + bytes([byte])
+        whole = text.decode("utf-8", errors="ignore").encode("utf-8")
+        whole = whole if text.startswith(whole) else b""
+        ids = (
+            self.inner.tokenizer(whole.decode("utf-8"), add_special_tokens=False)["input_ids"][:-1]
+            if whole
+            else []
+        )
+        spelled = b"".join(self.table.by_id[i] or b"" for i in ids)
+        if not text.startswith(spelled):
+            ids, spelled = [], b""
+        ids_t = torch.tensor([tree.prompt + ids], device=self.inner.device)
+        logits, fresh = self.inner.prefill(ids_t, torch.ones_like(ids_t))
+        self._count(1)
+        self._reindex(state, [])
+        row = state.inner.batch_size
+        self.inner.insert_rows(state.inner, fresh)
+        tree.nodes = [Node(len(spelled), 1.0, NodeDistribution.from_logits(logits[0].cpu(), self.table), row)]
+        tree.text = bytearray(spelled)
+        for b in text[len(spelled) :]:
+            try:  # unpruned: the few bytes after the last boundary, every way of spelling them
+                new = tree.advance(b, 0.0, None)
+            except ValueError as exc:
+                raise DataError(f"byte-level source: {exc}") from exc
+            self._expand(state, [(tree, e) for e in new])
 
     def _reindex(self, state: ByteState, extra: list[int]) -> list[int]:
         """Keep the inner rows of every live node, then append copies of ``extra`` rows; renumber the

@@ -92,10 +92,14 @@ class RowTree:
     log_prob: float = 0.0  # log P(x) under the (pruned) tree
     pruned: float = 0.0  # total share of P dropped by pruning, summed over steps
     ended: bool = False
+    prompt: list[int] = field(default_factory=list)  # the inner prompt ids (to resynchronise from)
+    floor: float = 0.0  # probability spread over every symbol when pruning (see ``next_byte_logprobs``)
+    resyncs: int = 0  # bytes read that no kept tokenization could spell
 
     def next_byte_logprobs(self) -> torch.Tensor:
         """``(258,)`` float64 log-probabilities of each next byte and END (-inf: impossible; the start
-        marker is never predicted)."""
+        marker is never predicted). With a ``floor`` (pruning on), that much probability is spread over
+        the 257 symbols, so a byte only a dropped tokenization could spell stays possible."""
         mass = torch.zeros(BYTE_VOCAB, dtype=torch.float64)
         bounds = self.table.first_bounds
         for node in self.nodes:
@@ -120,7 +124,10 @@ class RowTree:
         total = float(mass.sum())
         if not total > 0:
             raise ValueError("no tokenization of the source continues this text")
-        return (mass / total).log()
+        mass = mass / total
+        if self.floor > 0:
+            mass[: END + 1] = (1 - self.floor) * mass[: END + 1] + self.floor / (END + 1)
+        return mass.log()
 
     def advance(self, byte: int, prune: float, max_nodes: int | None) -> list[Expansion]:
         """Append ``byte``: drop nodes it rules out, reweight, prune, and return the new nodes whose

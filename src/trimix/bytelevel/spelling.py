@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -121,6 +122,7 @@ class SpellingTable:
         first_bounds: ``(257,)`` where the tokens starting with byte b begin (``[b]``) and end (``[b+1]``).
         next_byte: ``(N, M)`` int16: byte j of each sorted spelling, -1 past its end (M: longest spelling).
         vocab: ids covered (the tokenizer's length).
+        by_id: each id's spelling (None: spells nothing; ``b""``: an end-of-sequence id).
     """
 
     order: torch.Tensor
@@ -130,6 +132,7 @@ class SpellingTable:
     first_bounds: torch.Tensor
     next_byte: torch.Tensor
     vocab: int
+    by_id: list[bytes | None]
 
     @classmethod
     def build(cls, tokenizer: Any, eos_ids: list[int]) -> SpellingTable:
@@ -138,9 +141,10 @@ class SpellingTable:
         spellings = [s for s, _ in bearing]
         order = torch.tensor([i for _, i in bearing], dtype=torch.long)
         longest = max((len(s) for s in spellings), default=1)
-        next_byte = torch.full((len(spellings), longest), -1, dtype=torch.int16)
+        padded = np.full((len(spellings), longest), -1, dtype=np.int16)
         for row, s in enumerate(spellings):
-            next_byte[row, : len(s)] = torch.tensor(list(s), dtype=torch.int16)
+            padded[row, : len(s)] = np.frombuffer(s, dtype=np.uint8)
+        next_byte = torch.from_numpy(padded)
         firsts = next_byte[:, 0].long()
         first_bounds = torch.searchsorted(firsts, torch.arange(257))
         return cls(
@@ -151,6 +155,7 @@ class SpellingTable:
             first_bounds=first_bounds,
             next_byte=next_byte,
             vocab=len(spelled),
+            by_id=spelled,
         )
 
     def prefix_range(self, prefix: bytes) -> tuple[int, int]:
