@@ -190,26 +190,47 @@ class ByteLevelBackend:
         return inner_ids
 
     def _expand(self, state: ByteState, expansions: list[tuple[RowTree, Expansion]]) -> None:
-        """Forward the new nodes (each from its parent's row) and rebuild the inner state's rows."""
-        children = self._reindex(state, [e.parent.row for _, e in expansions])
+        """Forward the new nodes, each continuing its parent's cache, and keep only live nodes' rows.
+
+        With an inner backend that can ``take`` rows into a state of their own (transformers), only the
+        new nodes run; otherwise every row of the inner state is fed, the others marked invalid."""
         if not expansions:
+            self._reindex(state, [])
             return
-        batch = state.inner.batch_size
-        feed = torch.zeros(batch, 1, dtype=torch.long)
-        valid = torch.zeros(batch, 1, dtype=torch.bool)
-        for row, (_, e) in zip(children, expansions, strict=True):
-            feed[row, 0], valid[row, 0] = e.token, True
-        feed, valid = feed.to(self.inner.device), valid.to(self.inner.device)
-        rows = torch.tensor(children, device=self.inner.device)
-        if has_capability(self.inner, HIDDEN):  # the output head only on the rows that were fed
-            hidden = self.inner.advance(state.inner, feed, valid, hidden=True)
-            logits = self.inner.head_logits(hidden[rows, 0]).cpu()
+        parents = torch.tensor([e.parent.row for _, e in expansions], device=self.inner.device)
+        tokens = torch.tensor([[e.token] for _, e in expansions], device=self.inner.device)
+        if callable(getattr(self.inner, "take", None)):
+            fresh = self.inner.take(state.inner, parents)
+            self._reindex(state, [])
+            logits = self._fed_logits(fresh, tokens, None, torch.arange(len(expansions)))
+            first = state.inner.batch_size
+            if first:
+                self.inner.insert_rows(state.inner, fresh)
+            else:
+                state.inner = fresh
+            children = list(range(first, first + len(expansions)))
         else:
-            logits = self.inner.advance(state.inner, feed, valid)[rows, 0].cpu()
+            children = self._reindex(state, parents.tolist())
+            batch = state.inner.batch_size
+            feed = torch.zeros(batch, 1, dtype=torch.long, device=self.inner.device)
+            valid = torch.zeros(batch, 1, dtype=torch.bool, device=self.inner.device)
+            rows = torch.tensor(children, device=self.inner.device)
+            feed[rows], valid[rows] = tokens, True
+            logits = self._fed_logits(state.inner, feed, valid, rows)
         self._count(len(expansions))
         for i, (tree, e) in enumerate(expansions):
             dist = NodeDistribution.from_logits(logits[i], self.table)
             tree.nodes.append(Node(len(tree.text), e.weight, dist, children[i]))
+
+    def _fed_logits(
+        self, inner: DecodeState, feed: torch.Tensor, valid: torch.Tensor | None, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Advance ``inner`` by one token per row and return the logits of ``rows`` (on the CPU); the
+        output head runs on those rows only where the backend has it apart."""
+        if has_capability(self.inner, HIDDEN):
+            hidden = self.inner.advance(inner, feed, valid, hidden=True)
+            return self.inner.head_logits(hidden[rows.to(hidden.device), 0]).cpu()
+        return self.inner.advance(inner, feed, valid)[rows.to(feed.device), 0].cpu()
 
     def _resynchronise(self, state: ByteState, tree: RowTree, byte: int) -> None:
         """Pruning dropped every tokenization that spells ``byte`` next (it had only the floor's

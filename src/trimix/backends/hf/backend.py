@@ -262,6 +262,19 @@ class HFBackend(InPlaceSteps):
         copied.next_position = copied.next_position.repeat_interleave(repeats, 0)
         return copied
 
+    @torch.inference_mode()
+    def take(self, state: HFState, rows: torch.Tensor) -> HFState:
+        """A new state holding copies of ``rows`` (repeats allowed) and nothing else; ``state`` is
+        unchanged. Only the taken rows are copied (a byte-level source forwards just the tokenizations
+        that crossed a token boundary this way)."""
+        if state.is_static:
+            raise ValueError("take: preallocated caches are not copied row by row")
+        cache = copy.copy(state.cache)
+        cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+        taken = HFState(cache, state.valid, state.positions, state.next_position, state.length)
+        self.keep_rows(taken, rows)
+        return taken
+
     def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The model's logits from final hidden states: the output projection, then soft-capping if the
         family has it (read from the config, e.g. Gemma 2's ``final_logit_softcapping``)."""
