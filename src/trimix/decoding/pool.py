@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from trimix.backends.loading import Source, load_source
 from trimix.backends.vocab import check_vocabularies
-from trimix.bytelevel import ByteLevelBackend
+from trimix.bytelevel import END, ByteLevelBackend
 from trimix.config import FusionConfig, TrimixConfig
 from trimix.data import read_text_spec
 from trimix.decoding.static import SessionPool
@@ -128,7 +128,8 @@ class SourcePool:
         if space == "bytes":
             self.sources = {s.role: self._byte_level(s) for s in sources}
             sources = list(self.sources.values())
-            vocab = len(sources[0].tokenizer)
+            vocab = END + 1  # bytes and END; the start marker is input only, like a padded row
+
         else:
             self.sources = dict(self.token_sources)
         self.space = space if space == "bytes" else "tokens"
