@@ -16,6 +16,8 @@ recipe and token budget unless ``--cpt-steps`` says more).
 
     python bench/byte_fusion.py                       # +8,000 tokens, the demo's 24 CPT steps
     python bench/byte_fusion.py --extend 16000 --cpt-steps 96 --texts 40
+    python bench/byte_fusion.py --skip-quality --prune 1e-2 --max-nodes 2   # speed at coarser pruning
+    python bench/byte_fusion.py --prune-sweep 12                             # accuracy of the pruning
 """
 
 from __future__ import annotations
@@ -112,6 +114,20 @@ def bytes_per_second(lm: FusedLM, batch: list[str], new: int) -> tuple[float, in
     return made / seconds, made
 
 
+def prune_sweep(texts: list[str], settings: list[tuple[float, int]]) -> list[dict]:
+    """The demo CPT model alone on ``texts``: bits per byte of its own tokens, and at the byte level
+    under each (byte_prune, byte_max_nodes), with the inner forwards each needed."""
+    cpt = load_source(SourceConfig(model=demo_paths("gemma")["small_cpt"], role="small_cpt", weight=1.0))
+    rows = [score("tokens", FusedLM([cpt]), single("small_cpt"), texts)]
+    for prune, nodes in settings:
+        lm = FusedLM(pool([cpt], "bytes", prune, nodes), single("small_cpt"))
+        row = score(f"bytes prune={prune} nodes={nodes}", lm, single("small_cpt"), texts)
+        backend = lm.sources[0].backend
+        row.update(forwards=backend.forwards, rows=backend.forwarded_rows, resyncs=backend.resyncs)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--extend", type=int, default=8000, help="new tokens for the extended CPT model")
@@ -127,10 +143,23 @@ def main() -> None:
     p.add_argument("--new-bytes", type=int, default=48, help="byte-level decoding length")
     p.add_argument("--skip-quality", action="store_true", help="decoding speed only")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--prune-sweep",
+        type=int,
+        metavar="LINES",
+        help="only: the demo CPT model on LINES held-out lines under several pruning settings",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
 
+    if args.prune_sweep:
+        settings = [(1e-2, 1), (1e-2, 2), (1e-3, 4), (1e-4, 8), (1e-6, 32)]
+        save(
+            args.json,
+            {"machine": machine(), "prune_sweep": prune_sweep(heldout_texts(args.prune_sweep), settings)},
+        )
+        return
     paths = demo_paths("gemma")
     ext_path, ext_report = extended_model(args.extend, args.cpt_steps)
     loaded = {
