@@ -456,3 +456,28 @@ def test_an_adapter_is_merged_into_a_derived_gguf(tiny, tmp_path) -> None:
     assert list((root / "cache" / "gguf").glob("large-adapter-*-f32.gguf"))  # written once, then reused
     want = [g.token_ids for g in models["hf"].generate(PROMPTS, max_new_tokens=8)]
     assert [g.token_ids for g in models["llama_cpp"].generate(PROMPTS, max_new_tokens=8)] == want
+
+
+def test_byte_level_sources_run_on_llama_cpp(pair) -> None:
+    """llama.cpp sources read one byte at a time (tokenizations continued with ``take``: shared cache
+    cells) give transformers' next-byte distributions and greedy bytes."""
+    from trimix.bytelevel import START
+    from trimix.decoding import SourcePool
+
+    hf, cpp = pair
+    on_hf = FusedLM(SourcePool(list(hf.pool.token_sources.values()), space="bytes"), hf.fusion)
+    on_cpp = FusedLM(SourcePool(list(cpp.pool.token_sources.values()), space="bytes"), cpp.fusion)
+    text = list("ئۇيغۇر tili".encode())
+    for a, b in zip(on_hf.sources, on_cpp.sources, strict=True):
+        ids = torch.tensor([[START, *b"ab"]])
+        la, sa = a.backend.prefill(ids, torch.ones_like(ids))
+        lb, sb = b.backend.prefill(ids, torch.ones_like(ids))
+        torch.testing.assert_close(lb, la, atol=1e-3, rtol=0)
+        step = torch.tensor([text])
+        torch.testing.assert_close(
+            b.backend.advance(sb, step), a.backend.advance(sa, step), atol=1e-3, rtol=0
+        )
+    expected = on_hf.generate(PROMPTS[:2], max_new_tokens=10)
+    assert [g.token_ids for g in on_cpp.generate(PROMPTS[:2], max_new_tokens=10)] == [
+        g.token_ids for g in expected
+    ]

@@ -243,6 +243,16 @@ class LlamaCppBackend:
             forked.lengths[i] = length
         return forked
 
+    def take(self, state: LlamaCppState, rows: torch.Tensor) -> LlamaCppState:
+        """A new state whose sequences share the cells of ``rows`` (repeats allowed); ``state`` is unchanged
+        (a byte-level source continues several tokenizations from one row this way)."""
+        picked = rows.tolist()
+        taken = self._new_state(len(picked))
+        for i, b in enumerate(picked):
+            self.lib.llama_memory_seq_cp(self.memory, state.seqs[b], taken.seqs[i], -1, -1)
+            taken.lengths[i] = state.lengths[b]
+        return taken
+
     def crop(self, state: LlamaCppState, lengths: torch.Tensor) -> None:
         for b, keep in enumerate(lengths.tolist()):
             if keep < state.lengths[b]:
