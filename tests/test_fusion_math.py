@@ -139,3 +139,18 @@ def test_fusion_runs_only_weighted_sources_and_the_judge() -> None:
         Fusion({"a": float("inf")})
     with pytest.raises(ValueError, match="nothing to decode"):
         Fusion({"a": 0.0})
+
+
+def test_a_token_one_source_rules_out_stays_out_whatever_its_weight() -> None:
+    """-inf from one source (a byte no token of a byte-level source spells) is never turned into +inf
+    by a negative weight, nor into NaN by a zero one; finite logits are untouched."""
+    from trimix.fusion.math import fused_scores
+
+    inf = float("-inf")
+    a = torch.tensor([[1.0, 2.0, inf, 0.5]])
+    b = torch.tensor([[0.0, inf, 1.0, 0.5]])
+    for w in ([1.1, -0.1], [0.0, 1.0], [1.0, 0.0]):
+        scores = fused_scores([a, b], torch.tensor([w]), 4)
+        assert torch.isneginf(scores[0, 1:3]).all() and torch.isfinite(scores[0, [0, 3]]).all()
+        many = fuse_logits([a, b], torch.tensor([w, w]))
+        assert torch.isneginf(many[:, 0, 1:3]).all() and torch.isfinite(many[:, 0, [0, 3]]).all()

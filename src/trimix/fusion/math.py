@@ -68,7 +68,7 @@ def fuse_rows(logits: Sequence[torch.Tensor], weights: torch.Tensor, vocab: int 
     fused = logits[0][..., :vocab].float() * weights[:, 0].view(-1, *extra)
     for i, source_logits in enumerate(logits[1:], start=1):
         fused += source_logits[..., :vocab].float() * weights[:, i].view(-1, *extra)
-    return rule_out_impossible(fused, [source_logits[..., :vocab] for source_logits in logits])
+    return fused
 
 
 def rule_out_impossible(fused: torch.Tensor, logits: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from trimix.backends.base import FORK, HIDDEN, has_capability
 from trimix.backends.loading import Source
 from trimix.errors import ConfigError, DataError
-from trimix.fusion.math import fuse_logits
+from trimix.fusion.math import fuse_logits, rule_out_impossible
 from trimix.search.features import common_prefix, head_logits, prefix_features, suffix_features
 from trimix.search.partition import combination_nll
 from trimix.search.totals import ScoreTotals, token_script
@@ -300,7 +300,10 @@ class FusedPerplexityScorer:
                 targets = item.targets[p0:p1].to(self.device)
                 if combine is not None:
                     for c in range(n_combos):
-                        fused = combine(list(logits), weights[c].expand(count, n_sources), self.vocab_size)
+                        fused = rule_out_impossible(
+                            combine(list(logits), weights[c].expand(count, n_sources), self.vocab_size),
+                            [x[..., : self.vocab_size] for x in logits],
+                        )
                         nll = (torch.logsumexp(fused, -1) - fused.gather(-1, targets[:, None])[:, 0]).double()
                         per_text[text_index, c] += nll.sum().cpu()
                         if item.groups is not None and item.groups.numel():
