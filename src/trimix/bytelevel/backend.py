@@ -180,14 +180,11 @@ class ByteLevelBackend:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DataError(f"a byte-level prompt is not valid UTF-8 ({exc})") from exc
+        from trimix.decoding.text import prefix_token  # here: trimix.decoding imports this module
+
         tokenizer = self.inner.tokenizer
         inner_ids = tokenizer(text, add_special_tokens=special)["input_ids"] if text or special else []
-        if not inner_ids:
-            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-            if start is None:
-                raise DataError("an empty prompt, and the source's tokenizer has no BOS or EOS to start from")
-            inner_ids = [int(start)]
-        return inner_ids
+        return inner_ids or [prefix_token(tokenizer)]
 
     def _expand(self, state: ByteState, expansions: list[tuple[RowTree, Expansion]]) -> None:
         """Forward the new nodes, each continuing its parent's cache, and keep only live nodes' rows.
@@ -235,8 +232,7 @@ class ByteLevelBackend:
     def _resynchronise(self, state: ByteState, tree: RowTree, byte: int) -> None:
         """Pruning dropped every tokenization that spells ``byte`` next (it had only the floor's
         probability): restart the row from the source's own tokenization of its text so far, its last
-        token left open, and read the rest of the text again from there (counted in ``tree.resyncs``)."""
-        tree.resyncs += 1
+        token left open, and read the rest of the text again from there (counted in ``resyncs``)."""
         self.resyncs += 1
         if self.resyncs == 1:
             logger.warning(

@@ -94,7 +94,6 @@ class RowTree:
     ended: bool = False
     prompt: list[int] = field(default_factory=list)  # the inner prompt ids (to resynchronise from)
     floor: float = 0.0  # probability spread over every symbol when pruning (see ``next_byte_logprobs``)
-    resyncs: int = 0  # bytes read that no kept tokenization could spell
 
     def next_byte_logprobs(self) -> torch.Tensor:
         """``(258,)`` float64 log-probabilities of each next byte and END (-inf: impossible; the start
@@ -110,13 +109,9 @@ class RowTree:
                 mass[END] += node.weight * node.dist.end
                 continue
             lo, hi = self.table.prefix_range(pending)
-            following = (
-                self.table.next_byte[lo:hi, len(pending)].long()
-                if len(pending) < self.table.next_byte.shape[1]
-                else None
-            )
-            if following is None:
-                continue
+            if len(pending) >= self.table.next_byte.shape[1]:
+                continue  # no token is longer than what is pending
+            following = self.table.next_byte[lo:hi, len(pending)].long()
             keep = following >= 0
             mass[:256] += node.weight * torch.bincount(
                 following[keep], weights=node.dist.sorted_probs[lo:hi][keep], minlength=256

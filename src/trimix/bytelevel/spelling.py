@@ -54,16 +54,6 @@ def _decoder_steps(tokenizer: Any) -> list[dict[str, Any]]:
     return spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
 
 
-def uses_metaspace(tokenizer: Any) -> bool:
-    """Whether the tokenizer writes spaces as SentencePiece's ``▁`` (Gemma, Llama 2) rather than as bytes."""
-    for step in _decoder_steps(tokenizer):
-        if step["type"] == "Metaspace":
-            return True
-        if step["type"] == "Replace" and step["pattern"].get("String") == "\u2581":
-            return True
-    return False
-
-
 def _piece_spelling(piece: str, steps: list[dict[str, Any]]) -> bytes:
     match = _BYTE_PIECE.match(piece)
     if match and any(s["type"] == "ByteFallback" for s in steps):

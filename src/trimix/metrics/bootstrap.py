@@ -76,15 +76,18 @@ def mean_stats(values: Sequence[float]) -> ItemStatistics:
     return ItemStatistics(stats, lambda s: s[0] / s[1] if s[1] else 0.0)
 
 
+def _pairs(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
+    """``(n, 2)`` per-item (a, b) rows, e.g. an item's NLL and the tokens or bytes it covers."""
+    return np.array([[float(x), float(y)] for x, y in zip(a, b, strict=True)]).reshape(-1, 2)
+
+
 def perplexity_stats(nll: Sequence[float], tokens: Sequence[int]) -> ItemStatistics:
-    stats = np.array([[float(a), float(b)] for a, b in zip(nll, tokens, strict=True)]).reshape(-1, 2)
-    return ItemStatistics(stats, lambda s: float(np.exp(s[0] / max(s[1], 1.0))))
+    return ItemStatistics(_pairs(nll, tokens), lambda s: float(np.exp(s[0] / max(s[1], 1.0))))
 
 
 def bits_per_byte_stats(nll: Sequence[float], n_bytes: Sequence[int]) -> ItemStatistics:
     """Total NLL (nats) over total UTF-8 bytes, in bits: comparable across tokenizers, unlike perplexity."""
-    stats = np.array([[float(a), float(b)] for a, b in zip(nll, n_bytes, strict=True)]).reshape(-1, 2)
-    return ItemStatistics(stats, lambda s: float(s[0] / max(s[1], 1.0) / np.log(2.0)))
+    return ItemStatistics(_pairs(nll, n_bytes), lambda s: float(s[0] / max(s[1], 1.0) / np.log(2.0)))
 
 
 def sacrebleu_stats(metric: Any, predictions: Sequence[str], references: Sequence[str]) -> ItemStatistics:

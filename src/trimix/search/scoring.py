@@ -63,6 +63,16 @@ class _Encoded:
     scripts: list[str] = field(default_factory=list)  # (P,) the writing system of each scored token
 
 
+def _right_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-d id tensors as one right-padded batch ``(B, k)`` (padded with a real id) and its ``valid`` mask."""
+    pad = int(next(r for r in rows if r.numel())[0])
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+    valid = torch.nn.utils.rnn.pad_sequence(
+        [torch.ones_like(r, dtype=torch.bool) for r in rows], batch_first=True, padding_value=False
+    )
+    return padded, valid
+
+
 def _run_batched(backend: Any, role: str, items: list[_Encoded]) -> None:
     """Texts run whole side by side, right-padded, ``_SMALL_VOCAB_BATCH`` at a time: for sources whose
     logits are small enough to keep for every position (a byte-level source's 258), where each step of
@@ -74,11 +84,7 @@ def _run_batched(backend: Any, role: str, items: list[_Encoded]) -> None:
         rests = [item.input_ids[1:] for item in batch]
         after = None
         if max(r.numel() for r in rests):
-            padded = torch.nn.utils.rnn.pad_sequence(rests, batch_first=True, padding_value=int(first[0, 0]))
-            valid = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(r, dtype=torch.bool) for r in rests], batch_first=True, padding_value=False
-            )
-            after = backend.advance(state, padded, valid)
+            after = backend.advance(state, *_right_padded(rests))
         for row, item in enumerate(batch):
             whole = logits[row : row + 1] if after is None else torch.cat([logits[row : row + 1], after[row]])
             item.features[role] = whole[item.positions.to(whole.device)]
@@ -246,10 +252,7 @@ class FusedPerplexityScorer:
         for b0 in range(0, len(items), _SUFFIX_BATCH):
             batch = items[b0 : b0 + _SUFFIX_BATCH]
             rests = [item.input_ids[prefix:] for item in batch]
-            padded = torch.nn.utils.rnn.pad_sequence(rests, batch_first=True, padding_value=int(rests[0][0]))
-            valid = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(r, dtype=torch.bool) for r in rests], batch_first=True, padding_value=False
-            )
+            padded, valid = _right_padded(rests)
             columns = [item.positions[item.positions >= prefix] - prefix for item in batch]
             try:
                 state = backend.fork(prefix_state, len(batch))

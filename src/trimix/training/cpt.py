@@ -312,10 +312,8 @@ def run_cpt(
     if resume and last is None:
         raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}; start afresh with --overwrite")
     report_path = out_dir / "cpt_report.json"
-    before = (
-        json.loads(report_path.read_text())["perplexity_before"] if resume and report_path.is_file() else None
-    )
     saved_report = json.loads(report_path.read_text()) if resume and report_path.is_file() else {}
+    before = saved_report.get("perplexity_before")
     bpb_before = saved_report.get("bits_per_byte_before", {})
     if before is None:
         logger.info("measuring perplexity before training on %d held-out lines", len(split.validation))
